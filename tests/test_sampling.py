@@ -1,0 +1,205 @@
+"""Samplers: closed-form ODE solutions, NFE against independent call counters, torchcfm models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchcfm.models import MLP
+from torchcfm.utils import torch_wrapper
+
+from torchcfm_nsgf.sampling import NFECounter, SampleResult, euler_sample, odeint_sample
+
+
+class CountingField:
+    """dx/dt = -x, counting its calls independently of the code under test."""
+
+    def __init__(self):
+        self.calls = 0
+        self.times: list[torch.Tensor] = []
+
+    def __call__(self, t, x):
+        self.calls += 1
+        self.times.append(t)
+        return -x
+
+
+def _x0(*shape, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+
+@pytest.mark.parametrize("n_steps", [1, 7, 50])
+def test_euler_decay_matches_the_discrete_closed_form(n_steps):
+    x0 = _x0(6, 3)
+    field = CountingField()
+    result = euler_sample(field, x0, n_steps=n_steps, return_trajectory=True)
+    assert isinstance(result, SampleResult)
+    torch.testing.assert_close(result.samples, (1 - 1 / n_steps) ** n_steps * x0, rtol=1e-13, atol=1e-15)
+    assert result.nfe == field.calls == n_steps
+    steps = torch.arange(n_steps + 1, dtype=torch.float64)
+    torch.testing.assert_close(result.times, steps / n_steps)
+    expected = (1 - 1 / n_steps) ** steps[:, None, None] * x0
+    torch.testing.assert_close(result.trajectory, expected, rtol=1e-13, atol=1e-15)
+    # the field saw 0-d times of x0's dtype: 0, 1/N, ..., (N-1)/N
+    assert all(t.dim() == 0 and t.dtype == torch.float64 for t in field.times)
+    torch.testing.assert_close(torch.stack(field.times), steps[:-1] / n_steps)
+
+
+def test_euler_converges_to_exp_at_first_order():
+    x0 = _x0(4, 2)
+    errors = [
+        float((euler_sample(lambda t, x: -x, x0, n_steps=n).samples - math.exp(-1) * x0).abs().max())
+        for n in (100, 1000)
+    ]
+    assert errors[1] < 1e-3 * float(x0.abs().max())
+    assert 8 < errors[0] / errors[1] < 12  # error ∝ 1/N
+
+
+def test_euler_uses_the_time_argument_and_reverse_interval():
+    # dx/dt = t x: Euler gives x0 · Π_k (1 + t_k Δt)
+    x0 = _x0(3, 2)
+    n = 20
+    result = euler_sample(lambda t, x: t * x, x0, n_steps=n, t0=0.5, t1=1.0)
+    dt = 0.5 / n
+    factor = math.prod(1 + (0.5 + k * dt) * dt for k in range(n))
+    torch.testing.assert_close(result.samples, factor * x0, rtol=1e-13, atol=0)
+    back = euler_sample(lambda t, x: -x, x0, n_steps=n, t0=1.0, t1=0.0)
+    torch.testing.assert_close(back.samples, (1 + 1 / n) ** n * x0, rtol=1e-13, atol=0)
+
+
+def test_euler_callback_and_progress_switch(capsys):
+    seen = []
+    euler_sample(lambda t, x: -x, _x0(2, 2), n_steps=4, callback=lambda k, t, x: seen.append((k, t)))
+    assert seen == [(1, 0.25), (2, 0.5), (3, 0.75), (4, 1.0)]
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""  # progress=False is silent
+
+
+@pytest.mark.parametrize(("solver", "stages"), [("euler", 1), ("midpoint", 2), ("rk4", 4)])
+def test_fixed_step_nfe_equals_an_independent_count(solver, stages):
+    field = CountingField()
+    result = odeint_sample(field, _x0(5, 2), solver=solver, n_steps=10)
+    assert result.nfe == field.calls == stages * 10
+
+
+def test_odeint_euler_matches_the_discrete_closed_form():
+    x0 = _x0(5, 2)
+    result = odeint_sample(lambda t, x: -x, x0, solver="euler", n_steps=8, return_trajectory=True)
+    torch.testing.assert_close(result.samples, (7 / 8) ** 8 * x0, rtol=1e-12, atol=1e-14)
+    assert result.trajectory.shape == (9, 5, 2)
+    torch.testing.assert_close(result.times, torch.linspace(0, 1, 9, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "tsit5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adaptive_solver_matches_exp_decay(solver, dtype, capsys):
+    x0 = _x0(8, 3, dtype=dtype)
+    field = CountingField()
+    result = odeint_sample(field, x0, solver=solver)
+    assert result.samples.dtype == dtype
+    torch.testing.assert_close(result.samples, math.exp(-1) * x0, rtol=0, atol=1e-4)
+    assert result.nfe == field.calls > 0
+    assert capsys.readouterr().out == ""  # torchdyn's notices are kept quiet
+
+    times = torch.linspace(0, 1, 5)
+    traj = odeint_sample(lambda t, x: -x, x0, solver=solver, t_span=times, return_trajectory=True)
+    expected = torch.exp(-times.to(dtype))[:, None, None] * x0
+    torch.testing.assert_close(traj.trajectory, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("solver", "step_factor"),
+    [
+        ("midpoint", lambda z: 1 + z + z**2 / 2),
+        ("rk4", lambda z: 1 + z + z**2 / 2 + z**3 / 6 + z**4 / 24),
+    ],
+)
+def test_fixed_step_decay_matches_the_stability_polynomial(solver, step_factor):
+    # on dx/dt = -x one step multiplies x by R(-h); float32 solver constants would miss rtol 1e-13
+    x0 = _x0(4, 2)
+    n = 40
+    result = odeint_sample(lambda t, x: -x, x0, solver=solver, n_steps=n)
+    torch.testing.assert_close(result.samples, step_factor(-1 / n) ** n * x0, rtol=1e-13, atol=1e-15)
+
+
+def test_rk4_is_fourth_order_on_a_time_dependent_field():
+    # dx/dt = t x  ⇒  x(1) = exp(1/2) x0; wrong stage times (torchdyn 1.0.6's tableau) give ~1% error
+    x0 = _x0(4, 2)
+    errors = []
+    for n in (10, 20):
+        samples = odeint_sample(lambda t, x: t * x, x0, solver="rk4", n_steps=n).samples
+        errors.append(float((samples - math.exp(0.5) * x0).abs().max() / x0.abs().max()))
+    assert errors[1] < 1e-7
+    assert 12 < errors[0] / errors[1] < 20  # error ∝ 1/N⁴
+
+
+def test_torch_wrapper_mlp_with_both_samplers():
+    torch.manual_seed(0)
+    model = torch_wrapper(MLP(dim=2, w=32, time_varying=True))
+    x0 = _x0(16, 2, dtype=torch.float32)
+    ours = euler_sample(model, x0, n_steps=10)
+    theirs = odeint_sample(model, x0, solver="euler", n_steps=10)
+    torch.testing.assert_close(ours.samples, theirs.samples, rtol=1e-5, atol=1e-6)
+    assert ours.nfe == theirs.nfe == 10
+    assert not ours.samples.requires_grad and not theirs.samples.requires_grad
+    # float64 reference: a fine rk4 solve of the same (double-precision) network
+    model64 = torch_wrapper(MLP(dim=2, w=32, time_varying=True)).double()
+    model64.load_state_dict(model.state_dict())
+    reference = odeint_sample(model64, x0.double(), solver="rk4", n_steps=25).samples
+    adaptive = odeint_sample(model, x0, solver="dopri5")
+    # the MLP's SELU has a kink at 0, so local error estimates are optimistic: a looser bound than 1e-5
+    torch.testing.assert_close(adaptive.samples.double(), reference, rtol=0, atol=1e-3)
+    assert model.model.net[0].weight.grad is None
+
+
+def test_image_shaped_states():
+    x0 = _x0(3, 1, 4, 4)
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1, dtype=torch.float64)
+    result = euler_sample(lambda t, x: -x, x0, n_steps=5, return_trajectory=True)
+    assert result.trajectory.shape == (6, 3, 1, 4, 4)
+    torch.testing.assert_close(result.samples, 0.8**5 * x0, rtol=1e-13, atol=1e-15)
+    learned = odeint_sample(lambda t, x: t * conv(x), x0, solver="rk4", n_steps=3, return_trajectory=True)
+    assert learned.samples.shape == (3, 1, 4, 4) and learned.trajectory.shape == (4, 3, 1, 4, 4)
+    decay = odeint_sample(lambda t, x: -x, x0, solver="dopri5")
+    torch.testing.assert_close(decay.samples, math.exp(-1) * x0, rtol=0, atol=1e-4)
+
+
+def test_nfe_counter_counts_resets_and_drops_keyword_arguments():
+    counter = NFECounter(lambda t, x: 2 * x)  # a plain lambda rejects torchdyn's args=...
+    x = torch.ones(2, 2)
+    out = counter(torch.tensor(0.0), x, args={})
+    counter(torch.tensor(0.5), x)
+    assert counter.nfe == 2 and torch.equal(out, 2 * x)
+    counter.reset()
+    assert counter.nfe == 0
+
+
+def test_bad_input_names_the_argument():
+    x0 = _x0(2, 2)
+    field = CountingField()
+    with pytest.raises(ValueError, match="n_steps"):
+        euler_sample(field, x0, n_steps=0)
+    with pytest.raises(TypeError, match="n_steps"):
+        euler_sample(field, x0, n_steps=2.5)
+    with pytest.raises(ValueError, match="n_steps"):
+        odeint_sample(field, x0, solver="rk4", n_steps=-1)
+    with pytest.raises(ValueError, match="dopri5"):  # the message lists the known solvers
+        odeint_sample(field, x0, solver="heun", n_steps=2)
+    with pytest.raises(ValueError, match="n_steps"):
+        odeint_sample(field, x0, solver="rk4")
+    with pytest.raises(ValueError, match="n_steps"):
+        odeint_sample(field, x0, solver="dopri5", n_steps=10)
+    with pytest.raises(ValueError, match="t_span"):
+        odeint_sample(field, x0, solver="dopri5", t_span=torch.tensor([1.0, 0.0]))
+    with pytest.raises(TypeError, match="x0"):
+        euler_sample(field, torch.ones(2, 2, dtype=torch.int64), n_steps=2)
+    with pytest.raises(ValueError, match="x0"):
+        odeint_sample(field, torch.full((2, 2), float("nan")), solver="euler", n_steps=2)
+    with pytest.raises(ValueError, match="x0"):
+        euler_sample(field, torch.ones(3), n_steps=2)
+    with pytest.raises(TypeError, match="field"):
+        euler_sample("not a field", x0, n_steps=2)
+    with pytest.raises(ValueError, match="field"):
+        euler_sample(lambda t, x: x[:, :1], x0, n_steps=2)
+    assert field.calls == 0

@@ -1,0 +1,26 @@
+"""torchcfm_nsgf: Neural Sinkhorn Gradient Flow (NSGF) and NSGF++ for the torchcfm ecosystem.
+
+Layout (engine -> matcher -> pool -> samplers -> examples):
+
+* :mod:`torchcfm_nsgf.sinkhorn`: the Sinkhorn velocity engine (:func:`sinkhorn_velocity`);
+* :mod:`torchcfm_nsgf.pool`: the trajectory pool (experience replay);
+* :mod:`torchcfm_nsgf.sampling`: Euler and torchdyn samplers with exact NFE accounting.
+"""
+
+from .pool import TrajectoryPool
+from .sampling import NFECounter, SampleResult, euler_sample, odeint_sample
+from .sinkhorn import SinkhornConvergenceWarning, SinkhornSolution, sinkhorn_solve, sinkhorn_velocity
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NFECounter",
+    "SampleResult",
+    "SinkhornConvergenceWarning",
+    "SinkhornSolution",
+    "TrajectoryPool",
+    "euler_sample",
+    "odeint_sample",
+    "sinkhorn_solve",
+    "sinkhorn_velocity",
+]

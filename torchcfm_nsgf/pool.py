@@ -1,0 +1,473 @@
+"""Trajectory pool: the experience replay of NSGF training (Algorithm 1 of Zhu et al., 2024).
+
+The simulation phase stores the particles ``X_k``, their empirical Sinkhorn velocity ``v̂_k`` and time ``t_k``;
+the matching phase draws minibatches ``(t, x_t, u_t)`` from the pool to regress ``v_θ(x_t, t) ≈ u_t``.
+The paper's CIFAR-10 pool reportedly took about 45 GB, so storage precision, device and medium
+(RAM or memory-mapped files) are chosen by the user, and the size can be bounded in bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ._validation import check_cloud, check_positive
+
+__all__ = ["TrajectoryPool"]
+
+_STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in _STORAGE_DTYPES}
+_FILES = {"t": "t.bin", "xt": "xt.bin", "ut": "ut.bin"}
+_META = "pool.json"
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    for dtype, dtype_name in _DTYPE_NAMES.items():
+        if dtype_name == name:
+            return dtype
+    raise ValueError(f"unknown storage dtype {name!r} in the pool metadata")
+
+
+class TrajectoryPool:
+    r"""Fixed-size replay buffer of ``(t, x_t, u_t)`` items for velocity-field matching.
+
+    Each item is one particle of a simulated Sinkhorn flow: its time ``t ∈ [0, 1]``, position ``x_t`` and
+    target velocity ``u_t``, both of a fixed feature shape ``(*dim)`` (vectors ``(d,)`` or images
+    ``(C, H, W)``), fixed by the first :meth:`add`.
+
+    **Eviction is FIFO**: the pool is a ring buffer; once it holds ``capacity`` items, each new item
+    overwrites the oldest one. Buffers are allocated once, at the first :meth:`add`.
+
+    Parameters
+    ----------
+    capacity : int
+        Maximum number of items, ``>= 1``.
+    max_bytes : int, optional
+        Upper bound on the bytes of the buffers. The effective capacity is
+        ``min(capacity, max_bytes // bytes_per_item)`` with
+        ``bytes_per_item = 4 + 2 * prod(dim) * dtype.itemsize`` (``t`` is stored as float32). It is known
+        at the first :meth:`add`, which raises ``ValueError`` if not even one item fits.
+    dtype : torch.dtype, optional
+        Storage dtype of ``x_t`` and ``u_t``: float16, bfloat16, float32 or float64 (float16 halves the
+        memory of float32). Default: the dtype of the first added ``xt``. ``t`` is always stored as float32.
+    device : torch.device or str
+        Storage device (for example ``"cpu"`` while training on a GPU). Must be the CPU for a disk pool.
+    storage : {"memory", "disk"}
+        ``"disk"`` keeps the buffers in memory-mapped files ``t.bin``, ``xt.bin``, ``ut.bin`` (raw,
+        native byte order) under ``path`` plus a ``pool.json`` with the shape, dtype and counters, so that
+        a large pool lives in the page cache rather than in process memory. Items read back are
+        bit-identical to what was stored (in the storage dtype). Reopen with :meth:`open` or
+        :meth:`load_state_dict`. A fresh disk pool overwrites the files of an old one at its first
+        :meth:`add`, with a warning.
+    path : str, optional
+        Directory of a disk pool (created if missing); required when ``storage="disk"``.
+    generator : torch.Generator, optional
+        Source of randomness of :meth:`sample`. The same seed and the same adds give identical samples.
+
+    Notes
+    -----
+    :meth:`sample` draws uniformly **without replacement** within a batch and raises ``ValueError`` when
+    asked for more items than the pool holds. Indices are drawn on the generator's device (the CPU when
+    ``generator`` is None).
+
+    Examples
+    --------
+    >>> pool = TrajectoryPool(10_000, dtype=torch.float16)
+    >>> pool.add(torch.full((256,), 0.1), x, v)  # doctest: +SKIP
+    >>> t, xt, ut = pool.sample(128, device="cuda")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        max_bytes: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        storage: Literal["memory", "disk"] = "memory",
+        path: str | os.PathLike[str] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        check_positive(capacity, "capacity", integer=True)
+        if max_bytes is not None:
+            check_positive(max_bytes, "max_bytes", integer=True)
+        if dtype is not None and dtype not in _STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES.values())} or None, got {dtype}")
+        if storage not in ("memory", "disk"):
+            raise ValueError(f"storage must be 'memory' or 'disk', got {storage!r}")
+        device = torch.device(device)
+        if storage == "disk":
+            if path is None:
+                raise ValueError(
+                    "path is required when storage='disk': the directory of the memory-mapped files"
+                )
+            if device.type != "cpu":
+                raise ValueError(
+                    f"device must be the CPU for a disk pool (memory-mapped files), got {device}"
+                )
+        elif path is not None:
+            raise ValueError("path is only used with storage='disk'; pass storage='disk' or drop path")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+        self._requested_capacity = capacity
+        self._max_bytes = max_bytes
+        self._dtype = dtype
+        self._device = device
+        self._storage = storage
+        self._path = None if path is None else os.fspath(path)
+        self.generator = generator
+
+        self._feature_shape: tuple[int, ...] | None = None
+        self._capacity = capacity
+        self._t: Tensor | None = None
+        self._xt: Tensor | None = None
+        self._ut: Tensor | None = None
+        self._head = 0  # next slot to write
+        self._size = 0
+        self._n_added = 0  # items ever added, evicted ones included
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def capacity(self) -> int:
+        """Maximum number of items: the requested one until the first add, then the effective one."""
+        return self._capacity
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for the buffers (0 before the first add); for a disk pool, the bytes of the files."""
+        if self._t is None:
+            return 0
+        return sum(buf.untyped_storage().nbytes() for buf in (self._t, self._xt, self._ut))
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """Storage dtype of ``x_t`` and ``u_t`` (None until known)."""
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Storage device."""
+        return self._device
+
+    @property
+    def feature_shape(self) -> tuple[int, ...] | None:
+        """Feature shape ``(*dim)`` of ``x_t`` and ``u_t`` (None until the first add)."""
+        return self._feature_shape
+
+    @property
+    def n_added(self) -> int:
+        """Number of items ever added (evicted ones included)."""
+        return self._n_added
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        return (
+            f"TrajectoryPool(len={self._size}, capacity={self._capacity}, feature_shape={self._feature_shape}, "
+            f"dtype={self._dtype}, device={self._device}, storage={self._storage!r})"
+        )
+
+    # ------------------------------------------------------------------ allocation
+
+    def _bytes_per_item(self, feature_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return 4 + 2 * math.prod(feature_shape) * dtype.itemsize
+
+    def _allocate(self, feature_shape: tuple[int, ...], dtype: torch.dtype, *, fresh: bool) -> None:
+        """Set the feature shape and dtype, compute the effective capacity and allocate the buffers."""
+        capacity = self._requested_capacity
+        if self._max_bytes is not None:
+            per_item = self._bytes_per_item(feature_shape, dtype)
+            fitting = self._max_bytes // per_item
+            if fitting < 1:
+                raise ValueError(
+                    f"max_bytes={self._max_bytes} cannot hold a single item of feature shape {feature_shape} "
+                    f"in {dtype} ({per_item} bytes per item)"
+                )
+            capacity = min(capacity, fitting)
+        shapes = {"t": (capacity,), "xt": (capacity, *feature_shape), "ut": (capacity, *feature_shape)}
+        dtypes = {"t": torch.float32, "xt": dtype, "ut": dtype}
+        buffers = {}
+        if self._storage == "memory":
+            for name in shapes:
+                buffers[name] = torch.zeros(shapes[name], dtype=dtypes[name], device=self._device)
+        else:
+            os.makedirs(self._path, exist_ok=True)
+            if fresh and os.path.exists(os.path.join(self._path, _META)):
+                warnings.warn(
+                    f"overwriting the trajectory pool stored under path={self._path!r}; "
+                    "use TrajectoryPool.open or load_state_dict to resume it",
+                    stacklevel=3,
+                )
+            for name in shapes:
+                filename = os.path.join(self._path, _FILES[name])
+                numel = math.prod(shapes[name])
+                if fresh:
+                    with open(filename, "wb"):  # truncate: a new pool starts from an empty file
+                        pass
+                elif (
+                    not os.path.exists(filename) or os.path.getsize(filename) != numel * dtypes[name].itemsize
+                ):
+                    raise ValueError(
+                        f"path={self._path!r}: {_FILES[name]} is missing or does not hold {numel} "
+                        f"{dtypes[name]} values; the files do not match the pool's state"
+                    )
+                flat = torch.from_file(filename, shared=True, size=numel, dtype=dtypes[name])
+                buffers[name] = flat.view(shapes[name])
+        self._feature_shape = feature_shape
+        self._dtype = dtype
+        self._capacity = capacity
+        self._t, self._xt, self._ut = buffers["t"], buffers["xt"], buffers["ut"]
+
+    def _write_meta(self) -> None:
+        if self._storage != "disk" or self._feature_shape is None:
+            return
+        meta = {
+            "capacity": self._capacity,
+            "dtype": _DTYPE_NAMES[self._dtype],
+            "feature_shape": list(self._feature_shape),
+            "head": self._head,
+            "size": self._size,
+            "n_added": self._n_added,
+        }
+        tmp = os.path.join(self._path, _META + ".tmp")
+        with open(tmp, "w") as handle:
+            json.dump(meta, handle)
+        os.replace(tmp, os.path.join(self._path, _META))
+
+    # ------------------------------------------------------------------ add / sample
+
+    def add(self, t: Tensor | float, xt: Tensor, ut: Tensor) -> None:
+        """Store a batch of ``k`` items, evicting the oldest ones once the pool is full.
+
+        Parameters
+        ----------
+        t : Tensor or float
+            Times, shape ``(k,)``, or one time shared by the batch (0-d tensor or float), in ``[0, 1]``.
+        xt : Tensor
+            Particle positions, shape ``(k, *dim)``.
+        ut : Tensor
+            Target velocities, shape ``(k, *dim)``.
+
+        Notes
+        -----
+        Inputs may live on any device; they are copied (detached) into the storage dtype and device.
+        If ``k > capacity`` only the last ``capacity`` items are kept, as if added one by one.
+        """
+        xt = check_cloud(xt, "xt")
+        ut = check_cloud(ut, "ut")
+        if ut.shape != xt.shape:
+            raise ValueError(f"ut must have the shape of xt {tuple(xt.shape)}, got {tuple(ut.shape)}")
+        k = xt.shape[0]
+        t = self._check_times(t, k)
+        feature_shape = tuple(xt.shape[1:])
+        if self._feature_shape is not None and feature_shape != self._feature_shape:
+            raise ValueError(
+                f"xt has feature shape {feature_shape} but the pool stores items of shape {self._feature_shape}"
+            )
+        if self._t is None:
+            dtype = self._dtype if self._dtype is not None else xt.dtype
+            if dtype not in _STORAGE_DTYPES:
+                raise ValueError(f"xt has dtype {xt.dtype}, which the pool cannot store; pass dtype=...")
+            self._allocate(feature_shape, dtype, fresh=True)
+
+        keep = min(k, self._capacity)
+        with torch.no_grad():
+            new = {
+                "t": t[k - keep :].to(device=self._device, dtype=torch.float32),
+                "xt": xt[k - keep :].detach().to(device=self._device, dtype=self._dtype),
+                "ut": ut[k - keep :].detach().to(device=self._device, dtype=self._dtype),
+            }
+            for name in ("xt", "ut"):
+                if not bool(torch.isfinite(new[name]).all()):
+                    raise ValueError(f"{name} overflows the storage dtype {self._dtype}: use a wider dtype")
+            first = min(keep, self._capacity - self._head)
+            for name, buf in (("t", self._t), ("xt", self._xt), ("ut", self._ut)):
+                buf[self._head : self._head + first] = new[name][:first]
+                buf[: keep - first] = new[name][first:]
+        self._head = (self._head + keep) % self._capacity
+        self._size = min(self._size + keep, self._capacity)
+        self._n_added += k
+        self._write_meta()
+
+    @staticmethod
+    def _check_times(t: Tensor | float, k: int) -> Tensor:
+        if isinstance(t, bool) or not isinstance(t, (Tensor, int, float)):
+            raise TypeError(f"t must be a torch.Tensor or a float, got {type(t).__name__}")
+        if not isinstance(t, Tensor):
+            t = torch.tensor(float(t))
+        if not t.is_floating_point():
+            raise TypeError(f"t must have a floating dtype, got {t.dtype}")
+        if t.dim() == 0:
+            t = t.expand(k)
+        if t.shape != (k,):
+            raise ValueError(f"t must have shape ({k},) to match xt, or be a scalar, got {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("t contains NaN or Inf entries")
+        if bool(((t < 0) | (t > 1)).any()):
+            raise ValueError("t must lie in [0, 1]")
+        return t
+
+    def sample(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw ``batch_size`` distinct items uniformly at random.
+
+        Parameters
+        ----------
+        batch_size : int
+            Number of items, at most ``len(self)``.
+        device : torch.device or str, optional
+            Device of the returned tensors. Default: the storage device.
+        dtype : torch.dtype, optional
+            Floating dtype of all three returned tensors (``t`` included, so that ``model(t, xt)`` works).
+            Default: the storage dtype, except float32 for a float16/bfloat16 pool.
+
+        Returns
+        -------
+        t : Tensor
+            Shape ``(batch_size,)``.
+        xt, ut : Tensor
+            Shape ``(batch_size, *dim)``.
+        """
+        check_positive(batch_size, "batch_size", integer=True)
+        if batch_size > self._size:
+            raise ValueError(
+                f"batch_size={batch_size} exceeds the {self._size} items in the pool "
+                "(sampling is without replacement)"
+            )
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype}")
+        out_device = self._device if device is None else torch.device(device)
+        if dtype is None:
+            dtype = torch.float32 if self._dtype in (torch.float16, torch.bfloat16) else self._dtype
+
+        idx = self._draw_indices(batch_size).to(self._device)
+        t, xt, ut = self._t[idx], self._xt[idx], self._ut[idx]
+        return (
+            t.to(device=out_device, dtype=dtype),
+            xt.to(device=out_device, dtype=dtype),
+            ut.to(device=out_device, dtype=dtype),
+        )
+
+    def _draw_indices(self, batch_size: int) -> Tensor:
+        """Uniform ``batch_size``-subset of ``range(len(self))``, in uniformly random order.
+
+        ``randperm`` costs O(len) per batch, too slow for pools of millions of items; for small batches,
+        draw with replacement and redraw the repeated positions until all are distinct. The procedure is
+        invariant under relabelling the items, hence uniform over ordered tuples of distinct indices.
+        """
+        n = self._size
+        gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
+        if 2 * batch_size > n:
+            return torch.randperm(n, generator=self.generator, device=gen_device)[:batch_size]
+        idx = torch.randint(n, (batch_size,), generator=self.generator, device=gen_device)
+        while True:
+            values, order = torch.sort(idx, stable=True)
+            repeated = torch.zeros(batch_size, dtype=torch.bool, device=gen_device)
+            repeated[order[1:]] = values[1:] == values[:-1]
+            n_repeated = int(repeated.sum())
+            if n_repeated == 0:
+                return idx
+            idx[repeated] = torch.randint(n, (n_repeated,), generator=self.generator, device=gen_device)
+
+    def clear(self) -> None:
+        """Remove all items. Buffers stay allocated, and the feature shape and dtype stay fixed."""
+        self._head = 0
+        self._size = 0
+        self._write_meta()
+
+    def flush(self) -> None:
+        """Ask the OS to write a disk pool's files (a no-op for a memory pool); closing needs no flush."""
+        if self._storage == "disk" and self._t is not None:
+            for name in _FILES.values():
+                fd = os.open(os.path.join(self._path, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint of the pool.
+
+        For a memory pool it holds the stored items (``t``, ``xt``, ``ut`` in buffer order, on the storage
+        device) and the counters, so that a loaded pool samples exactly as the saved one. For a disk pool it
+        holds the path and the counters only: the items stay in the files, and later adds overwrite them.
+        Both include the generator state when the pool has a generator.
+        """
+        state: dict[str, Any] = {
+            "storage": self._storage,
+            "capacity": self._capacity,
+            "dtype": None if self._dtype is None else _DTYPE_NAMES[self._dtype],
+            "feature_shape": None if self._feature_shape is None else list(self._feature_shape),
+            "head": self._head,
+            "size": self._size,
+            "n_added": self._n_added,
+            "generator_state": None if self.generator is None else self.generator.get_state(),
+        }
+        if self._storage == "disk":
+            state["path"] = self._path
+        elif self._t is not None:
+            state["t"] = self._t[: self._size].clone()
+            state["xt"] = self._xt[: self._size].clone()
+            state["ut"] = self._ut[: self._size].clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint from :meth:`state_dict`.
+
+        The storage kind must match. A disk pool reads the files under its own ``path`` (which may differ
+        from the saved one, for a moved directory). ``max_bytes`` and the requested capacity of this pool
+        are ignored: the saved effective capacity is used.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"state must be a dict from TrajectoryPool.state_dict, got {type(state).__name__}"
+            )
+        if state.get("storage") != self._storage:
+            raise ValueError(
+                f"state holds a {state.get('storage')!r} pool but this pool is {self._storage!r}"
+            )
+        self._head, self._size, self._n_added = 0, 0, 0
+        self._t = self._xt = self._ut = None
+        self._feature_shape = None
+        if state["feature_shape"] is not None:
+            self._requested_capacity, self._max_bytes = state["capacity"], None
+            self._allocate(tuple(state["feature_shape"]), _dtype_from_name(state["dtype"]), fresh=False)
+            if self._storage == "memory":
+                size = state["size"]
+                self._t[:size] = state["t"].to(self._device)
+                self._xt[:size] = state["xt"].to(self._device)
+                self._ut[:size] = state["ut"].to(self._device)
+            self._head, self._size, self._n_added = state["head"], state["size"], state["n_added"]
+        if state.get("generator_state") is not None and self.generator is not None:
+            self.generator.set_state(state["generator_state"])
+        self._write_meta()
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike[str], *, generator: torch.Generator | None = None
+    ) -> TrajectoryPool:
+        """Reopen the disk pool stored under ``path`` (from its ``pool.json``), with its items and counters."""
+        meta_file = os.path.join(os.fspath(path), _META)
+        if not os.path.exists(meta_file):
+            raise ValueError(f"path={os.fspath(path)!r} holds no trajectory pool ({_META} is missing)")
+        with open(meta_file) as handle:
+            meta = json.load(handle)
+        pool = cls(meta["capacity"], storage="disk", path=path, generator=generator)
+        pool.load_state_dict({"storage": "disk", "generator_state": None, **meta})
+        return pool
