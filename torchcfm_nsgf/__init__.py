@@ -3,10 +3,12 @@
 Layout (engine -> matcher -> pool -> samplers -> examples):
 
 * :mod:`torchcfm_nsgf.sinkhorn`: the Sinkhorn velocity engine (:func:`sinkhorn_velocity`);
+* :mod:`torchcfm_nsgf.matcher`: :class:`SinkhornFlowMatcher`, NSGF behind torchcfm's matcher interface;
 * :mod:`torchcfm_nsgf.pool`: the trajectory pool (experience replay);
 * :mod:`torchcfm_nsgf.sampling`: Euler and torchdyn samplers with exact NFE accounting.
 """
 
+from .matcher import SinkhornFlowMatcher, SinkhornTrajectory
 from .pool import TrajectoryPool
 from .sampling import NFECounter, SampleResult, euler_sample, odeint_sample
 from .sinkhorn import SinkhornConvergenceWarning, SinkhornSolution, sinkhorn_solve, sinkhorn_velocity
@@ -17,6 +19,8 @@ __all__ = [
     "NFECounter",
     "SampleResult",
     "SinkhornConvergenceWarning",
+    "SinkhornFlowMatcher",
+    "SinkhornTrajectory",
     "SinkhornSolution",
     "TrajectoryPool",
     "euler_sample",
