@@ -178,3 +178,22 @@ def test_bad_calls():
         TrajectoryPool(0)
     with pytest.raises(ValueError, match="fill_pool needs a pool"):
         fm.fill_pool(x0, torch.randn(4, 2))
+
+
+def test_state_dict_round_trip_resumes_pool_schedule():
+    def build():
+        pool = TrajectoryPool(500, generator=torch.Generator().manual_seed(0))
+        return _matcher(n_steps=3, pool=pool, refresh_every=2)
+
+    x0, x1 = torch.randn(10, 2), _moons(10)
+    a = build()
+    a.sample_location_and_conditional_flow(x0, x1)
+    state = a.state_dict()
+    b = build()
+    b.load_state_dict(state)
+    for _ in range(3):
+        out_a = a.sample_location_and_conditional_flow(x0, x1)
+        out_b = b.sample_location_and_conditional_flow(x0, x1)
+        for u, v in zip(out_a, out_b, strict=True):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+    assert len(a.pool) == len(b.pool) == 60

@@ -270,6 +270,24 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
             return t_out, xt, ut, torch.zeros_like(xt)
         return t_out, xt, ut
 
+    def state_dict(self) -> dict:
+        """Resumable state: the call counter (which decides pool refreshes), the generator and the pool."""
+        return {
+            "calls": self._calls,
+            "generator": None if self.generator is None else self.generator.get_state(),
+            "pool": None if self.pool is None else self.pool.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (the matcher must have been built the same way)."""
+        self._calls = int(state["calls"])
+        if state.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])
+        if state.get("pool") is not None:
+            if self.pool is None:
+                raise ValueError("state holds a pool but this matcher has none")
+            self.pool.load_state_dict(state["pool"])
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(n_steps={self.n_steps}, step_size={self.step_size:g}, blur={self.blur:g}, "

@@ -1,0 +1,318 @@
+"""Training methods for the image examples, behind one small interface used by the shared training loop.
+
+A *method* owns the networks it trains and knows two things:
+
+* :meth:`ImageMethod.loss` — given a source batch ``x0 ~ N(0, I)`` and a data batch ``x1`` (both
+  ``(B, C, H, W)``), the training loss. Flow-matching methods draw ``(t, x_t, u_t)`` from a torchcfm-style
+  matcher (``sample_location_and_conditional_flow``) and regress ``v_θ(t, x_t) ≈ u_t``;
+* :meth:`ImageMethod.sample` — generate from noise with a given step budget, and return the exact number of
+  network evaluations (NFE), counted from real calls.
+
+Baselines are torchcfm's own matchers (no re-implementation): ``icfm`` = ``ConditionalFlowMatcher(σ)``,
+``otcfm`` = ``ExactOptimalTransportConditionalFlowMatcher(σ)``, ``fm`` = ``TargetConditionalFlowMatcher(σ)``
+(Lipman et al.; Gaussian source), ``rf`` = ``ConditionalFlowMatcher(0)`` (rectified flow, 1-RF).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchcfm.conditional_flow_matching import (
+    ConditionalFlowMatcher,
+    ExactOptimalTransportConditionalFlowMatcher,
+    TargetConditionalFlowMatcher,
+)
+from torchcfm.models.unet.unet import UNetModelWrapper
+
+from ..sampling import ADAPTIVE_SOLVERS, euler_sample, odeint_sample
+
+__all__ = [
+    "BASELINE_METHODS",
+    "UNET_PRESETS",
+    "FlowMatchingMethod",
+    "GeneratedImages",
+    "ImageMethod",
+    "NSGFSettings",
+    "available_methods",
+    "build_unet",
+    "integrate",
+    "make_method",
+]
+
+BASELINE_METHODS = ("otcfm", "icfm", "fm", "rf")
+
+# torchcfm's UNet normalises with GroupNorm(32, ·): every width must be a multiple of 32.
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # torchcfm's CIFAR-10 recipe (examples/images/cifar10/train_cifar10.py)
+    "cifar10": dict(
+        num_channels=128,
+        num_res_blocks=2,
+        channel_mult=[1, 2, 2, 2],
+        num_heads=4,
+        num_head_channels=64,
+        attention_resolutions="16",
+        dropout=0.1,
+    ),
+    # MNIST 28x28: levels at 28, 14, 7; attention at 7
+    "mnist": dict(
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult=[1, 2, 2],
+        num_heads=1,
+        num_head_channels=-1,
+        attention_resolutions="7",
+        dropout=0.0,
+    ),
+    # tests and smoke runs: three narrow levels, attention only in the middle block (always there)
+    "tiny": dict(
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult=[1, 1, 1],
+        num_heads=1,
+        num_head_channels=-1,
+        attention_resolutions="-1",
+        dropout=0.0,
+    ),
+}
+
+
+def build_unet(shape: tuple[int, int, int], preset: str = "cifar10", **overrides: Any) -> UNetModelWrapper:
+    """torchcfm's ``UNetModelWrapper`` for images of ``shape = (C, H, W)`` from a named preset.
+
+    ``attention_resolutions="-1"`` means no attention layer outside the middle block (the ``tiny`` preset).
+    """
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(UNET_PRESETS)}, got {preset!r}")
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (C, H, W), got {shape}")
+    cfg = {**UNET_PRESETS[preset], **overrides}
+    if cfg["attention_resolutions"] == "-1":
+        # torchcfm turns resolutions into downsampling factors image_size // res; a factor that the
+        # network never reaches disables attention
+        cfg["attention_resolutions"] = str(2 * shape[-1])  # factor 0: never reached
+    return UNetModelWrapper(dim=tuple(shape), **cfg)
+
+
+@dataclass
+class GeneratedImages:
+    """Generated images and the network evaluations they cost.
+
+    Attributes
+    ----------
+    samples : Tensor
+        ``(B, C, H, W)``.
+    nfe : int
+        Network function evaluations along one trajectory (a batch evaluation counts once).
+    nfe_breakdown : dict[str, int]
+        Per network or phase, summing to ``nfe``.
+    """
+
+    samples: Tensor
+    nfe: int
+    nfe_breakdown: dict[str, int] = field(default_factory=dict)
+
+
+def integrate(net: nn.Module, x0: Tensor, *, steps: int, solver: str = "euler") -> tuple[Tensor, int]:
+    """Integrate ``dx/dt = net(t, x)`` from 0 to 1; returns the end point ``(B, C, H, W)`` and the counted NFE.
+
+    ``euler`` takes ``steps`` steps (:func:`torchcfm_nsgf.sampling.euler_sample`, NFE = steps); other solvers
+    go through torchdyn (:func:`torchcfm_nsgf.sampling.odeint_sample`): fixed-step ones with ``steps`` steps,
+    adaptive ones (``dopri5``, ``tsit5``) with their tolerance and ``steps`` ignored.
+    """
+    if solver == "euler":
+        out = euler_sample(net, x0, n_steps=steps)
+    elif solver in ADAPTIVE_SOLVERS:
+        out = odeint_sample(net, x0, solver=solver)
+    else:
+        out = odeint_sample(net, x0, solver=solver, n_steps=steps)
+    return out.samples, out.nfe
+
+
+class ImageMethod(ABC):
+    """What the training loop needs from a method. Subclasses own their networks (``self.nets``)."""
+
+    name: str
+    #: The networks trained by the loop, in one ModuleDict (EMA, checkpoints and DDP see them together).
+    nets: nn.ModuleDict
+
+    @abstractmethod
+    def loss(self, nets: nn.ModuleDict, x0: Tensor, x1: Tensor) -> Tensor:
+        """Scalar training loss for source ``x0`` and data ``x1``, both ``(B, C, H, W)``.
+
+        ``nets`` is ``self.nets`` or a copy of it with the same keys (the loop passes the DDP-wrapped one).
+        """
+
+    @abstractmethod
+    def sample(
+        self, nets: nn.ModuleDict, x0: Tensor, *, nfe: int | None = None, solver: str = "euler"
+    ) -> GeneratedImages:
+        """Generate from the source batch ``x0`` ``(B, C, H, W)`` with about ``nfe`` evaluations."""
+
+    def default_nfe(self) -> int:
+        """The NFE used when none is asked for."""
+        return 100
+
+    def prepare(self, x1_fn: Callable[[], Tensor], progress: bool = False) -> None:  # noqa: B027 - optional
+        """Called once before a fresh run with a function that returns a data batch (pool warm-up)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state that is not network weights (pools, counters); stored per rank in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore :meth:`state_dict`."""
+
+
+class FlowMatchingMethod(ImageMethod):
+    """A single velocity network ``v_θ(t, x)`` trained with a torchcfm-style matcher.
+
+    Parameters
+    ----------
+    name : str
+    matcher : ConditionalFlowMatcher
+        Anything with ``sample_location_and_conditional_flow(x0, x1) -> (t, xt, ut)``.
+    net : nn.Module
+        ``forward(t, x)`` with ``t`` of shape ``(B,)``.
+    default_steps : int
+        Euler steps used by :meth:`sample` when ``nfe`` is not given.
+    """
+
+    def __init__(
+        self, name: str, matcher: ConditionalFlowMatcher, net: nn.Module, default_steps: int = 100
+    ) -> None:
+        self.name = name
+        self.matcher = matcher
+        self.nets = nn.ModuleDict({"velocity": net})
+        self.default_steps = default_steps
+
+    def sample_location_and_conditional_flow(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(t, x_t, u_t)`` from the matcher: shapes ``(B,)``, ``(B, C, H, W)``, ``(B, C, H, W)``."""
+        t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)[:3]
+        return t, xt, ut
+
+    def loss(self, nets: nn.ModuleDict, x0: Tensor, x1: Tensor) -> Tensor:
+        t, xt, ut = self.sample_location_and_conditional_flow(x0, x1)
+        return torch.mean((nets["velocity"](t, xt) - ut) ** 2)
+
+    def default_nfe(self) -> int:
+        return self.default_steps
+
+    def sample(
+        self, nets: nn.ModuleDict, x0: Tensor, *, nfe: int | None = None, solver: str = "euler"
+    ) -> GeneratedImages:
+        steps = self.default_steps if nfe is None else nfe
+        x, calls = integrate(nets["velocity"], x0, steps=steps, solver=solver)
+        return GeneratedImages(samples=x, nfe=calls, nfe_breakdown={"velocity": calls})
+
+
+def _baseline_matcher(name: str, sigma: float) -> ConditionalFlowMatcher:
+    if name == "icfm":
+        return ConditionalFlowMatcher(sigma=sigma)
+    if name == "otcfm":
+        return ExactOptimalTransportConditionalFlowMatcher(sigma=sigma)
+    if name == "fm":
+        return TargetConditionalFlowMatcher(sigma=sigma)
+    if name == "rf":
+        return ConditionalFlowMatcher(sigma=0.0)
+    raise ValueError(f"unknown baseline {name!r}")
+
+
+def available_methods() -> tuple[str, ...]:
+    """The method names :func:`make_method` accepts in this installation (NSGF ones need their modules)."""
+    names = list(BASELINE_METHODS)
+    from . import _nsgf_methods
+
+    return tuple(_nsgf_methods.available() + names)
+
+
+@dataclass
+class NSGFSettings:
+    """Settings of the NSGF and NSGF++ methods (defaults: the CIFAR-10 column of ``shared/NSGF.md`` §3).
+
+    Attributes
+    ----------
+    blur, scaling : float
+        Sinkhorn blur (ε = blur²) and ε-scaling ratio (GeomLoss conventions).
+    n_steps, step_size : int, float
+        T and η of the simulated flow for ``nsgf`` (100, 0.03).
+    phase1_steps, phase1_step_size : int, float
+        T and η of the NSGF phase of ``nsgf++`` (5, 0.2).
+    pool_capacity : int
+        Items of the trajectory pool, per process (each DDP rank holds its own shard).
+    pool_max_bytes : int, optional
+        Hard bound on the pool's bytes, per process.
+    pool_dtype : {"float16", "bfloat16", "float32"}
+        Storage dtype of the pool (float16 halves the memory).
+    pool_storage : {"memory", "disk"}
+        RAM, or memory-mapped files under ``pool_path`` (``rank{r}`` sub-folders).
+    pool_path : str, optional
+    refresh_every : int
+        Simulate a new flow batch into the pool every ``refresh_every`` training batches.
+    """
+
+    blur: float = 2.0
+    scaling: float = 0.8
+    n_steps: int = 100
+    step_size: float = 0.03
+    phase1_steps: int = 5
+    phase1_step_size: float = 0.2
+    pool_capacity: int = 200_000
+    pool_max_bytes: int | None = None
+    pool_dtype: str = "float16"
+    pool_storage: str = "memory"
+    pool_path: str | None = None
+    refresh_every: int = 10
+
+
+def make_method(
+    name: str,
+    shape: tuple[int, int, int],
+    *,
+    preset: str = "cifar10",
+    sigma: float = 0.0,
+    sample_steps: int = 100,
+    nsgf: NSGFSettings | None = None,
+    rank: int = 0,
+) -> ImageMethod:
+    """Build the method ``name`` with fresh networks for images of ``shape = (C, H, W)``.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`available_methods`.
+    shape : (C, H, W)
+    preset : str
+        UNet preset (:data:`UNET_PRESETS`).
+    sigma : float
+        σ of the I-CFM / OT-CFM / FM probability paths (ignored by ``rf`` and the NSGF methods).
+    sample_steps : int
+        Default Euler steps of the baselines' sampler.
+    nsgf : NSGFSettings, optional
+        Settings of ``nsgf`` and ``nsgf++`` (ignored by the baselines).
+    rank : int
+        Process rank (names the pool shard of a disk pool).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a str, got {type(name).__name__}")
+    methods = available_methods()
+    if name not in methods:
+        raise ValueError(f"method must be one of {methods}, got {name!r}")
+    if (
+        isinstance(sigma, bool)
+        or not isinstance(sigma, (int, float))
+        or not math.isfinite(sigma)
+        or sigma < 0
+    ):
+        raise ValueError(f"sigma must be a non-negative number, got {sigma!r}")
+    if name in BASELINE_METHODS:
+        matcher = _baseline_matcher(name, float(sigma))
+        return FlowMatchingMethod(name, matcher, build_unet(shape, preset), sample_steps)
+    from . import _nsgf_methods
+
+    return _nsgf_methods.make(name, shape, preset=preset, settings=nsgf or NSGFSettings(), rank=rank)

@@ -1,0 +1,550 @@
+"""One training loop for every image method (NSGF, NSGF++ and torchcfm's flow-matching baselines).
+
+The recipe is torchcfm's CIFAR-10 one: Adam, linear learning-rate warm-up, gradient clipping (per network),
+an exponential moving average (EMA) of the weights, data in ``[-1, 1]``, random horizontal flips (CIFAR-10).
+The source is ``x0 ~ N(0, I)`` of the data's shape.
+
+Resuming is exact: a run interrupted after any checkpoint and resumed with ``resume=True`` ends with the
+same parameters as an uninterrupted run (same seed, same number of processes, CPU). A checkpoint holds the
+networks, their EMA, the optimiser, the scheduler, the step and, per process, every global random generator
+(torch CPU/CUDA, NumPy — torchcfm's OT pairing draws from it — and python) and the method's state. The data
+order is a pure function of ``(seed, epoch, step)`` (a :class:`DistributedSampler` permutation), so it needs
+no state of its own.
+
+**The NSGF trajectory pool is restored, not rebuilt**: a memory pool is stored in the per-process file
+(items and counters: resuming is exact, at the cost of the pool's size on disk); a disk pool keeps its
+memory-mapped files and the checkpoint stores its counters only, so slots rewritten after the checkpoint
+are not rolled back (resuming continues the run but is not bit-exact).
+
+Files under ``ckpt_dir``: ``checkpoint.pt`` (written by rank 0) and ``rank{r}-step{s}.pt`` (one per
+process), all written atomically; ``checkpoint.pt`` is replaced last, so it always names complete files.
+
+Several processes: launch with ``torchrun --nproc_per_node=K``; the loop wraps the networks in
+:class:`~torch.nn.parallel.DistributedDataParallel` (NCCL on GPUs, gloo on CPUs), shards the data with a
+:class:`DistributedSampler`, gives each rank its own pool shard and random streams (``seed + rank``), and
+logs and writes the shared checkpoint on rank 0. ``batch_size`` is per process.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, atomic_save, get_rng_state, load_checkpoint, set_rng_state
+from .data import ImageData, load_images, to_unit_range
+from .methods import ImageMethod, NSGFSettings, make_method
+
+__all__ = ["TrainConfig", "TrainResult", "ema_update", "train"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_FORMAT = "torchcfm_nsgf.images.checkpoint/1"
+# settings that must not change between a run and its resumption
+_FIXED_ON_RESUME = ("dataset", "method", "preset", "sigma", "batch_size", "seed", "hflip", "ema_decay")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train` (the example scripts expose each as a ``--flag``).
+
+    Attributes
+    ----------
+    dataset : {"mnist", "cifar10"}
+    data_root : str
+        torchvision root holding ``MNIST/raw`` or ``cifar-10-batches-py``.
+    method : str
+        ``nsgf++``, ``nsgf``, ``otcfm``, ``icfm``, ``fm`` or ``rf`` (those this installation offers).
+    total_steps : int
+        Optimiser steps of the whole run (across resumptions).
+    batch_size : int
+        Images per step and per process.
+    lr, warmup, grad_clip, ema_decay : float, int, float, float
+        Adam learning rate, linear warm-up steps, gradient-norm clip per network, EMA decay.
+    hflip : bool, optional
+        Random horizontal flips; default on for CIFAR-10, off for MNIST.
+    preset : str, optional
+        UNet preset (``cifar10``, ``mnist``, ``tiny``); default: the dataset's.
+    sigma : float
+        σ of the I-CFM / OT-CFM / FM paths.
+    seed : int
+    ckpt_dir : str, optional
+        Where checkpoints go; None disables them.
+    ckpt_every : int
+        Checkpoint every this many steps (and at the end of the run).
+    resume : bool
+        Continue from ``ckpt_dir/checkpoint.pt`` (an error if it is missing). Without it, an existing
+        checkpoint is never overwritten: the run refuses to start.
+    stop_after : int, optional
+        Stop after this many steps of this invocation without a final checkpoint, as if killed (tests).
+    time_budget_s : float, optional
+        Stop (and checkpoint) once the training wall time exceeds this many seconds (pool warm-up included).
+    device : str, optional
+        Default: ``cuda:{local_rank}`` when CUDA is available, else ``cpu``.
+    progress : bool
+        tqdm progress bars on rank 0.
+    log_every : int
+    download, verify_checksums : bool
+        Passed to :func:`~torchcfm_nsgf.images.data.load_images`.
+    sample_steps : int
+        Default Euler steps of the flow-matching baselines' sampler.
+    nsgf : NSGFSettings
+    """
+
+    dataset: str = "cifar10"
+    data_root: str = "./data"
+    method: str = "otcfm"
+    total_steps: int = 400_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup: int = 5000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    hflip: bool | None = None
+    preset: str | None = None
+    sigma: float = 0.0
+    seed: int = 0
+    ckpt_dir: str | None = None
+    ckpt_every: int = 5000
+    resume: bool = False
+    stop_after: int | None = None
+    time_budget_s: float | None = None
+    device: str | None = None
+    progress: bool = True
+    log_every: int = 100
+    download: bool = False
+    verify_checksums: bool = True
+    sample_steps: int = 100
+    nsgf: NSGFSettings = field(default_factory=NSGFSettings)
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "batch_size", "ckpt_every", "log_every", "sample_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {self.warmup!r}")
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.ema_decay, (int, float)) or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+        if self.stop_after is not None and (not isinstance(self.stop_after, int) or self.stop_after < 1):
+            raise ValueError(f"stop_after must be a positive int or None, got {self.stop_after!r}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be positive or None, got {self.time_budget_s!r}")
+        if self.resume and self.ckpt_dir is None:
+            raise ValueError("resume=True needs ckpt_dir: the folder that holds checkpoint.pt")
+        if not isinstance(self.nsgf, NSGFSettings):
+            raise TypeError(f"nsgf must be an NSGFSettings, got {type(self.nsgf).__name__}")
+
+    @property
+    def resolved_preset(self) -> str:
+        return self.preset or self.dataset
+
+    @property
+    def resolved_hflip(self) -> bool:
+        return self.dataset == "cifar10" if self.hflip is None else bool(self.hflip)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes
+    ----------
+    method : ImageMethod
+        The method with its trained networks (``method.nets``, unwrapped from DDP).
+    ema : nn.ModuleDict
+        EMA of ``method.nets`` (use it for sampling).
+    step : int
+        Optimiser steps done in total.
+    steps_this_run : int
+    wall_time_s : float
+        Training wall time of this invocation, pool warm-up included.
+    losses : list[float]
+        Loss of each step of this invocation (this process's batch).
+    shape : (C, H, W)
+        Image shape.
+    """
+
+    method: ImageMethod
+    ema: nn.ModuleDict
+    step: int
+    steps_this_run: int
+    wall_time_s: float
+    shape: tuple[int, int, int]
+    losses: list[float] = field(default_factory=list)
+
+
+class _Objective(nn.Module):
+    """The method's loss as a module, so that DistributedDataParallel sees one forward per step."""
+
+    def __init__(self, method: ImageMethod) -> None:
+        super().__init__()
+        self.nets = method.nets
+        self._method = [method]  # a list keeps the (non-module) method out of the module tree
+
+    def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
+        return self._method[0].loss(self.nets, x0, x1)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema ← decay · ema + (1 − decay) · model`` for every parameter; buffers are copied."""
+    ema_params = list(ema.parameters())
+    params = list(model.parameters())
+    if len(ema_params) != len(params):
+        raise ValueError("ema and model must have the same parameters")
+    for p_ema, p in zip(ema_params, params, strict=True):
+        p_ema.lerp_(p.detach(), 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def _distributed() -> tuple[int, int, int, bool]:
+    """``(rank, world_size, local_rank, initialised_here)``; initialises the process group under torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)), True
+    return 0, 1, 0, False
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - torchcfm's OT pairing draws from NumPy's global generator
+    random.seed(seed)
+
+
+def _rank_file(rank: int, step: int) -> str:
+    return f"rank{rank}-step{step}.pt"
+
+
+def _fixed_settings(config: TrainConfig) -> dict[str, Any]:
+    return {
+        "dataset": config.dataset,
+        "method": config.method,
+        "preset": config.resolved_preset,
+        "sigma": config.sigma,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "hflip": config.resolved_hflip,
+        "ema_decay": config.ema_decay,
+    }
+
+
+def _save(
+    ckpt_dir: str,
+    *,
+    step: int,
+    rank: int,
+    world: int,
+    config: TrainConfig,
+    method: ImageMethod,
+    ema: nn.ModuleDict,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> None:
+    """Per-rank file first, then (rank 0) ``checkpoint.pt`` naming them, then old per-rank files go."""
+    atomic_save(
+        {"step": step, "rank": rank, "rng": get_rng_state(), "method": method.state_dict()},
+        os.path.join(ckpt_dir, _rank_file(rank, step)),
+    )
+    _barrier(world)
+    if rank == 0:
+        state = {
+            "format": _FORMAT,
+            "step": step,
+            "world_size": world,
+            "settings": _fixed_settings(config),
+            "config": asdict(config),
+            "nets": method.nets.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rank_files": [_rank_file(r, step) for r in range(world)],
+        }
+        atomic_save(state, os.path.join(ckpt_dir, CHECKPOINT_NAME))
+        logger.info("checkpoint at step %d written to %s", step, ckpt_dir)
+    _barrier(world)
+    prefix = f"rank{rank}-step"
+    for name in os.listdir(ckpt_dir):
+        if name.startswith(prefix) and name.endswith(".pt") and name != _rank_file(rank, step):
+            os.unlink(os.path.join(ckpt_dir, name))
+
+
+def _load(ckpt_dir: str, rank: int, world: int, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read and check the shared checkpoint and this rank's file; nothing is modified."""
+    path = os.path.join(ckpt_dir, CHECKPOINT_NAME)
+    main = load_checkpoint(path, required=("format", "step", "world_size", "settings", "nets", "ema"))
+    if main["format"] != _FORMAT:
+        raise CheckpointError(f"checkpoint {path!r} has format {main['format']!r}, expected {_FORMAT!r}")
+    if main["world_size"] != world:
+        raise ValueError(
+            f"checkpoint {path!r} was written by {main['world_size']} processes; resume it with the same "
+            f"number (got {world})"
+        )
+    wanted = _fixed_settings(config)
+    changed = {k: (main["settings"].get(k), v) for k, v in wanted.items() if main["settings"].get(k) != v}
+    if changed:
+        diff = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"cannot resume {path!r} with different settings ({diff})")
+    rank_path = os.path.join(ckpt_dir, main["rank_files"][rank])
+    mine = load_checkpoint(rank_path, required=("step", "rng", "method"))
+    if mine["step"] != main["step"]:
+        raise CheckpointError(
+            f"{rank_path!r} is for step {mine['step']}, checkpoint.pt for step {main['step']}"
+        )
+    return main, mine
+
+
+class _DataOrder:
+    """Batch indices of step ``s``: a DistributedSampler permutation of epoch ``s // steps_per_epoch``."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int) -> None:
+        self.sampler = DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.batch_size = batch_size
+        self.steps_per_epoch = len(self.sampler) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"batch_size={batch_size} exceeds the {len(self.sampler)} images each of the {world} "
+                "process(es) sees: lower it"
+            )
+        self._epoch = -1
+        self._indices: Tensor | None = None
+
+    def indices(self, step: int) -> Tensor:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._indices = torch.tensor(list(self.sampler), dtype=torch.long)
+            self._epoch = epoch
+        return self._indices[offset * self.batch_size : (offset + 1) * self.batch_size]
+
+
+def _data_batch(data: ImageData, idx: Tensor, device: torch.device, hflip: bool) -> Tensor:
+    x1 = to_unit_range(data.images[idx]).to(device)
+    if hflip:
+        flip = torch.rand(x1.shape[0], device=device) < 0.5
+        x1 = torch.where(flip[:, None, None, None], x1.flip(-1), x1)
+    return x1
+
+
+def train(config: TrainConfig, data: ImageData | None = None) -> TrainResult:
+    """Train ``config.method`` on ``config.dataset`` with the shared recipe; see the module docstring.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    data : ImageData, optional
+        Preloaded training images (default: loaded from ``config.data_root``).
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    FileNotFoundError
+        Dataset files missing, or ``resume=True`` without a checkpoint.
+    FileExistsError
+        ``ckpt_dir`` already holds a checkpoint and ``resume`` is false.
+    CheckpointError
+        The checkpoint is corrupt; nothing is written in that case.
+    ValueError
+        Unknown method, or settings that differ from the checkpoint's.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    rank, world, local_rank, initialised_here = _distributed()
+    try:
+        return _train(config, data, rank, world, local_rank)
+    finally:
+        if initialised_here:
+            dist.destroy_process_group()
+
+
+def _train(
+    config: TrainConfig, data: ImageData | None, rank: int, world: int, local_rank: int
+) -> TrainResult:
+    if config.device is not None:
+        device = torch.device(config.device)
+    else:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ckpt_dir = config.ckpt_dir
+    main_state = rank_state = None
+    if ckpt_dir is not None:
+        path = os.path.join(ckpt_dir, CHECKPOINT_NAME)
+        if config.resume:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"resume=True but there is no checkpoint at {path!r}")
+            main_state, rank_state = _load(ckpt_dir, rank, world, config)
+        elif os.path.exists(path):
+            raise FileExistsError(
+                f"{path!r} already exists: pass --resume to continue that run, or choose another --ckpt-dir "
+                "(it is never overwritten by a fresh run)"
+            )
+
+    if data is None:
+        if rank == 0 or not config.download:
+            data = load_images(
+                config.dataset,
+                config.data_root,
+                download=config.download and rank == 0,
+                verify_checksums=config.verify_checksums,
+            )
+        _barrier(world)
+        if data is None:
+            data = load_images(config.dataset, config.data_root, verify_checksums=config.verify_checksums)
+
+    nsgf = config.nsgf
+    if nsgf.pool_storage == "disk" and nsgf.pool_path is None and ckpt_dir is not None:
+        nsgf = dataclasses.replace(nsgf, pool_path=os.path.join(ckpt_dir, "pool"))
+    _seed_everything(config.seed + rank)
+    method = make_method(
+        config.method,
+        data.shape,
+        preset=config.resolved_preset,
+        sigma=config.sigma,
+        sample_steps=config.sample_steps,
+        nsgf=nsgf,
+        rank=rank,
+    )
+    nets = method.nets.to(device)
+    objective: nn.Module = _Objective(method)
+    if world > 1:  # DDP broadcasts rank 0's initial weights: build it before copying the EMA
+        objective = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    ema = copy.deepcopy(nets).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(nets.parameters(), lr=config.lr)
+    warmup = config.warmup
+
+    def warmup_factor(step: int) -> float:
+        return 1.0 if warmup == 0 else min(step + 1, warmup) / warmup
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor)
+    step = 0
+    if main_state is not None:
+        nets.load_state_dict(main_state["nets"])
+        ema.load_state_dict(main_state["ema"])
+        optimizer.load_state_dict(main_state["optimizer"])
+        scheduler.load_state_dict(main_state["scheduler"])
+        step = int(main_state["step"])
+        method.load_state_dict(rank_state["method"])
+        set_rng_state(rank_state["rng"])
+        if rank == 0:
+            logger.info("resumed from %s at step %d", ckpt_dir, step)
+
+    order = _DataOrder(len(data), config.batch_size, rank, world, config.seed)
+    hflip = config.resolved_hflip
+    t_start = time.perf_counter()
+
+    if main_state is None:
+
+        def fresh_batch() -> Tensor:
+            idx = torch.randint(len(data), (config.batch_size,))
+            return _data_batch(data, idx, device, hflip)
+
+        method.prepare(fresh_batch, progress=config.progress and rank == 0)
+
+    losses: list[float] = []
+    start_step = step
+    bar = tqdm(
+        total=config.total_steps,
+        initial=step,
+        disable=not (config.progress and rank == 0),
+        desc=f"train {config.method}",
+        dynamic_ncols=True,
+    )
+    nets.train()
+    stopped = False
+    while step < config.total_steps:
+        x1 = _data_batch(data, order.indices(step), device, hflip)
+        x0 = torch.randn_like(x1)
+        loss = objective(x0, x1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for net in nets.values():
+            nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        ema_update(ema, nets, config.ema_decay)
+        step += 1
+        value = float(loss.detach())
+        losses.append(value)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the training loss became {value} at step {step}")
+        bar.update(1)
+        if rank == 0 and step % config.log_every == 0:
+            bar.set_postfix(loss=f"{value:.4f}")
+            logger.info("step %d loss %.5f lr %.3g", step, value, scheduler.get_last_lr()[0])
+        if config.stop_after is not None and step - start_step >= config.stop_after:
+            stopped = True  # as if killed: no final checkpoint
+            break
+        over_budget = (
+            config.time_budget_s is not None and time.perf_counter() - t_start > config.time_budget_s
+        )
+        if world > 1 and config.time_budget_s is not None:  # every rank must stop at the same step
+            flag = torch.tensor([float(over_budget)], device=device if device.type == "cuda" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            over_budget = bool(flag.item() > 0)
+        if ckpt_dir is not None and (
+            step % config.ckpt_every == 0 or step == config.total_steps or over_budget
+        ):
+            _save(
+                ckpt_dir,
+                step=step,
+                rank=rank,
+                world=world,
+                config=config,
+                method=method,
+                ema=ema,
+                optimizer=optimizer,
+                scheduler=scheduler,
+            )
+        if over_budget:
+            if rank == 0:
+                logger.info("time budget of %.0f s reached at step %d", config.time_budget_s, step)
+            break
+    bar.close()
+    wall = time.perf_counter() - t_start
+    if rank == 0 and not stopped:
+        logger.info("trained %s to step %d in %.1f s", config.method, step, wall)
+    return TrainResult(
+        method=method,
+        ema=ema,
+        step=step,
+        steps_this_run=step - start_step,
+        wall_time_s=wall,
+        shape=data.shape,
+        losses=losses,
+    )
