@@ -239,3 +239,16 @@ def test_bad_input_devices_and_warm_start():
         sinkhorn_solve(x, y, blur=0.4, warm_start=sol)
     with pytest.raises(ValueError, match="omega"):
         sinkhorn_solve(x, y, blur=0.4, omega=2.0)
+
+
+def test_symmetric_problem_within_tol_at_exit():
+    # The symmetric problem's updates pause while it is within tol; at exit it must still be (independent check).
+    x, y, blur = _cases()["2d"]
+    xs = x.double()
+    sol = sinkhorn_solve(xs, y.double(), blur=blur, tol=1e-6)
+    assert sol.converged
+    eps, n = sol.eps, len(xs)
+    c_xx = 0.5 * torch.cdist(xs, xs) ** 2
+    t_p = -eps * torch.logsumexp(-math.log(n) + (sol.f_xx[None, :] - c_xx) / eps, dim=1)
+    assert float((torch.expm1((sol.f_xx - t_p) / eps).abs() / n).sum()) <= 2e-6
+    assert rel_err(sol.velocity, fixed_point_velocity(x, y, blur)) <= 1e-5
