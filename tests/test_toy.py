@@ -1,0 +1,111 @@
+"""torchcfm_nsgf.toy: task samplers, the exact W2 metric against closed forms, the training helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from torchcfm_nsgf.toy import (
+    TASKS,
+    NSGFConfig,
+    get_task,
+    make_model,
+    sample_checkerboard,
+    sample_scurve,
+    train_flow_matching,
+    train_nsgf,
+    w2,
+)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_tasks_sample_shapes_and_reproducibility(name: str) -> None:
+    task = get_task(name)
+    for draw in (task.source, task.target):
+        a = draw(50, torch.Generator().manual_seed(3))
+        b = draw(50, torch.Generator().manual_seed(3))
+        assert a.shape == (50, 2) and a.dtype == torch.float32
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)  # the generator fixes the draw, torchcfm samplers included
+
+
+def test_seeded_torchcfm_sampler_leaves_global_rng_alone() -> None:
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    get_task("8gaussians-moons").target(20, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_checkerboard_occupies_the_black_squares() -> None:
+    x = sample_checkerboard(4000, torch.Generator().manual_seed(0))
+    assert x.abs().max() <= 4
+    cell = torch.floor(x / 2).long()  # 4 x 4 cells of side 2 on [-4, 4]^2
+    assert bool(((cell[:, 0] + cell[:, 1]) % 2 == 0).all())  # one colour only
+    assert len({tuple(c) for c in cell.tolist()}) == 8
+
+
+def test_scurve_lies_near_its_curve() -> None:
+    x = sample_scurve(2000, torch.Generator().manual_seed(0), noise=0.0)
+    s = torch.asin((x[:, 0] / 1.5).clamp(-1, 1))  # |x| <= 1.5, |y| <= 3 and (x/1.5)^2 + (|y|/1.5 - 1)^2 = 1
+    assert x[:, 0].abs().max() <= 1.5 + 1e-5 and x[:, 1].abs().max() <= 3 + 1e-5
+    radius = (x[:, 0] / 1.5) ** 2 + (x[:, 1].abs() / 1.5 - 1) ** 2
+    torch.testing.assert_close(radius, torch.ones_like(radius), atol=1e-4, rtol=0)
+    assert s.numel() == 2000
+
+
+def test_unknown_task_raises() -> None:
+    with pytest.raises(ValueError, match="unknown task 'spirals'"):
+        get_task("spirals")
+
+
+def test_w2_two_point_masses() -> None:
+    a, b = torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0]])
+    assert w2(a, b) == pytest.approx(5.0, abs=1e-12)
+
+
+def test_w2_shifted_identical_clouds_is_the_shift() -> None:
+    # For the squared cost, W2(mu, mu + c) = |c| exactly (the translation is optimal).
+    x = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    shift = torch.tensor([0.3, -0.4])
+    assert w2(x, x + shift) == pytest.approx(0.5, rel=1e-6)  # float32 inputs
+    assert w2(x, x[torch.randperm(200)]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_w2_two_against_one_point() -> None:
+    # Half the mass at distance 1, half at distance 3: W2^2 = (1 + 9) / 2.
+    x = torch.tensor([[1.0, 0.0], [-3.0, 0.0]])
+    assert w2(x, torch.zeros(1, 2)) == pytest.approx(math.sqrt(5.0), rel=1e-12)
+
+
+def test_w2_rejects_mismatched_clouds() -> None:
+    with pytest.raises(ValueError, match="clouds"):
+        w2(torch.zeros(3, 2), torch.zeros(3, 3))
+
+
+def test_train_flow_matching_needs_one_stop_rule() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        train_flow_matching(make_model(), None, lambda n: None, n_steps=None)
+    with pytest.raises(ValueError, match="exactly one"):
+        train_flow_matching(make_model(), None, lambda n: None, n_steps=5, time_budget_s=1.0)
+
+
+def test_short_nsgf_run_beats_the_untrained_field() -> None:
+    torch.manual_seed(0)
+    task = get_task("gaussian-moons")
+    config = NSGFConfig(blur=0.5, flow_steps=10, step_size=0.5, n_flows=2, flow_batch=128)
+    gen = torch.Generator().manual_seed(0)
+    result = train_nsgf(task, config, n_steps=300, generator=gen, batch_size=128)
+    assert result.n_opt_steps == 300 and result.train_time_s > 0
+    x0, y = task.source(500, gen), task.target(500, gen)
+    samples, nfe = result.sample(x0, 10)
+    assert nfe == 10 and samples.shape == (500, 2)
+    assert w2(samples, y) < 0.5 * w2(x0, y)
+
+
+def test_moons_prefix_is_a_fair_sample() -> None:
+    # torchdyn's generate_moons returns the upper moon first; the task's target must be shuffled.
+    y = get_task("gaussian-moons").target(2000, torch.Generator().manual_seed(0))
+    assert (y[:200].mean(0) - y.mean(0)).norm() < 0.3
