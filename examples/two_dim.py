@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this MLP)")
     parser.add_argument("--out", default="outputs")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--nsgfpp", action="store_true", help="also train NSGF++ (5 NSGF steps + predictor + straight flow)"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -76,6 +79,43 @@ def main() -> None:
         samples, _ = result.sample(x0, nfe)
         print(f"| {nfe} | {w2(samples, y):.3f} |")
     print(f"| dopri5 ({(r := result.sample(x0, None, 'dopri5'))[1]}) | {w2(r[0], y):.3f} |")
+
+    if args.nsgfpp:
+        from torchcfm_nsgf.networks import TimePredictorMLP, VelocityMLP
+        from torchcfm_nsgf.nsgfpp import NSGFPlusPlus
+
+        # NSGF++ (Algorithm 3): 5 NSGF steps of eta 0.6 (run C of benchmarks/results/nsgfpp_two_dim.md),
+        # the time predictor and the straight flow, each trained for --steps optimiser steps.
+        pp_gen = torch.Generator().manual_seed(args.seed + 1)  # leaves the NSGF run's draws unchanged
+        pp = NSGFPlusPlus(
+            VelocityMLP(2),
+            TimePredictorMLP(2),
+            VelocityMLP(2),
+            n_steps=5,
+            step_size=0.6,
+            blur=config.blur,
+            scaling=config.scaling,
+            refresh_every=max(1, args.steps // config.n_flows),
+            generator=pp_gen,
+            progress=not args.no_progress,
+        )
+        start = time.perf_counter()
+        pp.fit(
+            lambda n: task.source(n, pp_gen),
+            lambda n: task.target(n, pp_gen),
+            nsgf_iters=args.steps,
+            predictor_iters=args.steps,
+            straight_iters=args.steps,
+        )
+        print(f"\nNSGF++ trained in {time.perf_counter() - start:.1f} s")
+        print("| NSGF++ phase 2 | NFE = NSGF + predictor + straight | W2 |\n|---|---:|---:|")
+        for solver, steps in (("euler", 5), ("euler", 10), ("dopri5", None)):
+            out = pp.sample(x0, solver=solver, straight_steps=steps)
+            n = out.nfe
+            print(
+                f"| {solver} {steps or ''} | {n['nsgf']} + {n['predictor']} + {n['straight']} = "
+                f"{out.total_nfe} | {w2(out.samples, y):.3f} |"
+            )
 
     # Trajectories of the learned field (100 Euler steps) and W2 against the step, next to the simulated flow.
     n_plot = 1000

@@ -4,11 +4,21 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 
 * :mod:`torchcfm_nsgf.sinkhorn`: the Sinkhorn velocity engine (:func:`sinkhorn_velocity`);
 * :mod:`torchcfm_nsgf.matcher`: :class:`SinkhornFlowMatcher`, NSGF behind torchcfm's matcher interface;
+* :mod:`torchcfm_nsgf.nsgfpp`: NSGF++ (time predictor, straight flow, two-phase sampler);
 * :mod:`torchcfm_nsgf.pool`: the trajectory pool (experience replay);
 * :mod:`torchcfm_nsgf.sampling`: Euler and torchdyn samplers with exact NFE accounting.
 """
 
 from .matcher import SinkhornFlowMatcher, SinkhornTrajectory
+from .networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
+from .nsgfpp import (
+    MAX_PHASE1_STEPS,
+    NSGFPlusPlus,
+    NSGFPlusPlusSample,
+    nsgfpp_sample,
+    predict_time,
+    straight_flow_from,
+)
 from .pool import TrajectoryPool
 from .sampling import NFECounter, SampleResult, euler_sample, odeint_sample
 from .sinkhorn import SinkhornConvergenceWarning, SinkhornSolution, sinkhorn_solve, sinkhorn_velocity
@@ -16,6 +26,15 @@ from .sinkhorn import SinkhornConvergenceWarning, SinkhornSolution, sinkhorn_sol
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_PHASE1_STEPS",
+    "NSGFPlusPlus",
+    "NSGFPlusPlusSample",
+    "TimePredictorCNN",
+    "TimePredictorMLP",
+    "VelocityMLP",
+    "nsgfpp_sample",
+    "predict_time",
+    "straight_flow_from",
     "NFECounter",
     "SampleResult",
     "SinkhornConvergenceWarning",

@@ -7,6 +7,14 @@ NSGF on images (paper Algorithm 1 and 2): :class:`~torchcfm_nsgf.matcher.Sinkhor
 Sinkhorn flow of each ``(x0, x1)`` batch into a per-process :class:`~torchcfm_nsgf.pool.TrajectoryPool`
 every ``refresh_every`` training batches and serves the regression batches from it; the UNet ``v_θ(t, x)``
 regresses them; sampling is ``T`` Euler steps on ``[0, 1]`` (NFE = T).
+
+NSGF++ on images (paper Algorithm 3, :mod:`torchcfm_nsgf.nsgfpp`): three networks trained together by the
+shared loop (one optimiser; the loss is the sum of three losses on disjoint parameters): the UNet NSGF field
+on a short flow (``phase1_steps`` <= 5, ``phase1_step_size``) served by the pool, the CNN time predictor
+(:class:`~torchcfm_nsgf.networks.TimePredictorCNN`) and the UNet straight flow on straight interpolations
+(torchcfm's ``ConditionalFlowMatcher(sigma=0)``, ``t`` from the global generator, saved in checkpoints).
+Sampling: :func:`~torchcfm_nsgf.nsgfpp.nsgfpp_sample`; a budget ``nfe`` counts all calls, so phase 2 gets
+``nfe - T - 1`` Euler steps (default 50).
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .methods import FlowMatchingMethod, NSGFSettings, build_unet
+from ..sampling import ADAPTIVE_SOLVERS
+from .methods import FlowMatchingMethod, GeneratedImages, NSGFSettings, build_unet
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -30,10 +39,21 @@ except ImportError:  # pragma: no cover - only while the NSGF modules are absent
     SinkhornFlowMatcher = None
     TrajectoryPool = None
 
+try:
+    from ..networks import TimePredictorCNN
+    from ..nsgfpp import MAX_PHASE1_STEPS, nsgfpp_sample
+except ImportError:  # pragma: no cover - only while the NSGF++ modules are absent
+    nsgfpp_sample = None
+
+#: Phase-2 Euler steps of ``nsgf++`` when no budget is given.
+NSGFPP_STRAIGHT_STEPS = 50
+
 
 def available() -> list[str]:
     """NSGF method names whose building blocks import in this installation."""
-    return [] if SinkhornFlowMatcher is None else ["nsgf"]
+    if SinkhornFlowMatcher is None:
+        return []
+    return ["nsgf"] if nsgfpp_sample is None else ["nsgf", "nsgf++"]
 
 
 def make_pool(settings: NSGFSettings, rank: int) -> Any:
@@ -81,11 +101,65 @@ class NSGFMethod(FlowMatchingMethod):
         self.matcher.load_state_dict(state)
 
 
+class NSGFPlusPlusMethod(NSGFMethod):
+    """NSGF++: NSGF field (UNet, pool), time predictor (CNN) and straight flow (UNet), trained together.
+
+    ``nets`` holds ``nsgf``, ``predictor`` and ``straight``. The pool, its warm-up and its checkpoint state
+    are NSGF's (:class:`NSGFMethod`).
+    """
+
+    def __init__(
+        self, matcher: Any, nsgf: torch.nn.Module, predictor: torch.nn.Module, straight: torch.nn.Module
+    ) -> None:
+        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
+
+        self.name = "nsgf++"
+        self.matcher = matcher
+        self.cfm = ConditionalFlowMatcher(sigma=0.0)
+        self.nets = torch.nn.ModuleDict({"nsgf": nsgf, "predictor": predictor, "straight": straight})
+        self.default_steps = matcher.n_steps + 1 + NSGFPP_STRAIGHT_STEPS
+
+    def loss(self, nets: torch.nn.ModuleDict, x0: Tensor, x1: Tensor) -> Tensor:
+        t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)
+        loss_nsgf = torch.mean((nets["nsgf"](t, xt) - ut) ** 2)
+        s = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
+        _, xs, us = self.cfm.sample_location_and_conditional_flow(x0, x1, t=s)
+        loss_predictor = torch.mean((nets["predictor"](xs) - s) ** 2)
+        loss_straight = torch.mean((nets["straight"](s, xs) - us) ** 2)
+        return loss_nsgf + loss_predictor + loss_straight
+
+    def sample(
+        self, nets: torch.nn.ModuleDict, x0: Tensor, *, nfe: int | None = None, solver: str = "euler"
+    ) -> GeneratedImages:
+        """``nfe`` is the whole budget (T NSGF steps + 1 predictor call + phase-2 steps; ignored by adaptive
+        solvers, whose phase 2 runs to their tolerance)."""
+        T = self.matcher.n_steps
+        budget = self.default_steps if nfe is None else nfe
+        adaptive = solver in ADAPTIVE_SOLVERS
+        if not adaptive and budget < T + 2:
+            raise ValueError(
+                f"nfe must be at least T + 2 = {T + 2} for nsgf++ (T NSGF steps, the predictor, "
+                f"one straight-flow step), got {budget}"
+            )
+        out = nsgfpp_sample(
+            nets["nsgf"],
+            nets["predictor"],
+            nets["straight"],
+            x0,
+            n_steps=T,
+            solver=solver,
+            straight_steps=None if adaptive else budget - T - 1,
+        )
+        return GeneratedImages(samples=out.samples, nfe=out.total_nfe, nfe_breakdown=dict(out.nfe))
+
+
 def make(name: str, shape: tuple[int, int, int], *, preset: str, settings: NSGFSettings, rank: int) -> Any:
     """Build ``nsgf`` (or ``nsgf++``) for images of ``shape``."""
     if name not in available():
         raise ValueError(f"method {name!r} is not available in this installation (available: {available()})")
     s = settings
+    if name == "nsgf++" and s.phase1_steps > MAX_PHASE1_STEPS:
+        raise ValueError(f"phase1_steps must be at most {MAX_PHASE1_STEPS} for nsgf++, got {s.phase1_steps}")
     matcher = SinkhornFlowMatcher(
         n_steps=s.n_steps if name == "nsgf" else s.phase1_steps,
         step_size=s.step_size if name == "nsgf" else s.phase1_step_size,
@@ -94,4 +168,8 @@ def make(name: str, shape: tuple[int, int, int], *, preset: str, settings: NSGFS
         pool=make_pool(s, rank),
         refresh_every=s.refresh_every,
     )
-    return NSGFMethod(matcher, build_unet(shape, preset))
+    if name == "nsgf":
+        return NSGFMethod(matcher, build_unet(shape, preset))
+    return NSGFPlusPlusMethod(
+        matcher, build_unet(shape, preset), TimePredictorCNN(shape[0]), build_unet(shape, preset)
+    )

@@ -1,0 +1,345 @@
+"""NSGF++: time predictor, phase-2 change of variable against closed forms and plain samplers, NFE against
+independent counters, checkpoint round trip, bad input."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from torchcfm_nsgf.networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
+from torchcfm_nsgf.nsgfpp import (
+    MAX_PHASE1_STEPS,
+    NSGFPlusPlus,
+    nsgfpp_sample,
+    predict_time,
+    straight_flow_from,
+)
+from torchcfm_nsgf.sampling import euler_sample, odeint_sample
+
+torch.set_num_threads(1)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=_gen(seed), dtype=dtype)
+
+
+class Counted(nn.Module):
+    """Counts the calls of ``net`` with its own counter (independent of the code under test)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.net(*args)
+
+
+class Linear(nn.Module):
+    """u(t, x) = x + 2t, one time per sample or a shared one (closed form: :func:`linear_solution`)."""
+
+    def forward(self, t, x, *args, **kwargs):
+        t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        return x + 2 * t
+
+
+def linear_solution(x_tau, tau):
+    # dx/dt = x + 2t  ->  x(t) = C e^t - 2t - 2 with C = (x_tau + 2 tau + 2) e^{-tau}
+    tau = tau.reshape(-1, *([1] * (x_tau.dim() - 1)))
+    return (x_tau + 2 * tau + 2) * torch.exp(1 - tau) - 4
+
+
+class Constant(nn.Module):
+    def __init__(self, value, shape_fn=lambda x: (x.shape[0],)):
+        super().__init__()
+        self.value = value
+        self.shape_fn = shape_fn
+
+    def forward(self, x):
+        return torch.full(self.shape_fn(x), self.value, dtype=x.dtype)
+
+
+class Zero(nn.Module):
+    def forward(self, t, x, *args, **kwargs):
+        return torch.zeros_like(x)
+
+
+# ---------------------------------------------------------------------------------------------- predictor
+def test_predictor_recovers_time_on_held_out_interpolations():
+    # source N(0, I), target N((6, 6), 0.2^2 I): t is identifiable from x_t up to ~1/(6 sqrt 2)
+    torch.manual_seed(0)
+    src = _randn(4096, 2, seed=1, dtype=torch.float32)
+    tgt = 6.0 + 0.2 * _randn(4096, 2, seed=2, dtype=torch.float32)
+    model = NSGFPlusPlus(VelocityMLP(2), TimePredictorMLP(2), VelocityMLP(2), lr=3e-3, generator=_gen(3))
+    model.train_predictor(src, tgt, 400, batch_size=256)
+    # held-out straight interpolations, built here by hand
+    x0 = _randn(2000, 2, seed=11, dtype=torch.float32)
+    x1 = 6.0 + 0.2 * _randn(2000, 2, seed=12, dtype=torch.float32)
+    t = torch.rand(2000, generator=_gen(13))
+    xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+    with torch.no_grad():
+        tau = model.nets["predictor"](xt)
+    assert tau.shape == (2000,)
+    assert bool(((tau >= 0) & (tau <= 1)).all())
+    mae = float((tau - t).abs().mean())
+    assert mae < 0.1, mae
+
+
+def test_shipped_predictors_output_in_unit_interval():
+    mlp = TimePredictorMLP(3)
+    with torch.no_grad():
+        tau = mlp(100.0 * torch.randn(50, 3, generator=_gen()))
+    assert tau.shape == (50,) and bool(((tau >= 0) & (tau <= 1)).all())
+    cnn = TimePredictorCNN(1, width=8)
+    with torch.no_grad():
+        tau = cnn(torch.randn(4, 1, 12, 12, generator=_gen()))
+    assert tau.shape == (4,) and bool(((tau >= 0) & (tau <= 1)).all())
+    with pytest.raises(ValueError, match="x must have shape"):
+        cnn(torch.randn(4, 3, 12, 12))
+
+
+def test_user_predictor_out_of_range_is_clamped_with_warning():
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64)[:, None]
+    raw = nn.Identity()  # tau = x: -3 .. 3, five samples outside [0, 1]
+    with pytest.warns(RuntimeWarning, match="5 of 7 samples"):
+        tau = predict_time(raw, x)
+    assert torch.equal(tau, torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tau = predict_time(raw, torch.tensor([[0.25], [0.5]], dtype=torch.float64))
+    assert tau.tolist() == [0.25, 0.5]
+    # through the sampler: tau always in [0, 1], and out-of-range samples start their straight flow there
+    x0 = _randn(5, 1)
+    with pytest.warns(RuntimeWarning, match="clamped"):
+        out = nsgfpp_sample(Zero(), Constant(-2.0), Linear(), x0, n_steps=2, solver="rk4", straight_steps=50)
+    assert bool((out.tau == 0).all())
+    torch.testing.assert_close(out.samples, linear_solution(x0, out.tau), atol=1e-6, rtol=0)
+
+
+def test_predictor_bad_output_rejected():
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match=r"predictor\(x\) must return shape \(4,\)"):
+        predict_time(Constant(0.5, lambda x: (x.shape[0], 2)), x)
+    with pytest.raises(ValueError, match="NaN"):
+        predict_time(Constant(float("nan")), x)
+    with pytest.raises(TypeError, match="predictor"):
+        predict_time("not a net", x)
+
+
+# ---------------------------------------------------------------------------------------------- phase 2
+@pytest.mark.parametrize("solver", ["euler", "rk4", "dopri5"])
+def test_phase2_from_tau_one_is_identity(solver):
+    x = _randn(16, 3)
+    steps = None if solver == "dopri5" else 4
+    out, _, _, _ = straight_flow_from(
+        Linear(), x, torch.ones(16, dtype=x.dtype), solver=solver, n_steps=steps
+    )
+    assert torch.equal(out, x)
+
+
+def test_phase2_from_tau_zero_equals_plain_straight_flow_sampling():
+    torch.manual_seed(0)
+    net = VelocityMLP(2).double()
+    x = _randn(64, 2)
+    zeros = torch.zeros(64, dtype=x.dtype)
+    out, _, _, nfe = straight_flow_from(net, x, zeros, solver="euler", n_steps=7)
+    ref = euler_sample(net, x, n_steps=7)
+    torch.testing.assert_close(out, ref.samples, atol=1e-12, rtol=1e-12)
+    assert nfe == ref.nfe == 7
+    for solver, kw in (("rk4", {"n_steps": 5}), ("dopri5", {})):
+        out, _, _, nfe = straight_flow_from(net, x, zeros, solver=solver, **kw)
+        ref = odeint_sample(net, x, solver=solver, **kw)
+        torch.testing.assert_close(out, ref.samples, atol=1e-12, rtol=1e-12)
+        assert nfe == ref.nfe
+
+
+@pytest.mark.parametrize(
+    "solver,kw,tol", [("rk4", {"n_steps": 40}, 1e-6), ("dopri5", {"atol": 1e-10, "rtol": 1e-10}, 1e-7)]
+)
+def test_phase2_per_sample_tau_matches_closed_form(solver, kw, tol):
+    x = _randn(32, 2)
+    tau = torch.rand(32, generator=_gen(5), dtype=torch.float64)
+    out, traj, s, _ = straight_flow_from(Linear(), x, tau, solver=solver, return_trajectory=True, **kw)
+    torch.testing.assert_close(out, linear_solution(x, tau), atol=tol, rtol=0)
+    assert torch.equal(traj[0], x) and torch.equal(traj[-1], out)
+    assert float(s[0]) == 0.0 and float(s[-1]) == 1.0
+
+
+def test_two_phase_sampler_against_closed_form_and_euler():
+    # phase 1: dx/dt = -x for T Euler steps of 1/T -> x0 (1 - 1/T)^T; tau = 0.5; phase 2: closed form
+    class Decay(nn.Module):
+        def forward(self, t, x, *args, **kwargs):
+            return -x
+
+    x0 = _randn(10, 2)
+    out = nsgfpp_sample(
+        Decay(),
+        Constant(0.5),
+        Linear(),
+        x0,
+        n_steps=4,
+        solver="dopri5",
+        atol=1e-10,
+        rtol=1e-10,
+        return_trajectory=True,
+    )
+    x_T = x0 * (1 - 1 / 4) ** 4
+    torch.testing.assert_close(out.phase1_trajectory[-1], x_T, atol=1e-14, rtol=0)
+    torch.testing.assert_close(out.samples, linear_solution(x_T, out.tau), atol=1e-7, rtol=0)
+    assert out.trajectory.shape[0] == 5 + out.phase2_trajectory.shape[0] - 1
+
+
+# ---------------------------------------------------------------------------------------------- NFE
+@pytest.mark.parametrize("solver,steps", [("euler", 6), ("rk4", 3), ("dopri5", None)])
+def test_nfe_breakdown_equals_independent_counters(solver, steps):
+    torch.manual_seed(0)
+    nsgf, pred, straight = Counted(VelocityMLP(2)), Counted(TimePredictorMLP(2)), Counted(VelocityMLP(2))
+    out = nsgfpp_sample(
+        nsgf,
+        pred,
+        straight,
+        torch.randn(20, 2),
+        n_steps=3,
+        solver=solver,
+        straight_steps=steps,
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    assert out.nfe == {"nsgf": nsgf.calls, "predictor": pred.calls, "straight": straight.calls}
+    assert (nsgf.calls, pred.calls) == (3, 1)
+    expected = {"euler": 6, "rk4": 12}.get(solver)
+    if expected is not None:
+        assert straight.calls == expected
+    else:
+        assert straight.calls > 0
+    assert out.total_nfe == nsgf.calls + pred.calls + straight.calls
+
+
+# ---------------------------------------------------------------------------------------------- training + checkpoints
+def _small_model(seed: int) -> NSGFPlusPlus:
+    torch.manual_seed(seed)
+    return NSGFPlusPlus(
+        VelocityMLP(2, 32),
+        TimePredictorMLP(2, 32),
+        VelocityMLP(2, 32),
+        n_steps=3,
+        step_size=0.3,
+        blur=0.5,
+        scaling=0.7,
+        refresh_every=2,
+        generator=_gen(seed),
+    )
+
+
+def _data():
+    return _randn(512, 2, seed=20, dtype=torch.float32), 3.0 + 0.3 * _randn(
+        512, 2, seed=21, dtype=torch.float32
+    )
+
+
+def test_checkpoint_round_trip_reproduces_samples_and_training(tmp_path):
+    src, tgt = _data()
+    a = _small_model(0)
+    losses = a.fit(src, tgt, nsgf_iters=4, predictor_iters=5, straight_iters=5, batch_size=64)
+    assert all(len(v) > 0 and all(math.isfinite(x) for x in v) for v in losses.values())
+    path = tmp_path / "sub" / "nsgfpp.pt"
+    a.save(path)
+    assert os.listdir(tmp_path / "sub") == ["nsgfpp.pt"]  # no temp file left behind
+
+    b = _small_model(1)  # other initial weights, other generator
+    b.load(path)
+    assert b.iterations == a.iterations == {"nsgf": 4, "predictor": 5, "straight": 5}
+    x0 = torch.randn(100, 2, generator=_gen(7))
+    for solver, steps in (("euler", 5), ("dopri5", None)):
+        sa = a.sample(x0, solver=solver, straight_steps=steps)
+        sb = b.sample(x0, solver=solver, straight_steps=steps)
+        assert torch.equal(sa.samples, sb.samples) and torch.equal(sa.tau, sb.tau)
+        assert sa.nfe == sb.nfe
+    # training resumes identically (optimiser state and generator restored)
+    assert a.train_predictor(src, tgt, 3, 64) == b.train_predictor(src, tgt, 3, 64)
+    assert a.train_straight(src, tgt, 3, 64) == b.train_straight(src, tgt, 3, 64)
+
+
+def test_load_rejects_other_architecture_and_garbage(tmp_path):
+    a = _small_model(0)
+    path = tmp_path / "a.pt"
+    a.save(path)
+    other = NSGFPlusPlus(VelocityMLP(2, 16), TimePredictorMLP(2, 32), VelocityMLP(2, 32), n_steps=3)
+    with pytest.raises(ValueError, match="nsgf network does not fit"):
+        other.load(path)
+    torch.save({"hello": 1}, tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="not an NSGF\\+\\+ checkpoint"):
+        a.load(tmp_path / "b.pt")
+    with pytest.raises(FileNotFoundError):
+        a.load(tmp_path / "missing.pt")
+    (tmp_path / "c.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        a.load(tmp_path / "c.pt")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_input_messages():
+    with pytest.raises(ValueError, match=f"n_steps must be at most {MAX_PHASE1_STEPS}"):
+        NSGFPlusPlus(VelocityMLP(2), TimePredictorMLP(2), VelocityMLP(2), n_steps=6)
+    with pytest.raises(ValueError, match="n_steps must be at most"):
+        nsgfpp_sample(Zero(), Constant(0.5), Zero(), torch.randn(3, 2), n_steps=10)
+    with pytest.raises(TypeError, match="predictor must be a torch.nn.Module"):
+        NSGFPlusPlus(VelocityMLP(2), lambda x: x, VelocityMLP(2))
+    with pytest.raises(ValueError, match=r"straight\(t, x\) must return"):
+        straight_flow_from(lambda t, x: x[:, :1], torch.randn(3, 2), torch.zeros(3), n_steps=2)
+    with pytest.raises(ValueError, match="tau must be a tensor of shape"):
+        straight_flow_from(Zero(), torch.randn(3, 2), torch.zeros(4), n_steps=2)
+    with pytest.raises(ValueError, match="tau must lie in"):
+        straight_flow_from(Zero(), torch.randn(3, 2), torch.full((3,), 1.5), n_steps=2)
+    with pytest.raises(ValueError, match="straight_steps has no meaning"):
+        straight_flow_from(Zero(), torch.randn(3, 2), torch.zeros(3), solver="dopri5", n_steps=2)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        nsgfpp_sample(Zero(), Constant(0.5), Zero(), torch.randn(3, 2), solver="leapfrog")
+    with pytest.raises(ValueError, match=r"field\(t, x\) must return"):
+        nsgfpp_sample(lambda t, x: x[:, :1], Constant(0.5), Zero(), torch.randn(3, 2), n_steps=2)
+
+    model = _small_model(0)
+    src, tgt = _data()
+    with pytest.raises(ValueError, match="source and target must have the same feature shape"):
+        model.train_straight(src, torch.randn(100, 3), 1, 8)
+    model = _small_model(0)
+    model.train_straight(src, tgt, 1, 8)
+    with pytest.raises(ValueError, match=r"x0 has feature shape \(3,\)"):
+        model.sample(torch.randn(4, 3))
+    with pytest.raises(TypeError, match="source must be a tensor"):
+        model.train_predictor([1, 2], tgt, 1, 8)
+    with pytest.raises(ValueError, match=r"target\(8\) must return"):
+        model.train_predictor(src, lambda n: torch.randn(n + 1, 2), 1, 8)
+
+
+# ---------------------------------------------------------------------------------------------- images
+def test_image_method_budget_and_nfe_equal_network_calls():
+    from torchcfm_nsgf.images import NSGFSettings, available_methods, make_method
+
+    if "nsgf++" not in available_methods():
+        pytest.skip("nsgf++ is not offered")
+    torch.manual_seed(0)
+    method = make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=NSGFSettings(phase1_steps=2, blur=5.0))
+    nets = nn.ModuleDict({k: Counted(v) for k, v in method.nets.items()})
+    x1 = torch.randn(4, 1, 8, 8, generator=_gen(1))
+    loss = method.loss(method.nets, torch.randn(4, 1, 8, 8, generator=_gen(2)), x1)
+    assert loss.dim() == 0 and math.isfinite(float(loss.detach()))
+    out = method.sample(nets, torch.randn(3, 1, 8, 8, generator=_gen(3)), nfe=9)
+    assert out.samples.shape == (3, 1, 8, 8)
+    calls = {k: v.calls for k, v in nets.items()}
+    assert out.nfe_breakdown == calls == {"nsgf": 2, "predictor": 1, "straight": 6}
+    assert out.nfe == 9
+    with pytest.raises(ValueError, match="nfe must be at least T \\+ 2 = 4"):
+        method.sample(nets, torch.randn(3, 1, 8, 8), nfe=3)
+    with pytest.raises(ValueError, match="phase1_steps must be at most 5"):
+        make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=NSGFSettings(phase1_steps=6))
