@@ -1,6 +1,6 @@
 """CIFAR-10 with NSGF or a torchcfm flow-matching baseline, all trained by the same loop.
 
-`--method` offers what this installation provides (`nsgf++` joins once `torchcfm_nsgf.nsgfpp` lands).
+`--method` is one of nsgf++, nsgf, otcfm, icfm, fm, rf.
 
 Examples
 --------
