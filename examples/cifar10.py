@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from torchcfm_nsgf.images.cli import build_parser, run
+from torchcfm_nsgf.images.cli import build_parser, report_lines, run
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,16 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = run(args)
     if out["rank"] == 0:
-        print(f"trained {args.method} to step {out['step']} ({out['wall_time_s']:.1f} s this run)")
-        if "grid" in out:
-            parts = ", ".join(f"{k} {v}" for k, v in out["nfe_breakdown"].items())
-            print(f"wrote {out['grid']}")
-            print(f"NFE: {out['nfe']} ({parts})")
-        if "fid" in out:
-            line = f"FID: {out['fid']:.3f} (NFE {out['fid_nfe']})"
-            if "is_mean" in out:
-                line += f", IS: {out['is_mean']:.3f} ± {out['is_std']:.3f}"
-            print(line)
+        print("\n".join(report_lines(args.method, out)))
     return out
 
 

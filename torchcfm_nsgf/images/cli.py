@@ -211,3 +211,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
     return out
+
+
+def report_lines(method: str, out: dict[str, Any]) -> list[str]:
+    """The lines an example prints for the result of :func:`run` (the library itself never prints)."""
+    lines = [f"trained {method} to step {out['step']} ({out['wall_time_s']:.1f} s this run)"]
+    if "grid" in out:
+        parts = ", ".join(f"{k} {v}" for k, v in out["nfe_breakdown"].items())
+        lines += [f"wrote {out['grid']}", f"NFE: {out['nfe']} ({parts})"]
+    if "fid" in out:
+        line = f"FID: {out['fid']:.3f} (NFE {out['fid_nfe']})"
+        if "is_mean" in out:
+            line += f", IS: {out['is_mean']:.3f} ± {out['is_std']:.3f}"
+        lines.append(line)
+    return lines
