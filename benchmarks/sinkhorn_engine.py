@@ -175,7 +175,9 @@ def reference(x, y, blur, cap_s):
     sol = None
     chunk = 200
     while True:
-        _, sol = run_engine(x64, y64, blur, tol=1e-10, max_iter=chunk, warm_start=sol, check_every=10)
+        _, sol = run_engine(
+            x64, y64, blur, tol=1e-10, max_iter=chunk, warm_start=sol, check_every=10, adapt_omega=True
+        )
         if sol.converged or time.perf_counter() - t0 > cap_s:
             break
         chunk = min(chunk * 2, 5000)

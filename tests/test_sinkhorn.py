@@ -252,3 +252,23 @@ def test_symmetric_problem_within_tol_at_exit():
     t_p = -eps * torch.logsumexp(-math.log(n) + (sol.f_xx[None, :] - c_xx) / eps, dim=1)
     assert float((torch.expm1((sol.f_xx - t_p) / eps).abs() / n).sum()) <= 2e-6
     assert rel_err(sol.velocity, fixed_point_velocity(x, y, blur)) <= 1e-5
+
+
+def test_adaptive_omega_float64_fewer_iterations_same_fixed_point():
+    # Small-eps 2-D case in float64: the tuner raises omega above the fixed 1.9 and saves iterations;
+    # the solution is the same fixed point (the fixed-omega path is checked against the reference above).
+    x, y, _ = _cases()["2d"]
+    xs, ys = x.double(), y.double()
+    fixed = sinkhorn_solve(xs, ys, blur=0.05, tol=1e-7)
+    tuned = sinkhorn_solve(xs, ys, blur=0.05, tol=1e-7, adapt_omega=True)
+    assert fixed.converged and tuned.converged
+    assert fixed.omega == 1.9 and 1.9 < tuned.omega < 2.0
+    assert tuned.n_iter < 0.85 * fixed.n_iter
+    assert rel_err(tuned.velocity, fixed.velocity) <= 1e-5
+    # a warm start begins at the tuned omega
+    x2 = xs + 0.01 * tuned.velocity
+    warm = sinkhorn_solve(x2, ys, blur=0.05, tol=1e-7, adapt_omega=True, warm_start=tuned)
+    assert warm.omega >= tuned.omega and warm.converged
+    assert torch.isfinite(warm.velocity).all()
+    with pytest.raises(TypeError, match="adapt_omega"):
+        sinkhorn_solve(xs, ys, blur=0.05, adapt_omega=1)

@@ -104,7 +104,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         *,
         tol: float = 1e-3,
         max_iter: int = 5000,
-        omega: float = 1.8,
+        omega: float = 1.9,
         pool: TrajectoryPool | None = None,
         refresh_every: int = 1,
         generator: torch.Generator | None = None,

@@ -106,6 +106,8 @@ class SinkhornSolution:
         L1 marginal violation at the last check, the larger of the two problems'.
     converged : bool
         ``marginal_error <= tol``.
+    omega : float
+        Over-relaxation factor in use at the end (differs from the argument only with ``adapt_omega``).
     """
 
     velocity: Tensor
@@ -119,6 +121,7 @@ class SinkhornSolution:
     n_anneal: int
     marginal_error: float
     converged: bool
+    omega: float = 1.0
 
 
 def _half_sq_dist(x: Tensor, y: Tensor, same: bool = False) -> Tensor:
@@ -169,6 +172,58 @@ def _marginal_error(w: Tensor, old: Tensor, new: Tensor, eps: float) -> Tensor:
     return (w * torch.expm1((old - new) / eps).abs()).sum()
 
 
+class _OmegaTuner:
+    r"""Raises the over-relaxation factor from the observed convergence rate (cross problem).
+
+    For the two-block (Gauss-Seidel) Sinkhorn iteration linearised at its fixed point, over-relaxation
+    by :math:`\omega` turns an eigenvalue :math:`\lambda` of the plain iteration into the largest root
+    :math:`\rho` of :math:`(\rho + \omega - 1)^2 = \omega^2 \lambda \rho` (Young's SOR theory), and
+    :math:`\omega^\star = 2 / (1 + \sqrt{1 - \lambda})` minimises it (Thibault et al. 2017; Lehmann
+    et al. 2021). ``update`` reads the per-iteration decay :math:`\rho` of the marginal error between
+    checks; once two consecutive windows agree, it solves the relation for :math:`\lambda` and moves
+    :math:`\omega` up to :math:`\omega^\star` (never down: above :math:`\omega^\star` the decay no
+    longer reveals :math:`\lambda`). If the error then grows, the last value that worked is restored
+    and tuning stops.
+    """
+
+    OMEGA_MAX = 1.99
+
+    def __init__(self, omega: float, check_every: int) -> None:
+        self.omega = float(omega)
+        self.safe = float(omega)
+        self.every = check_every
+        self.errs: list[float] = []
+        self.active = True
+
+    def update(self, err: float) -> float:
+        if not self.active or not math.isfinite(err):
+            return self.omega
+        if self.errs and err > self.errs[-1]:
+            if self.omega > self.safe:  # the last raise made things worse: back off and stop tuning
+                self.omega = self.safe
+                self.active = False
+            self.errs = []
+            return self.omega
+        self.errs.append(err)
+        if len(self.errs) < 3:
+            return self.omega
+        e0, e1, e2 = self.errs[-3:]
+        if e0 <= 0.0 or e1 <= 0.0 or e2 <= 0.0:
+            return self.omega
+        r1 = (e1 / e0) ** (1.0 / self.every)
+        r2 = (e2 / e1) ** (1.0 / self.every)
+        if not (0.0 < r2 < 1.0) or abs(r2 - r1) > 0.25 * (1.0 - r2):  # not yet a steady geometric decay
+            return self.omega
+        w = self.omega
+        lam = min((r2 + w - 1.0) ** 2 / (w * w * r2), 1.0)
+        target = min(2.0 / (1.0 + math.sqrt(1.0 - lam)), self.OMEGA_MAX)
+        if target > w + 1e-3:
+            self.safe = w
+            self.omega = target
+            self.errs = []  # measure the new rate before the next change
+        return self.omega
+
+
 def sinkhorn_solve(
     x: Tensor,
     y: Tensor,
@@ -181,6 +236,7 @@ def sinkhorn_solve(
     max_iter: int = 5000,
     warm_start: SinkhornSolution | None = None,
     omega: float = 1.9,
+    adapt_omega: bool = False,
     check_every: int = 10,
 ) -> SinkhornSolution:
     r"""Solve the two entropic OT problems behind the Sinkhorn-flow velocity and return the velocity.
@@ -209,6 +265,13 @@ def sinkhorn_solve(
         Over-relaxation of the cross problem's updates at the final ε (1 = plain Sinkhorn). Values
         near 2 cut the iteration count several-fold in the small-ε regime; every ``check_every``-th
         update is a plain one, on which convergence is measured.
+    adapt_omega : bool
+        Raise ``omega`` towards the optimum predicted from the observed convergence rate (see
+        ``_OmegaTuner``); a warm start then begins at the previous solution's ``omega``. In float64 this
+        halves the iterations of the small-ε regime (d=2, n=256, blur 0.05: 3570 -> 1650). In float32 it
+        does not help there: rounding noise in the softmin (relative ``C/ε`` times machine epsilon) is
+        amplified about ``1/(2 - omega)``, and the marginal error stalls near 1e-4 instead of falling, so
+        it is off by default.
     check_every : int
         Marginal error is evaluated (one scalar device-to-host copy) every ``check_every`` iterations.
 
@@ -235,6 +298,8 @@ def sinkhorn_solve(
     check_positive(check_every, "check_every", integer=True)
     if isinstance(omega, bool) or not isinstance(omega, (int, float)) or not 1.0 <= omega < 2.0:
         raise ValueError(f"omega must be a number in [1, 2), got {omega!r}")
+    if not isinstance(adapt_omega, bool):
+        raise TypeError(f"adapt_omega must be a bool, got {type(adapt_omega).__name__}")
     n, m = x.shape[0], y.shape[0]
     if warm_start is not None:
         if not isinstance(warm_start, SinkhornSolution):
@@ -299,6 +364,10 @@ def sinkhorn_solve(
         f = t_xy(g, eps)
         err = float("inf")
         sym_active = True
+        w = float(omega)
+        if adapt_omega and warm_start is not None:
+            w = max(w, min(warm_start.omega, _OmegaTuner.OMEGA_MAX))
+        tuner = _OmegaTuner(w, check_every) if adapt_omega else None
         it = 0
         while it < max_iter:
             it += 1
@@ -315,9 +384,11 @@ def sinkhorn_solve(
                 p = 0.5 * (p + p_new)
                 if err <= tol:
                     break
+                if tuner is not None:
+                    w = tuner.update(err_xy)
             else:
-                f = torch.lerp(f, t_xy(g, eps), omega)
-                g = torch.lerp(g, t_yx(f, eps), omega)
+                f = torch.lerp(f, t_xy(g, eps), w)
+                g = torch.lerp(g, t_yx(f, eps), w)
                 if sym_active:
                     p = 0.5 * (p + t_xx(p, eps))
         converged = err <= tol
@@ -346,6 +417,7 @@ def sinkhorn_solve(
         n_anneal=n_anneal,
         marginal_error=err,
         converged=converged,
+        omega=w,
     )
 
 
