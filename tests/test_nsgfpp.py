@@ -268,6 +268,11 @@ def test_checkpoint_round_trip_reproduces_samples_and_training(tmp_path):
     # training resumes identically (optimiser state and generator restored)
     assert a.train_predictor(src, tgt, 3, 64) == b.train_predictor(src, tgt, 3, 64)
     assert a.train_straight(src, tgt, 3, 64) == b.train_straight(src, tgt, 3, 64)
+    # the NSGF phase too: the pool and the refresh counter travel with the checkpoint
+    assert len(b.matcher.pool) == len(a.matcher.pool) > 0
+    assert a.train_nsgf(src, tgt, 3, 64) == b.train_nsgf(src, tgt, 3, 64)
+    for pa, pb in zip(a.nets["nsgf"].parameters(), b.nets["nsgf"].parameters(), strict=True):
+        assert torch.equal(pa, pb)
 
 
 def test_load_rejects_other_architecture_and_garbage(tmp_path):

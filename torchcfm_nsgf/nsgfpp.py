@@ -406,8 +406,8 @@ class NSGFPlusPlus:
     ``source`` and ``target`` of the training methods are either a tensor ``(N, *dim)`` from which rows are
     drawn with ``generator``, or a function ``n -> Tensor (n, *dim)``. Each network has its own Adam
     optimiser. :meth:`save` writes the three networks, the optimisers, the settings, the iteration counters
-    and the generator state in one atomically written file; the trajectory pool is not saved (it is
-    refilled by simulation).
+    the generator state and the NSGF phase's matcher (its trajectory pool and call counter, which decides
+    the next refresh) in one atomically written file, so that training resumes exactly.
     """
 
     def __init__(
@@ -640,7 +640,7 @@ class NSGFPlusPlus:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Networks, optimisers, settings, iteration counters and generator state (tensors and plain types)."""
+        """Networks, optimisers, settings, iteration counters, generator state and the NSGF matcher (pool)."""
         s = self.settings
         return {
             "format": _FORMAT,
@@ -658,6 +658,7 @@ class NSGFPlusPlus:
             "nets": {k: net.state_dict() for k, net in self.nets.items()},
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "generator_state": None if self.generator is None else self.generator.get_state(),
+            "matcher": self.matcher.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -683,9 +684,11 @@ class NSGFPlusPlus:
         self.settings = _Settings(
             **st, feature_shape=None if shape is None else tuple(shape), iterations=dict(iterations)
         )
+        self._build_matcher()
+        if state.get("matcher") is not None:  # absent in checkpoints written before the pool was saved
+            self.matcher.load_state_dict(state["matcher"])
         if state.get("generator_state") is not None and self.generator is not None:
             self.generator.set_state(state["generator_state"])
-        self._build_matcher()
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
