@@ -371,7 +371,8 @@ def report(paths: list[str]) -> None:
         "",
         f"W2: exact (POT `emd2`, float64) between {n_eval} generated points and {n_eval} fresh target samples "
         f"(the two-sample floor uses the same {n_eval}), mean ± std "
-        "over seeds; **bold** = lowest at that NFE among the equal-steps rows. `dopri5` gives W2 and its mean "
+        "over seeds; **bold** = lowest at that NFE among the equal-steps rows (NSGF++ excluded: its columns "
+        "count 5 + 1 + n calls). `dopri5` gives W2 and its mean "
         "NFE (atol = rtol = 1e-5). Time: wall-clock training seconds (NSGF: simulation included). "
         "Equal wall-clock rows: the method trained from scratch for NSGF's own total time on that task and seed.",
         "",
@@ -398,14 +399,22 @@ def report(paths: list[str]) -> None:
                 if rs:
                     rows.append((method, comparison, rs))
         best = {
-            n: min(statistics.fmean(r["w2"][str(n)] for r in rs) for m, c, rs in rows if c == "steps")
+            # NSGF++'s "NFE n" column means 5 + 1 + n network calls: not comparable, never bold
+            n: min(
+                statistics.fmean(r["w2"][str(n)] for r in rs)
+                for m, c, rs in rows
+                if c == "steps" and m != "nsgf++"
+            )
             for n in NFES
         }
         curves = {}
         for method, comparison, rs in rows:
             means = {n: statistics.fmean(r["w2"][str(n)] for r in rs) for n in NFES}
             cells = [
-                _fmt([r["w2"][str(n)] for r in rs], comparison == "steps" and means[n] == best[n])
+                _fmt(
+                    [r["w2"][str(n)] for r in rs],
+                    comparison == "steps" and method != "nsgf++" and means[n] == best[n],
+                )
                 for n in NFES
             ]
             dop = _fmt([r["dopri5"]["w2"] for r in rs])
