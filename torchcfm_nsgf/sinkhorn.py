@@ -39,9 +39,9 @@ With ``warm_start`` (the solution of the previous, nearby flow step) the anneali
 iteration starts from the previous potentials: consecutive flow steps barely move the particles.
 
 Why not POT: ``ot.sinkhorn(method="sinkhorn_log")`` has no ε-scaling and solves one problem per call;
-in the small-ε regime it did not reach ``tol=1e-4`` in 945 iterations (28 s) where this engine needed
-33 + 90 (1.8 s) (d=2, n=256, blur 0.3, ``benchmarks/sinkhorn_engine.py``). At large ε (image data,
-blur 2) the two are about as fast.
+at d=2, blur 0.3 it needed 1061 + 231 iterations (4.4 s) where this engine needed 33 + 60 (0.24 s) at
+n=256, and did not converge within 60 s at n=1024 (``benchmarks/sinkhorn_engine.py``, BENCHMARKS.md). At
+large ε (image data, blur 2) it takes 0.9x-2.2x this engine's time.
 """
 
 from __future__ import annotations
