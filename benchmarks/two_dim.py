@@ -1,6 +1,6 @@
 """NSGF against torchcfm's flow-matching methods and rectified flow on the paper's five 2D tasks.
 
-Same torchcfm MLP (w=64, time input), Adam 1e-3, batch 256 and data samplers for every method; W2 by exact OT
+Same torchcfm MLP (``--width``, time input), Adam 1e-3, batch 256 and data samplers for every method; W2 by exact OT
 (POT ``emd2``) between ``--n-eval`` generated points and as many fresh target samples, at Euler NFE 1, 2, 5,
 10, 100 and with dopri5 (atol = rtol = 1e-5, its NFE counted), over ``--seeds`` seeds (mean ± std). Two
 comparisons: every method at ``--steps`` optimiser steps, and the ``--wall-methods`` at NSGF's own total
@@ -13,7 +13,8 @@ wall time (simulation included) of the same task and seed.
 
 Methods live in the registry ``METHODS``: ``name -> fn(task, config, seed)`` returning an object with
 ``sample(x0, nfe, solver) -> (samples, nfe_used)`` and ``train_time_s`` (``torchcfm_nsgf.toy.Sampler``);
-``config.n_steps`` is None exactly when ``config.time_budget_s`` is set. Add NSGF++ with
+``config.train_steps`` is None exactly when ``config.time_budget_s`` is set. NSGF is torchcfm's loop with
+``SinkhornFlowMatcher`` at its defaults, or as the matcher flags (``--flow-steps``, ``--blur``, ...) say. Add NSGF++ with
 ``METHODS["nsgf++"] = fn``.
 """
 
@@ -40,10 +41,10 @@ from torchcfm.conditional_flow_matching import (
 )
 from tqdm.auto import tqdm
 
-from torchcfm_nsgf import euler_sample
+from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions, euler_sample
+from torchcfm_nsgf._cli import add_matcher_flags, matcher_from_args
 from torchcfm_nsgf.toy import (
     TASKS,
-    NSGFConfig,
     Sampler,
     Task,
     TrainedField,
@@ -55,14 +56,19 @@ from torchcfm_nsgf.toy import (
 )
 
 NFES = (1, 2, 5, 10, 100)
+TARGET_NFES = (1, 2, 10)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Shared training settings. Exactly one of ``n_steps`` and ``time_budget_s`` is set."""
+    """Shared training settings. Exactly one of ``train_steps`` and ``time_budget_s`` is set.
 
-    n_steps: int | None = 1000
+    ``nsgf`` holds the :class:`SinkhornFlowMatcher` arguments (``sinkhorn`` as a dict of
+    :class:`SinkhornOptions` fields); empty means the matcher's defaults.
+    """
+
+    train_steps: int | None = 1000
     time_budget_s: float | None = None
     batch_size: int = 256
     lr: float = 1e-3
@@ -70,7 +76,7 @@ class BenchConfig:
     sigma: float = 0.1  # I-CFM, OT-CFM, FM
     sb_sigma: float = 0.5  # SB-CFM (torchcfm default ot_method="exact")
     reflow_pairs: int = 10_000  # 2-RF: pairs (x0, 1-RF(x0)) generated with 100 Euler steps
-    nsgf: NSGFConfig = field(default_factory=NSGFConfig)
+    nsgf: dict = field(default_factory=dict)
 
 
 class NotApplicable(Exception):
@@ -102,7 +108,7 @@ def _train_torchcfm(matcher, task: Task, config: BenchConfig, seed: int, desc: s
         make_model(config.width),
         matcher,
         _batches(task, generator),
-        n_steps=config.n_steps,
+        train_steps=config.train_steps,
         batch_size=config.batch_size,
         lr=config.lr,
         time_budget_s=config.time_budget_s,
@@ -113,10 +119,14 @@ def _train_torchcfm(matcher, task: Task, config: BenchConfig, seed: int, desc: s
 @register("nsgf", "NSGF")
 def nsgf(task: Task, config: BenchConfig, seed: int) -> Sampler:
     torch.manual_seed(seed)
+    kwargs = dict(config.nsgf)
+    if "sinkhorn" in kwargs:
+        kwargs["sinkhorn"] = SinkhornOptions(**kwargs["sinkhorn"])
+    matcher = SinkhornFlowMatcher(**kwargs, generator=torch.Generator().manual_seed(seed + 1))
     return train_nsgf(
         task,
-        config.nsgf,
-        n_steps=config.n_steps,
+        matcher,
+        train_steps=config.train_steps,
         generator=torch.Generator().manual_seed(seed),
         batch_size=config.batch_size,
         lr=config.lr,
@@ -167,7 +177,7 @@ def one_rf(task: Task, config: BenchConfig, seed: int) -> Sampler:
 
 @register("2rf", "2-RF (one reflow)")
 def two_rf(task: Task, config: BenchConfig, seed: int) -> Sampler:
-    """1-RF (``n_steps``), then ``n_steps`` more steps on pairs (x0, 1-RF(x0)) from the 1-RF weights;
+    """1-RF (``train_steps``), then ``train_steps`` more steps on pairs (x0, 1-RF(x0)) from the 1-RF weights;
     its time includes 1-RF's training and the pair generation. With a time budget: half for 1-RF."""
     base_config = config
     if config.time_budget_s is not None:
@@ -189,7 +199,7 @@ def two_rf(task: Task, config: BenchConfig, seed: int) -> Sampler:
         model,
         ConditionalFlowMatcher(sigma=0.0),
         pairs,
-        n_steps=config.n_steps,
+        train_steps=config.train_steps,
         batch_size=config.batch_size,
         lr=config.lr,
         time_budget_s=config.time_budget_s,
@@ -215,9 +225,9 @@ class _NSGFPlusPlusSampler:
 @register("nsgf++", "NSGF++ (NFE n = 5 NSGF + 1 predictor + n straight)")
 def nsgf_plus_plus(task: Task, config: BenchConfig, seed: int) -> Sampler:
     """NSGF++ (``torchcfm_nsgf.nsgfpp``): T = 5 NSGF steps of η = 0.6 (run C of
-    ``results/nsgfpp_two_dim.md``; the paper uses 0.2 on CIFAR-10) with ``config.nsgf``'s blur and scaling,
+    ``results/nsgfpp_two_dim.md``; the paper uses 0.2 on CIFAR-10) with ``config.nsgf``'s Sinkhorn options,
     the time predictor and the straight flow (torchcfm ``ConditionalFlowMatcher(0)``), each trained for
-    ``n_steps`` optimiser steps; the pool gets about ``config.nsgf.n_flows`` flows. No time-budget variant."""
+    ``train_steps`` optimiser steps; the pool gets about 6 flows. No time-budget variant."""
     from torchcfm_nsgf.networks import TimePredictorMLP, VelocityMLP
     from torchcfm_nsgf.nsgfpp import NSGFPlusPlus
 
@@ -232,9 +242,8 @@ def nsgf_plus_plus(task: Task, config: BenchConfig, seed: int) -> Sampler:
         VelocityMLP(2, w),
         n_steps=5,
         step_size=0.6,
-        blur=config.nsgf.blur,
-        scaling=config.nsgf.scaling,
-        refresh_every=max(1, config.n_steps // config.nsgf.n_flows),
+        sinkhorn=SinkhornOptions(**config.nsgf.get("sinkhorn", {})),
+        refresh_every=max(1, config.train_steps // 6),
         lr=config.lr,
         generator=generator,
     )
@@ -242,12 +251,12 @@ def nsgf_plus_plus(task: Task, config: BenchConfig, seed: int) -> Sampler:
     model.fit(
         lambda n: task.source(n, generator),
         lambda n: task.target(n, generator),
-        nsgf_iters=config.n_steps,
-        predictor_iters=config.n_steps,
-        straight_iters=config.n_steps,
+        nsgf_iters=config.train_steps,
+        predictor_iters=config.train_steps,
+        straight_iters=config.train_steps,
         batch_size=config.batch_size,
     )
-    return _NSGFPlusPlusSampler(model, time.perf_counter() - start, 3 * config.n_steps)
+    return _NSGFPlusPlusSampler(model, time.perf_counter() - start, 3 * config.train_steps)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -263,10 +272,15 @@ def evaluate(sampler: Sampler, x0: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    config = BenchConfig(
-        n_steps=args.steps,
-        nsgf=NSGFConfig(n_flows=args.flows, flow_steps=args.flow_steps, step_size=args.eta, blur=args.blur),
-    )
+    matcher = matcher_from_args(args)  # validates the flags; the benchmark builds one per (task, seed)
+    nsgf_kwargs = {
+        "flow_steps": matcher.flow_steps,
+        "step_size": list(matcher.step_sizes),
+        "path": matcher.path,
+        "refresh_every": matcher.refresh_every,
+        "sinkhorn": asdict(matcher.sinkhorn),
+    }
+    config = BenchConfig(train_steps=args.train_steps, width=args.width, nsgf=nsgf_kwargs)
     records = []
     meta = {
         "argv": [os.path.relpath(sys.argv[0])] + sys.argv[1:],
@@ -299,7 +313,7 @@ def run(args: argparse.Namespace) -> None:
                 f"({sampler.train_time_s:.0f} s)"
             )
         if budget is not None:
-            wall_config = replace(config, n_steps=None, time_budget_s=budget)
+            wall_config = replace(config, train_steps=None, time_budget_s=budget)
             for name in args.wall_methods:
                 sampler = METHODS[name](task, wall_config, seed)
                 rec = {"task": task_name, "method": name, "seed": seed, "comparison": "wall", "floor": floor}
@@ -319,6 +333,11 @@ def _fmt(values: list[float], bold: bool = False) -> str:
     return f"**{text}**" if bold else text
 
 
+def _nsgf_args(kwargs: dict) -> str:
+    """The matcher arguments of a run, as the constructor call would read (defaults if empty)."""
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
 def _machine() -> str:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -328,7 +347,7 @@ def _machine() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def report(paths: list[str]) -> None:
+def report(paths: list[str], name: str = "two_dim") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,19 +374,16 @@ def report(paths: list[str]) -> None:
         "",
         "```bash",
         *[".venv/bin/python " + " ".join(p["meta"]["argv"]) for p in parts],
-        ".venv/bin/python benchmarks/two_dim.py --report " + " ".join(paths),
+        ".venv/bin/python benchmarks/two_dim.py --report " + " ".join(paths) + f" --report-name {name}",
         "```",
         "",
         f"Settings: torchcfm MLP (w={cfg['width']}, time input), Adam {cfg['lr']:g}, batch {cfg['batch_size']}, "
-        f"{cfg['n_steps']} optimiser steps. NSGF: {cfg['nsgf']['n_flows']} simulated flows of "
-        f"{cfg['nsgf']['flow_batch']} particles, T = {cfg['nsgf']['flow_steps']}, η = {cfg['nsgf']['step_size']:g}, "
-        f"blur {cfg['nsgf']['blur']:g} (ε = blur², not the paper's 0.05: at 0.05 one 100-step flow of 256 particles "
-        "costs ~40 s of Sinkhorn iterations on this CPU, against ~9 s for T = 50 at blur 0.3, with the same final W2), "
-        f"scaling {cfg['nsgf']['scaling']:g}, tol {cfg['nsgf']['tol']:g}; its pool is then regressed with torchcfm's "
-        f"loop. I-CFM, OT-CFM and FM σ = {cfg['sigma']:g}; SB-CFM σ = {cfg['sb_sigma']:g} with torchcfm's default "
-        "exact OT plan (POT's plain Sinkhorn underflows at reg = 2σ² on this scale); 1-RF = I-CFM σ = 0; "
-        f"2-RF = 1-RF then {cfg['n_steps']} reflow steps on {cfg['reflow_pairs']} pairs (x0, 1-RF(x0)) from the "
-        "1-RF weights (so 2x the optimiser steps; its time includes 1-RF). FM only with the Gaussian source.",
+        f"{cfg['train_steps']} optimiser steps. NSGF: torchcfm's loop with SinkhornFlowMatcher({_nsgf_args(cfg['nsgf'])}) "
+        "(every call draws a fresh batch; the matcher simulates a flow of it into its pool every refresh_every "
+        f"calls and serves the pool). I-CFM, OT-CFM and FM σ = {cfg['sigma']:g}; SB-CFM σ = {cfg['sb_sigma']:g} with "
+        "torchcfm's default exact OT plan (POT's plain Sinkhorn underflows at reg = 2σ² on this scale); 1-RF = I-CFM "
+        f"σ = 0; 2-RF = 1-RF then {cfg['train_steps']} reflow steps on {cfg['reflow_pairs']} pairs (x0, 1-RF(x0)) from "
+        "the 1-RF weights (so 2x the optimiser steps; its time includes 1-RF). FM only with the Gaussian source.",
         "",
         f"W2: exact (POT `emd2`, float64) between {n_eval} generated points and {n_eval} fresh target samples "
         f"(the two-sample floor uses the same {n_eval}), mean ± std "
@@ -422,7 +438,7 @@ def report(paths: list[str]) -> None:
             times = [r["train_time_s"] for r in rs]
             time_s = f"{statistics.fmean(times):.0f} ± {statistics.stdev(times) if len(times) > 1 else 0:.0f}"
             steps = f"{statistics.fmean(r['n_opt_steps'] or 0 for r in rs):.0f}"
-            which = f"{cfg['n_steps']} steps" if comparison == "steps" else "NSGF's wall time"
+            which = f"{cfg['train_steps']} steps" if comparison == "steps" else "NSGF's wall time"
             lines.append(
                 f"| {LABELS.get(method, method)} | {which} | "
                 + " | ".join(cells)
@@ -439,11 +455,13 @@ def report(paths: list[str]) -> None:
         # verdict inputs
         if ("nsgf", "steps") in curves:
             nsgf_m = curves[("nsgf", "steps")][0]
-            wins = [n for n in NFES if n <= 10 and nsgf_m[n] == best[n]]
-            ot_wall = curves.get(("otcfm", "wall"))
+            wins = [n for n in TARGET_NFES if nsgf_m[n] == best[n]]
+            walls = [c[0] for (m, c_kind), c in curves.items() if c_kind == "wall"]
+            wall_wins = [n for n in TARGET_NFES if walls and all(nsgf_m[n] < w[n] for w in walls)]
             verdict.append(
-                f"| {TASKS[task].label} | {', '.join(map(str, wins)) or 'none'} | {nsgf_m[10]:.3f} | "
-                f"{nsgf_m[10] / floor:.2f}x | " + (f"{ot_wall[0][10]:.3f}" if ot_wall else "–") + " |"
+                f"| {TASKS[task].label} | {', '.join(map(str, wins)) or 'none'} | "
+                + (f"{', '.join(map(str, wall_wins)) or 'none'}" if walls else "–")
+                + f" | {nsgf_m[2]:.3f} | {nsgf_m[2] / floor:.2f}x |"
             )
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for (method, comparison), (means, dop_w2, dop_nfe, stds) in curves.items():
@@ -467,19 +485,20 @@ def report(paths: list[str]) -> None:
         ax.set_title(TASKS[task].label)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(RESULTS, f"two_dim_{task}.png"), dpi=110)
+        fig.savefig(os.path.join(RESULTS, f"{name}_{task}.png"), dpi=110)
         plt.close(fig)
-        lines += [f"![W2 against NFE, {TASKS[task].label}](two_dim_{task}.png)", ""]
+        lines += [f"![W2 against NFE, {TASKS[task].label}]({name}_{task}.png)", ""]
     lines[2:2] = [
-        "Summary against the target (NSGF lowest W2 at NFE ≤ 10 on ≥ 4 of 5 tasks; within 1.5x of the floor "
-        "at NFE 10; at equal wall-clock at least as good as OT-CFM at NFE 10):",
+        "Summary against the target (NSGF lowest W2 of all methods at NFE 1, 2 and 10 on ≥ 4 of 5 tasks, at "
+        "equal optimiser steps and at equal wall time; at 10000 steps within 2x of the floor at NFE 2):",
         "",
-        "| task | NFE ≤ 10 where NSGF is lowest | NSGF W2 @10 | / floor | OT-CFM @ NSGF wall time, W2 @10 |",
-        "|---|---|---:|---:|---:|",
+        "| task | NFE (1, 2, 10) where NSGF is lowest, equal steps | NFE where NSGF beats every equal-wall-time row "
+        "| NSGF W2 @2 | / floor |",
+        "|---|---|---|---:|---:|",
         *verdict,
         "",
     ]
-    out = os.path.join(RESULTS, "two_dim.md")
+    out = os.path.join(RESULTS, f"{name}.md")
     with open(out, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -496,23 +515,24 @@ def main() -> None:
         "--wall-methods", nargs="*", default=["otcfm"], help="methods also trained for NSGF's wall time"
     )
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--flows", type=int, default=NSGFConfig.n_flows)
-    parser.add_argument("--flow-steps", type=int, default=NSGFConfig.flow_steps)
-    parser.add_argument("--eta", type=float, default=NSGFConfig.step_size)
-    parser.add_argument("--blur", type=float, default=NSGFConfig.blur)
+    parser.add_argument("--train-steps", type=int, default=1000, help="optimiser steps of every method")
+    parser.add_argument("--width", type=int, default=64, help="width of torchcfm's MLP")
+    add_matcher_flags(parser.add_argument_group("NSGF (defaults: SinkhornFlowMatcher's)"))
     parser.add_argument("--n-eval", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th (task, seed) job from the i-th")
     parser.add_argument("--json", default=os.path.join(RESULTS, "two_dim_raw.json"))
     parser.add_argument(
-        "--report", nargs="+", metavar="JSON", help="merge result files into two_dim.md + plots"
+        "--report", nargs="+", metavar="JSON", help="merge result files into a markdown report + plots"
+    )
+    parser.add_argument(
+        "--report-name", default="two_dim", help="results/NAME.md and results/NAME_<task>.png of --report"
     )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.report:
-        report(args.report)
+        report(args.report, args.report_name)
         return
     args.methods = args.methods or list(METHODS)
     if "nsgf" not in args.methods:

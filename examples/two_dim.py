@@ -1,14 +1,14 @@
 """NSGF on a 2D task, end to end on the CPU (the README's main job).
 
-    python examples/two_dim.py                      # 8gaussians -> moons, about 2-3 minutes on one core
+    python examples/two_dim.py                      # 8gaussians -> moons, 1-2 minutes on one core
     python examples/two_dim.py --task gaussian-checkerboard
+    python examples/two_dim.py --path polyline --flow-steps 3 --blur 0.05
 
-Simulates empirical Sinkhorn flows into a trajectory pool, trains torchcfm's MLP on it with torchcfm's loop
-(``t, xt, ut = FM.sample_location_and_conditional_flow(x0, x1); loss = mean((v(t, xt) - ut)^2)``), then
-prints the exact W2 (POT ``emd2``) between generated and fresh target samples at Euler NFE 1, 2, 5, 10, 100
-and writes to ``outputs/``: the trajectories (source, paths, samples) and W2 against the Euler step.
-
-Blur is 0.3, not the paper's 0.05: see ``torchcfm_nsgf.toy.NSGFConfig`` (Sinkhorn cost measured).
+torchcfm's training loop with ``FM = SinkhornFlowMatcher()`` (its defaults unless flags say otherwise):
+``t, xt, ut = FM.sample_location_and_conditional_flow(x0, x1); loss = mean((v(t, xt) - ut)^2)``. Prints the
+exact W2 (POT ``emd2``) between generated and fresh target samples at Euler NFE 1, 2, 5, 10, 100 and with
+dopri5, next to exact OT-CFM (torchcfm, σ = 0) trained the same way with ``--compare``, and writes to
+``outputs/`` the trajectories and W2 against t (learned field and simulated flow).
 """
 
 from __future__ import annotations
@@ -22,119 +22,81 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher  # noqa: E402
 
-from torchcfm_nsgf import SinkhornFlowMatcher, euler_sample  # noqa: E402
-from torchcfm_nsgf.toy import TASKS, NSGFConfig, get_task, train_nsgf, w2  # noqa: E402
+from torchcfm_nsgf._cli import add_matcher_flags, matcher_from_args  # noqa: E402
+from torchcfm_nsgf.toy import TASKS, get_task, make_model, train_flow_matching, train_nsgf, w2  # noqa: E402
 
 NFES = (1, 2, 5, 10, 100)
 
 
 def main() -> None:
-    defaults = NSGFConfig()
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--task", default="8gaussians-moons", choices=sorted(TASKS))
-    parser.add_argument("--steps", type=int, default=5000, help="optimiser steps (Adam 1e-3, batch 256)")
-    parser.add_argument("--flows", type=int, default=defaults.n_flows, help="simulated flows in the pool")
-    parser.add_argument("--flow-steps", type=int, default=defaults.flow_steps, help="T of each flow")
-    parser.add_argument("--eta", type=float, default=defaults.step_size, help="flow step size")
+    parser.add_argument("--task", default="8gaussians-moons", choices=sorted(TASKS), help="2D task")
     parser.add_argument(
-        "--target-batch", type=int, default=None, help="target samples per flow (default 256)"
+        "--train-steps", type=int, default=3000, help="optimiser steps (Adam 1e-3, batch 256)"
     )
-    parser.add_argument("--blur", type=float, default=defaults.blur, help="Sinkhorn blur, eps = blur^2")
+    parser.add_argument("--width", type=int, default=64, help="width of torchcfm's MLP")
+    parser.add_argument(
+        "--compare", action=argparse.BooleanOptionalAction, default=True, help="also train OT-CFM"
+    )
     parser.add_argument("--n-eval", type=int, default=2000, help="points for the W2 table")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, model and matcher")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this MLP)")
-    parser.add_argument("--out", default="outputs")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--nsgfpp", action="store_true", help="also train NSGF++ (5 NSGF steps + predictor + straight flow)"
-    )
+    parser.add_argument("--out", default="outputs", help="folder of the plots")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    group = parser.add_argument_group("SinkhornFlowMatcher (defaults: the matcher's own)")
+    add_matcher_flags(group)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     task = get_task(args.task)
-    config = NSGFConfig(
-        blur=args.blur,
-        flow_steps=args.flow_steps,
-        step_size=args.eta,
-        n_flows=args.flows,
-        target_batch=args.target_batch,
-    )
     generator = torch.Generator().manual_seed(args.seed)
-    print(f"task {task.label}; {config}")
+    FM = matcher_from_args(args, generator=torch.Generator().manual_seed(args.seed + 1))
+    print(f"task {task.label}\n{FM}")
 
-    result = train_nsgf(task, config, n_steps=args.steps, generator=generator, progress=not args.no_progress)
-    print(f"trained in {result.train_time_s:.1f} s (simulation included), final loss {result.losses[-1]:.3g}")
+    common = dict(train_steps=args.train_steps, progress=not args.no_progress)
+    result = train_nsgf(task, FM, generator=generator, width=args.width, **common)
+    print(
+        f"NSGF trained in {result.train_time_s:.1f} s ({FM.n_flows} simulated flows at blur {FM.blur:.3g}, "
+        f"pool of {len(FM.pool) if FM.pool is not None else 0} segments), final loss {result.losses[-1]:.3g}"
+    )
+    fields = {"NSGF": result}
+    if args.compare:
+        torch.manual_seed(args.seed)
+        ot_gen = torch.Generator().manual_seed(args.seed)
+        fields["OT-CFM"] = train_flow_matching(
+            make_model(args.width),
+            ExactOptimalTransportConditionalFlowMatcher(sigma=0.0),
+            lambda bs: (task.source(bs, ot_gen), task.target(bs, ot_gen)),
+            desc="OT-CFM",
+            **common,
+        )
+        print(f"OT-CFM trained in {fields['OT-CFM'].train_time_s:.1f} s")
 
     x0 = task.source(args.n_eval, generator)
     y = task.target(args.n_eval, generator)
     floor = w2(task.target(args.n_eval, generator), y)
     print(f"\nW2 to {args.n_eval} fresh target samples (two-sample floor W2(target, target) = {floor:.3f})")
-    print("| Euler NFE | W2 |\n|---:|---:|")
-    for nfe in NFES:
-        samples, _ = result.sample(x0, nfe)
-        print(f"| {nfe} | {w2(samples, y):.3f} |")
-    print(f"| dopri5 ({(r := result.sample(x0, None, 'dopri5'))[1]}) | {w2(r[0], y):.3f} |")
+    print("| method | " + " | ".join(f"NFE {n}" for n in NFES) + " | dopri5 (NFE) |")
+    print("|---|" + "---:|" * (len(NFES) + 1))
+    for name, trained in fields.items():
+        cells = [f"{w2(FM.sample(trained.field, x0, n_steps=n).samples, y):.3f}" for n in NFES]
+        adaptive = FM.sample(trained.field, x0, solver="dopri5")
+        cells.append(f"{w2(adaptive.samples, y):.3f} ({adaptive.nfe})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
-    if args.nsgfpp:
-        from torchcfm_nsgf.networks import TimePredictorMLP, VelocityMLP
-        from torchcfm_nsgf.nsgfpp import NSGFPlusPlus
-
-        # NSGF++ (Algorithm 3): 5 NSGF steps of eta 0.6 (run C of benchmarks/results/nsgfpp_two_dim.md),
-        # the time predictor and the straight flow, each trained for --steps optimiser steps.
-        pp_gen = torch.Generator().manual_seed(args.seed + 1)  # leaves the NSGF run's draws unchanged
-        pp = NSGFPlusPlus(
-            VelocityMLP(2),
-            TimePredictorMLP(2),
-            VelocityMLP(2),
-            n_steps=5,
-            step_size=0.6,
-            blur=config.blur,
-            scaling=config.scaling,
-            refresh_every=max(1, args.steps // config.n_flows),
-            generator=pp_gen,
-            progress=not args.no_progress,
-        )
-        start = time.perf_counter()
-        pp.fit(
-            lambda n: task.source(n, pp_gen),
-            lambda n: task.target(n, pp_gen),
-            nsgf_iters=args.steps,
-            predictor_iters=args.steps,
-            straight_iters=args.steps,
-        )
-        print(f"\nNSGF++ trained in {time.perf_counter() - start:.1f} s")
-        print("| NSGF++ phase 2 | NFE = NSGF + predictor + straight | W2 |\n|---|---:|---:|")
-        for solver, steps in (("euler", 5), ("euler", 10), ("dopri5", None)):
-            out = pp.sample(x0, solver=solver, straight_steps=steps)
-            n = out.nfe
-            print(
-                f"| {solver} {steps or ''} | {n['nsgf']} + {n['predictor']} + {n['straight']} = "
-                f"{out.total_nfe} | {w2(out.samples, y):.3f} |"
-            )
-
-    # Trajectories of the learned field (100 Euler steps) and W2 against the step, next to the simulated flow.
+    # Trajectories of the learned field (100 Euler steps) and W2 against t, next to the simulated flow.
     n_plot = 1000
-    traj = euler_sample(result.field, x0[:n_plot], n_steps=100, return_trajectory=True).trajectory
-    matcher = SinkhornFlowMatcher(
-        config.flow_steps,
-        config.step_size,
-        config.blur,
-        config.scaling,
-        tol=config.tol,
-        max_iter=config.max_iter,
-    )
-    flow = matcher.simulate(x0[: config.flow_batch], task.target(config.flow_batch, generator))
-    every = 5
-    learned = [(k / 100, w2(traj[k], y[:n_plot])) for k in range(0, 101, every)]
-    simulated = [
-        (k / config.flow_steps, w2(flow.xs[k], y[:n_plot]))
-        for k in range(0, config.flow_steps + 1, max(1, config.flow_steps // 20))
-    ]
+    traj = FM.sample(result.field, x0[:n_plot], n_steps=100, return_trajectory=True).trajectory
+    flow = FM.simulate(x0[:256], task.target(256, generator))
+    learned = [(k / 100, w2(traj[k], y[:n_plot])) for k in range(0, 101, 5)]
+    simulated = [(k / FM.flow_steps, w2(flow.xs[k], y[:n_plot])) for k in range(FM.flow_steps + 1)]
 
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.scatter(*traj[0].T, s=2, c="tab:blue", alpha=0.6, label="source")
@@ -149,12 +111,10 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(*zip(*learned, strict=True), "o-", label="learned field, 100 Euler steps")
-    ax.plot(
-        *zip(*simulated, strict=True), "s--", label=f"simulated Sinkhorn flow ({config.flow_batch} particles)"
-    )
+    ax.plot(*zip(*simulated, strict=True), "s--", label="simulated Sinkhorn flow (256 particles)")
     ax.axhline(floor, color="k", ls=":", label="two-sample floor")
     ax.set_yscale("log")
-    ax.set_xlabel("t (normalised clock: step k of T at t = k / T)")
+    ax.set_xlabel("t (normalised clock)")
     ax.set_ylabel("W2 to target")
     ax.set_title(f"NSGF, {task.label}")
     ax.legend()

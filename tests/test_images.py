@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torchcfm.models.unet.unet import UNetModelWrapper
 
+from torchcfm_nsgf import SinkhornOptions
 from torchcfm_nsgf.images import (
     CheckpointError,
     TrainConfig,
@@ -72,8 +73,8 @@ def _config(root: Path, method: str, dataset: str = "mnist", **kw) -> TrainConfi
 
 def _tiny_nsgf(config: TrainConfig) -> TrainConfig:
     s = config.nsgf
-    s.n_steps, s.phase1_steps, s.pool_capacity, s.refresh_every = 3, 2, 64, 2
-    s.blur, s.scaling = 5.0, 0.5
+    s.flow_steps, s.phase1_steps, s.pool_capacity, s.refresh_every = 3, 2, 64, 2
+    s.sinkhorn = SinkhornOptions(blur=5.0, relative_blur=False, scaling=0.5)
     return config
 
 
@@ -233,10 +234,11 @@ def test_sample_grid_size_and_printed_nfe_equals_network_calls(
         "--no-progress",
         "--total-steps",
         "2",
-        "--nsgf-steps",
+        "--flow-steps",
         "3",
         "--blur",
         "5",
+        "--no-relative-blur",
         "--pool-capacity",
         "64",
         "--refresh-every",
@@ -318,11 +320,13 @@ _DDP_WORKER = textwrap.dedent(
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    from torchcfm_nsgf import SinkhornOptions
     from torchcfm_nsgf.images import NSGFSettings, TrainConfig, train
     root, out, method = sys.argv[1], sys.argv[2], sys.argv[3]
 
     def cfg(ckpt, **kw):
-        nsgf = NSGFSettings(n_steps=3, blur=5.0, scaling=0.5, pool_capacity=64, refresh_every=2)
+        sinkhorn = SinkhornOptions(blur=5.0, relative_blur=False, scaling=0.5)
+        nsgf = NSGFSettings(flow_steps=3, sinkhorn=sinkhorn, pool_capacity=64, refresh_every=2)
         return TrainConfig(dataset="cifar10", data_root=root, method=method, total_steps=4, batch_size=3,
                            preset="tiny", warmup=2, ckpt_every=2, progress=False, verify_checksums=False,
                            ema_decay=0.9, ckpt_dir=os.path.join(out, ckpt), nsgf=nsgf, **kw)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from torchcfm_nsgf import SinkhornOptions
 from torchcfm_nsgf.networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
 from torchcfm_nsgf.nsgfpp import (
     MAX_PHASE1_STEPS,
@@ -234,8 +235,7 @@ def _small_model(seed: int) -> NSGFPlusPlus:
         VelocityMLP(2, 32),
         n_steps=3,
         step_size=0.3,
-        blur=0.5,
-        scaling=0.7,
+        sinkhorn=SinkhornOptions(blur=0.5, relative_blur=False, scaling=0.7),
         refresh_every=2,
         generator=_gen(seed),
     )
@@ -334,7 +334,12 @@ def test_image_method_budget_and_nfe_equal_network_calls():
     if "nsgf++" not in available_methods():
         pytest.skip("nsgf++ is not offered")
     torch.manual_seed(0)
-    method = make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=NSGFSettings(phase1_steps=2, blur=5.0))
+    method = make_method(
+        "nsgf++",
+        (1, 8, 8),
+        preset="tiny",
+        nsgf=NSGFSettings(phase1_steps=2, sinkhorn=SinkhornOptions(blur=5.0, relative_blur=False)),
+    )
     nets = nn.ModuleDict({k: Counted(v) for k, v in method.nets.items()})
     x1 = torch.randn(4, 1, 8, 8, generator=_gen(1))
     loss = method.loss(method.nets, torch.randn(4, 1, 8, 8, generator=_gen(2)), x1)

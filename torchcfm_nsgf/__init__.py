@@ -9,7 +9,7 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 * :mod:`torchcfm_nsgf.sampling`: Euler and torchdyn samplers with exact NFE accounting.
 """
 
-from .matcher import SinkhornFlowMatcher, SinkhornTrajectory
+from .matcher import PATHS, SinkhornFlowMatcher, SinkhornTrajectory
 from .networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
 from .nsgfpp import (
     MAX_PHASE1_STEPS,
@@ -21,7 +21,13 @@ from .nsgfpp import (
 )
 from .pool import TrajectoryPool
 from .sampling import NFECounter, SampleResult, euler_sample, odeint_sample
-from .sinkhorn import SinkhornConvergenceWarning, SinkhornSolution, sinkhorn_solve, sinkhorn_velocity
+from .sinkhorn import (
+    SinkhornConvergenceWarning,
+    SinkhornOptions,
+    SinkhornSolution,
+    sinkhorn_solve,
+    sinkhorn_velocity,
+)
 
 __version__ = "0.1.0"
 
@@ -38,7 +44,9 @@ __all__ = [
     "NFECounter",
     "SampleResult",
     "SinkhornConvergenceWarning",
+    "PATHS",
     "SinkhornFlowMatcher",
+    "SinkhornOptions",
     "SinkhornTrajectory",
     "SinkhornSolution",
     "TrajectoryPool",

@@ -2,36 +2,61 @@ r"""NSGF as a torchcfm matcher: targets from the simulated empirical Sinkhorn gr
 
 :class:`SinkhornFlowMatcher` subclasses torchcfm's ``ConditionalFlowMatcher`` and keeps its template
 contract, ``sample_location_and_conditional_flow(x0, x1, t=None, return_noise=False) -> (t, xt, ut[, eps])``,
-so a torchcfm training loop runs unchanged with only the matcher swapped. Instead of a straight
-interpolation, the targets come from NSGF's Algorithm 1: the batch ``x0`` is moved towards ``x1`` by
-``n_steps`` explicit-Euler steps of the empirical Sinkhorn-flow velocity (paper eq. 13-14)
+so a torchcfm training loop runs unchanged with only the matcher swapped. Instead of a straight line between
+the caller's ``x0[i]`` and ``x1[i]``, the targets come from NSGF's Algorithm 1: the batch ``x0`` is moved
+towards ``x1`` by ``flow_steps`` explicit-Euler steps of the empirical Sinkhorn-flow velocity (paper eq. 13-14)
 
 .. math::
-    X_{k+1} = X_k + \eta\, \hat v_k(X_k), \qquad k = 0, \dots, T-1,
+    X_{k+1} = X_k + \eta_k\, \hat v_k(X_k), \qquad k = 0, \dots, T-1.
 
-and every particle of every step is a regression pair.
+With :math:`\eta = 1` one step moves each particle by (its entropic projection onto the target) − (its
+projection onto the particles): a debiased entropic OT map, so the discrete flow is close to the target after
+one to three steps (``../BENCHMARKS.md``), whereas small steps follow the continuous flow, whose speed decays
+exponentially near the target.
 
-Clock. The flow is put on torchcfm's normalised clock ``t in [0, 1]``: step ``k`` sits at ``t_k = k / T``
-and the target velocity is expressed per unit of that clock, ``u_k = T \eta \hat v_k``. Integrating
-``dx/dt = u`` from 0 to 1 with ``T`` Euler steps (dt = 1/T) therefore reproduces the simulated flow
-exactly, and torchcfm / torchdyn sampling code (which integrates from 0 to 1) works unchanged.
+Clock. Every path is put on torchcfm's normalised clock ``t in [0, 1]``:
+
+* ``path="straight"`` (default): the segment from :math:`X_0` to :math:`X_T`, ``xt = X_0 + t (X_T - X_0)``,
+  ``ut = X_T - X_0``. The velocity is constant along each path, so a field trained on it is valid at every
+  ``t`` and any NFE; the flow's ``T`` steps only choose the end point.
+* ``path="polyline"``: the Euler polyline, step ``k`` on ``[k/T, (k+1)/T]`` with the paper's velocity
+  :math:`u_k = T \eta_k \hat v_k(X_k)` (velocity-field matching at every ``t``). The velocity jumps at the
+  grid times (a large first step, small later ones), which a network smooth in ``t`` blends.
+* ``path="grid"``: the paper's Algorithm 1, the pairs :math:`(k/T, X_k, u_k)` only.
+
+Euler with ``T`` steps of ``dx/dt = ut`` reproduces the simulated :math:`X_T` exactly for every path (and any
+number of steps for ``"straight"``), so torchcfm / torchdyn sampling code works unchanged.
 """
 
 from __future__ import annotations
 
+import math
+import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 from tqdm.auto import tqdm
 
-from ._validation import check_cloud, check_open_unit, check_positive, check_same_device, check_same_features
+from ._validation import check_cloud, check_positive, check_same_device, check_same_features
 from .pool import TrajectoryPool
-from .sinkhorn import SinkhornConvergenceWarning, SinkhornSolution, sinkhorn_solve
+from .sampling import SampleResult, odeint_sample
+from .sinkhorn import SinkhornConvergenceWarning, SinkhornOptions, SinkhornSolution
 
-__all__ = ["SinkhornFlowMatcher", "SinkhornTrajectory"]
+__all__ = ["PATHS", "SinkhornFlowMatcher", "SinkhornTrajectory"]
+
+PATHS = ("straight", "polyline", "grid")
+Path = Literal["straight", "polyline", "grid"]
+
+# The pool built by pool="auto": bounded in items and in bytes (about 24 KiB per CIFAR-10 item).
+AUTO_POOL_ITEMS = 1_000_000
+AUTO_POOL_BYTES = 2**30
+# Projected Sinkhorn seconds per call above which the matcher warns once that it will be slow.
+SLOW_CALL_S = 1.0
 
 
 @dataclass
@@ -43,8 +68,8 @@ class SinkhornTrajectory:
     xs : Tensor, shape (T + 1, n, *dim)
         Positions :math:`X_0, \dots, X_T`.
     us : Tensor, shape (T, n, *dim)
-        Velocities on the normalised clock, :math:`u_k = T \eta \hat v_k(X_k)`, so that
-        ``xs[k + 1] == xs[k] + us[k] / T``.
+        Velocities of the Euler polyline on the normalised clock, :math:`u_k = T \eta_k \hat v_k(X_k)`, so
+        that ``xs[k + 1] == xs[k] + us[k] / T``.
     ts : Tensor, shape (T + 1,)
         Times ``k / T``.
     marginal_errors : list of float
@@ -60,85 +85,124 @@ class SinkhornTrajectory:
     n_iters: list[int] = field(default_factory=list)
 
     @property
-    def n_steps(self) -> int:
+    def flow_steps(self) -> int:
         return self.us.shape[0]
 
 
 class SinkhornFlowMatcher(ConditionalFlowMatcher):
     r"""Neural Sinkhorn Gradient Flow (NSGF) targets behind torchcfm's matcher interface.
 
+    ``SinkhornFlowMatcher()`` with no arguments is meant to be good in torchcfm's canonical loop, in 2D
+    (batch 256) and on images (batch 128): two Sinkhorn steps of size 1 at a blur of 0.1 times the target's
+    scale, straight targets from each particle to its end point, served from a pool that a new flow of the
+    call's batch refreshes every ``refresh_every`` calls. BENCHMARKS.md has the study behind these defaults.
+
     Parameters
     ----------
-    n_steps : int
-        Number of Euler steps ``T`` of the simulated flow (paper: 100 in 2D).
-    step_size : float
-        Euler step ``eta`` in the flow's own time (paper: 0.02 in 2D).
-    blur, scaling : float
-        Sinkhorn settings, GeomLoss ``p=2`` convention: cost ½‖x−y‖², ε = blur².
-    tol, max_iter, omega : float, int, float
-        Passed to :func:`~torchcfm_nsgf.sinkhorn_solve`. The default ``tol=1e-3`` (L1 marginal error)
-        is looser than the engine's: the regression targets are minibatch estimates anyway.
-    pool : TrajectoryPool, optional
-        Experience replay (paper Algorithm 1). When given, each call draws its batch from the pool,
-        which is refreshed with one newly simulated flow of the call's ``(x0, x1)`` every
-        ``refresh_every`` calls (and whenever it holds fewer items than the batch).
+    sigma : float
+        Width of Gaussian noise around the path, as in every torchcfm matcher: ``xt = mu_t + sigma * eps``
+        with ``eps ~ N(0, I)`` and ``ut`` the path's velocity (torchcfm's constant-σ convention). Default 0.
+    flow_steps : int
+        Number of Euler steps ``T`` of the simulated flow.
+    step_size : float or sequence of float
+        Euler step ``eta`` in the flow's own time, or one per step (length ``flow_steps``), e.g. a large
+        first step and smaller later ones.
+    path : {"straight", "polyline", "grid"}
+        Which targets are served (module docstring). ``"straight"`` is the default because its velocity is
+        continuous in ``t``, so the learned field is right at every NFE; ``"grid"`` is the paper's.
+    sinkhorn : SinkhornOptions, optional
+        Engine settings (blur, relative or absolute, scaling, tol, max_iter, omega). Default
+        ``SinkhornOptions()``. A relative blur is resolved against the first ``x1`` the matcher sees and then
+        kept fixed (:attr:`blur`; saved in :meth:`state_dict`).
+    pool : TrajectoryPool, "auto" or None
+        Experience replay (paper Algorithm 1). ``"auto"`` (default) builds an in-memory pool at the first call
+        on ``x0``'s device, bounded by one million items and 1 GiB, which grows with what it holds. With a
+        pool, each call draws its batch from it, and a newly simulated flow of the call's ``(x0, x1)`` is
+        added on the first call and every ``refresh_every`` calls (and whenever the pool holds fewer items
+        than the batch). ``None`` simulates a new flow on every call.
     refresh_every : int
         See ``pool``.
     generator : torch.Generator, optional
-        CPU generator for the random step indices (the pool has its own generator).
+        CPU generator for the matcher's draws (times, steps, noise, and the seed of an ``"auto"`` pool).
     progress : bool
         Progress bar over the steps of each simulated flow.
 
     Notes
     -----
-    ``sigma`` of the base class is 0: the NSGF path is deterministic, and the ``eps`` returned with
-    ``return_noise=True`` is a zero tensor (``xt = mu_t + 0 * eps``).
+    The served rows are **not aligned with the caller's** ``x1``: row ``i`` of ``xt`` comes from a particle of
+    some simulated flow, not from the pair ``(x0[i], x1[i])`` (with a pool, not even from this call's batch).
+    Labels passed next to ``x1`` therefore do not describe the served rows.
+
+    Dtypes follow torchcfm: ``t`` has ``x0``'s dtype, ``xt`` and ``ut`` the promoted dtype of ``x0`` and
+    ``x1``. Counters: :attr:`n_calls` (calls of :meth:`sample_location_and_conditional_flow`),
+    :attr:`n_flows` (simulated flows), :attr:`n_solves` (Sinkhorn solves).
     """
 
     def __init__(
         self,
-        n_steps: int = 100,
-        step_size: float = 0.02,
-        blur: float = 0.05,
-        scaling: float = 0.9,
+        sigma: float = 0.0,
         *,
-        tol: float = 1e-3,
-        max_iter: int = 5000,
-        omega: float = 1.9,
-        pool: TrajectoryPool | None = None,
-        refresh_every: int = 1,
+        flow_steps: int = 2,
+        step_size: float | Sequence[float] = 1.0,
+        path: Path = "straight",
+        sinkhorn: SinkhornOptions | None = None,
+        pool: TrajectoryPool | Literal["auto"] | None = "auto",
+        refresh_every: int = 10,
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> None:
-        super().__init__(sigma=0.0)
-        check_positive(n_steps, "n_steps", integer=True)
-        check_positive(step_size, "step_size")
-        check_positive(blur, "blur")
-        check_open_unit(scaling, "scaling")
-        check_positive(tol, "tol")
-        check_positive(max_iter, "max_iter", integer=True)
+        if (
+            isinstance(sigma, bool)
+            or not isinstance(sigma, (int, float))
+            or not math.isfinite(sigma)
+            or sigma < 0
+        ):
+            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        super().__init__(sigma=float(sigma))
+        check_positive(flow_steps, "flow_steps", integer=True)
+        self.step_sizes = _step_sizes(step_size, flow_steps)
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {list(PATHS)}, got {path!r}")
+        if sinkhorn is None:
+            sinkhorn = SinkhornOptions()
+        elif not isinstance(sinkhorn, SinkhornOptions):
+            raise TypeError(f"sinkhorn must be a SinkhornOptions or None, got {type(sinkhorn).__name__}")
+        if not (pool is None or pool == "auto" or isinstance(pool, TrajectoryPool)):
+            raise TypeError(f"pool must be a TrajectoryPool, 'auto' or None, got {pool!r}")
         check_positive(refresh_every, "refresh_every", integer=True)
-        if pool is not None and not isinstance(pool, TrajectoryPool):
-            raise TypeError(f"pool must be a TrajectoryPool or None, got {type(pool).__name__}")
-        self.n_steps = n_steps
-        self.step_size = float(step_size)
-        self.blur = float(blur)
-        self.scaling = float(scaling)
-        self.tol = float(tol)
-        self.max_iter = max_iter
-        self.omega = float(omega)
-        self.pool = pool
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        self.flow_steps = flow_steps
+        self.path = path
+        self.sinkhorn = sinkhorn
+        self.pool: TrajectoryPool | None = None if pool == "auto" else pool
+        self._auto_pool = pool == "auto"
         self.refresh_every = refresh_every
         self.generator = generator
         self.progress = progress
-        self._calls = 0
+        self.blur: float | None = None if sinkhorn.relative_blur else float(sinkhorn.blur)
+        self.n_calls = 0
+        self.n_flows = 0
+        self.n_solves = 0
+        self._sim_seconds = 0.0
+        self._warned_slow = False
 
     # ------------------------------------------------------------------ simulation
+    @property
+    def flow_time(self) -> float:
+        """Total time :math:`\\sum_k \\eta_k` of the simulated flow in its own units."""
+        return float(sum(self.step_sizes))
+
     def _check_pair(self, x0: Tensor, x1: Tensor) -> None:
         check_same_device(("x0", x0), ("x1", x1))
         check_cloud(x0, "x0")
         check_cloud(x1, "x1")
         check_same_features(x0, x1, "x0", "x1")
+
+    def _resolve_blur(self, x1: Tensor) -> float:
+        if self.blur is None:
+            self.blur = self.sinkhorn.absolute_blur(x1)
+        return self.blur
 
     def simulate(self, x0: Tensor, x1: Tensor) -> SinkhornTrajectory:
         r"""Simulate the empirical Sinkhorn flow of the particles ``x0`` towards the samples ``x1``.
@@ -153,58 +217,134 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         Returns
         -------
         SinkhornTrajectory
-            Positions (T+1, n, *dim), normalised-clock velocities (T, n, *dim), times (T+1,), on x0's
-            device and dtype. Each step's engine call is warm-started from the previous one.
+            Positions (T+1, n, *dim), normalised-clock velocities (T, n, *dim), times (T+1,), in the promoted
+            dtype of ``x0`` and ``x1``, on their device. A step starts from the previous step's potentials
+            when the particles moved by less than one blur (root mean square); after a larger step the engine
+            anneals afresh, which is cheaper than iterating from potentials of a distant cloud.
         """
         self._check_pair(x0, x1)
-        T = self.n_steps
-        xs = torch.empty((T + 1, *x0.shape), dtype=x0.dtype, device=x0.device)
-        us = torch.empty((T, *x0.shape), dtype=x0.dtype, device=x0.device)
-        xs[0] = x0.detach()
+        dtype = torch.promote_types(x0.dtype, x1.dtype)
+        x0, x1 = x0.detach().to(dtype), x1.detach().to(dtype)
+        blur = self._resolve_blur(x1)
+        T = self.flow_steps
+        xs = torch.empty((T + 1, *x0.shape), dtype=dtype, device=x0.device)
+        us = torch.empty((T, *x0.shape), dtype=dtype, device=x0.device)
+        xs[0] = x0
         sol: SinkhornSolution | None = None
         errors: list[float] = []
         iters: list[int] = []
         capped = 0
+        start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SinkhornConvergenceWarning)
             for k in tqdm(range(T), desc="Sinkhorn flow", disable=not self.progress, leave=False):
-                sol = sinkhorn_solve(
-                    xs[k],
-                    x1.detach(),
-                    blur=self.blur,
-                    scaling=self.scaling,
-                    tol=self.tol,
-                    max_iter=self.max_iter,
-                    omega=self.omega,
-                    warm_start=sol,
-                )
+                sol = self.sinkhorn.solve(xs[k], x1, blur=blur, warm_start=sol)
                 capped += not sol.converged
                 errors.append(sol.marginal_error)
                 iters.append(sol.n_iter + sol.n_anneal)
-                us[k] = (T * self.step_size) * sol.velocity
-                xs[k + 1] = xs[k] + self.step_size * sol.velocity
+                step = self.step_sizes[k] * sol.velocity
+                us[k] = T * step
+                xs[k + 1] = xs[k] + step
+                moved = float(step.reshape(step.shape[0], -1).square().sum(1).mean().sqrt())
+                if not moved < blur:
+                    sol = None
+        self._sim_seconds += time.perf_counter() - start
+        self.n_flows += 1
+        self.n_solves += T
         if capped:
             warnings.warn(
-                f"{capped} of {T} flow steps hit max_iter={self.max_iter} before tol={self.tol:g} "
-                f"(largest marginal error {max(errors):.3g}); raise max_iter or blur",
+                f"{capped} of {T} flow steps hit max_iter={self.sinkhorn.max_iter} before "
+                f"tol={self.sinkhorn.tol:g} (largest marginal error {max(errors):.3g}); raise max_iter or blur",
                 SinkhornConvergenceWarning,
                 stacklevel=2,
             )
-        ts = torch.arange(T + 1, dtype=x0.dtype, device=x0.device) / T
+        ts = torch.arange(T + 1, dtype=dtype, device=x0.device) / T
         return SinkhornTrajectory(xs=xs, us=us, ts=ts, marginal_errors=errors, n_iters=iters)
 
-    def fill_pool(self, x0: Tensor, x1: Tensor) -> SinkhornTrajectory:
-        """Simulate one flow of ``(x0, x1)`` and add all its ``T * n`` (t, x, u) items to the pool."""
-        if self.pool is None:
-            raise ValueError("fill_pool needs a pool: construct the matcher with pool=TrajectoryPool(...)")
-        traj = self.simulate(x0, x1)
+    # ------------------------------------------------------------------ paths
+    @property
+    def segment_length(self) -> float:
+        """Clock length of one served segment: 1 (straight), 1/T (polyline) or 0 (grid)."""
+        return {"straight": 1.0, "polyline": 1.0 / self.flow_steps, "grid": 0.0}[self.path]
+
+    def segments(self, traj: SinkhornTrajectory) -> tuple[Tensor, Tensor, Tensor]:
+        """The served segments of a trajectory: start times (N,), start points (N, *dim), velocities (N, *dim).
+
+        A segment starting at ``(t_s, x_s)`` with velocity ``u`` covers ``t_s + s * L`` for ``s in [0, 1)``,
+        ``L = segment_length``, at ``x_s + s * L * u``. ``N = n`` for ``"straight"``, ``T * n`` otherwise.
+        """
         T, n = traj.us.shape[:2]
-        self.pool.add(
+        if self.path == "straight":
+            t0 = torch.zeros(n, dtype=traj.xs.dtype, device=traj.xs.device)
+            return t0, traj.xs[0], traj.xs[T] - traj.xs[0]
+        feature = traj.xs.shape[2:]
+        return (
             traj.ts[:-1].repeat_interleave(n),
-            traj.xs[:-1].reshape(T * n, *x0.shape[1:]),
-            traj.us.reshape(T * n, *x0.shape[1:]),
+            traj.xs[:-1].reshape(T * n, *feature),
+            traj.us.reshape(T * n, *feature),
         )
+
+    def path_at(self, traj: SinkhornTrajectory, t: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Position and velocity of each particle's path at its own time ``t`` (n,) in [0, 1].
+
+        ``"straight"``: :math:`X_0 + t (X_T - X_0)` and :math:`X_T - X_0`. ``"polyline"`` and ``"grid"``: the
+        Euler polyline, :math:`X_k + (t - k/T) u_k` with :math:`k = \min(\lfloor tT \rfloor, T - 1)`, and
+        :math:`u_k` (the right derivative; ``t = 1`` gives :math:`X_T` and :math:`u_{T-1}`).
+        """
+        T, n = traj.us.shape[:2]
+        t = t.to(traj.xs.dtype)
+        pad = (-1,) + (1,) * (traj.xs.dim() - 2)
+        if self.path == "straight":
+            ut = traj.xs[T] - traj.xs[0]
+            return traj.xs[0] + t.reshape(pad) * ut, ut
+        k = (t * T).floor().long().clamp_(0, T - 1)
+        idx = torch.arange(n, device=traj.xs.device)
+        ut = traj.us[k, idx]
+        return traj.xs[k, idx] + (t - k.to(t.dtype) / T).reshape(pad) * ut, ut
+
+    def _check_t(self, t: object, bs: int, x0: Tensor) -> Tensor:
+        if not isinstance(t, Tensor) or t.shape != (bs,):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"t must be a tensor of shape ({bs},) to match x0, got {shape}")
+        if not bool(((t >= 0) & (t <= 1)).all()):
+            raise ValueError("t must lie in [0, 1] (and not be NaN)")
+        return t.to(device=x0.device, dtype=x0.dtype)
+
+    # ------------------------------------------------------------------ pool
+    def _ensure_pool(self, x0: Tensor) -> None:
+        if self.pool is None and self._auto_pool:
+            seed = (
+                None
+                if self.generator is None
+                else int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            )
+            self.pool = TrajectoryPool(
+                AUTO_POOL_ITEMS,
+                max_bytes=AUTO_POOL_BYTES,
+                device=x0.device,
+                generator=None if seed is None else torch.Generator().manual_seed(seed),
+            )
+
+    def fill_pool(self, x0: Tensor, x1: Tensor) -> SinkhornTrajectory:
+        """Simulate one flow of ``(x0, x1)`` and add its served segments (:meth:`segments`) to the pool."""
+        self._ensure_pool(x0)
+        if self.pool is None:
+            raise ValueError(
+                "fill_pool needs a pool: construct the matcher with pool='auto' or a TrajectoryPool"
+            )
+        traj = self.simulate(x0, x1)
+        self.pool.add(*self.segments(traj))
         return traj
+
+    def _rand(self, n: int, like: Tensor) -> Tensor:
+        return torch.rand(n, generator=self.generator).to(device=like.device, dtype=like.dtype)
+
+    def _serve(self, t0: Tensor, xs: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A uniform point on each segment: ``t = t0 + s L``, ``xt = xs + s L u`` with ``s ~ U[0, 1)``."""
+        length = self.segment_length
+        s = self._rand(t0.shape[0], u) * length
+        pad = (-1,) + (1,) * (u.dim() - 1)
+        return t0.to(u.dtype) + s, xs + s.reshape(pad) * u, u
 
     # ------------------------------------------------------------------ torchcfm interface
     def sample_location_and_conditional_flow(
@@ -219,13 +359,12 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         x1 : Tensor, shape (m, *dim)
             Target minibatch (``m`` may differ from ``bs``).
         t : Tensor, shape (bs,), optional
-            Times in [0, 1]. When ``None``, particle ``i`` gets a uniformly drawn step ``k_i`` and
-            ``t_i = k_i / T``. A given ``t`` may lie off the grid: ``xt`` is then the point at ``t`` on
-            the Euler polyline, ``X_k + (tT - k) u_k / T`` with ``k = min(floor(tT), T - 1)``, and ``ut``
-            the polyline's velocity ``u_k`` there (its right derivative; ``t = 1`` gives ``X_T`` and
-            ``u_{T-1}``). Not allowed with a pool.
+            Times in [0, 1] for the particles of this call's flow (:meth:`path_at`); not allowed with a pool.
+            When ``None``, each served item is a uniform point of a uniformly drawn segment
+            (:meth:`segments`): ``t`` covers [0, 1] for ``"straight"`` and ``"polyline"``, the grid ``k/T``
+            for ``"grid"``.
         return_noise : bool
-            Also return ``eps``, a zero tensor (the path is deterministic).
+            Also return ``eps``, the standard normal draw behind ``xt = mu_t + sigma * eps``.
 
         Returns
         -------
@@ -237,64 +376,145 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         """
         self._check_pair(x0, x1)
         bs = x0.shape[0]
+        dtype = torch.promote_types(x0.dtype, x1.dtype)
+        self._ensure_pool(x0)
         if self.pool is not None:
             if t is not None:
-                raise ValueError("t cannot be given when the matcher serves its batches from a pool")
-            if self._calls % self.refresh_every == 0 or len(self.pool) < bs:
+                raise ValueError(
+                    "t cannot be given when the matcher serves its batches from a pool (pool=None)"
+                )
+            if self.n_calls % self.refresh_every == 0 or len(self.pool) < bs:
                 self.fill_pool(x0, x1)
-            t_out, xt, ut = self.pool.sample(bs, device=x0.device, dtype=x0.dtype)
+                self._warn_if_slow()
+            t_out, xt, ut = self._serve(*self.pool.sample(bs, device=x0.device, dtype=dtype))
         else:
-            T = self.n_steps
-            if t is None:
-                k = torch.randint(0, T, (bs,), generator=self.generator).to(x0.device)
-                frac = torch.zeros(bs, dtype=x0.dtype, device=x0.device)
-                t_out = k.to(x0.dtype) / T
-            else:
-                if not isinstance(t, Tensor) or t.shape != (bs,):
-                    raise ValueError(
-                        f"t must be a tensor of shape ({bs},) to match x0, got "
-                        f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
-                    )
-                if not bool(((t >= 0) & (t <= 1)).all()):
-                    raise ValueError("t must lie in [0, 1] (and not be NaN)")
-                t_out = t.to(device=x0.device, dtype=x0.dtype)
-                k = (t_out * T).floor().long().clamp_(0, T - 1)
-                frac = t_out * T - k.to(x0.dtype)
             traj = self.simulate(x0, x1)
-            idx = torch.arange(bs, device=x0.device)
-            ut = traj.us[k, idx]
-            pad = (-1,) + (1,) * (x0.dim() - 1)
-            xt = traj.xs[k, idx] + frac.reshape(pad) * ut / T
-        self._calls += 1
+            self._warn_if_slow()
+            if t is None:
+                segs = self.segments(traj)
+                pick = torch.randint(0, segs[0].shape[0], (bs,), generator=self.generator).to(x0.device)
+                if self.path == "straight":  # every particle is served once, in its own row
+                    pick = torch.arange(bs, device=x0.device)
+                t_out, xt, ut = self._serve(*(s[pick] for s in segs))
+            else:
+                t_out = self._check_t(t, bs, x0)
+                xt, ut = self.path_at(traj, t_out)
+        self.n_calls += 1
+        t_out = t_out.to(x0.dtype)
+        eps = None
+        if self.sigma > 0 or return_noise:
+            eps = torch.randn(xt.shape, generator=self.generator).to(device=xt.device, dtype=xt.dtype)
+            if self.sigma > 0:
+                xt = xt + self.sigma * eps
         if return_noise:
-            return t_out, xt, ut, torch.zeros_like(xt)
+            return t_out, xt, ut, eps
         return t_out, xt, ut
 
+    def compute_mu_t(self, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+        """Mean of the path at ``t``: the point at ``t`` (shape (bs,)) of the NSGF path of ``x0`` towards ``x1``.
+
+        Simulates the flow (one Sinkhorn solve per flow step), then :meth:`path_at`.
+        """
+        self._check_pair(x0, x1)
+        return self.path_at(self.simulate(x0, x1), self._check_t(t, x0.shape[0], x0))[0]
+
+    def sample_xt(self, x0: Tensor, x1: Tensor, t: Tensor, epsilon: Tensor) -> Tensor:
+        """``compute_mu_t(x0, x1, t) + sigma * epsilon`` (torchcfm's contract)."""
+        return self.compute_mu_t(x0, x1, t) + self.sigma * epsilon
+
+    def compute_conditional_flow(self, x0: Tensor, x1: Tensor, t: Tensor, xt: Tensor) -> Tensor:
+        """Velocity of the NSGF path of ``x0`` towards ``x1`` at ``t`` (shape (bs,)); ``xt`` is not used."""
+        self._check_pair(x0, x1)
+        return self.path_at(self.simulate(x0, x1), self._check_t(t, x0.shape[0], x0))[1]
+
+    def _warn_if_slow(self) -> None:
+        if self._warned_slow or self.n_flows == 0:
+            return
+        per_call = self._sim_seconds / self.n_flows / (1 if self.pool is None else self.refresh_every)
+        if per_call > SLOW_CALL_S:
+            self._warned_slow = True
+            advice = (
+                "serve from a pool (pool='auto') or raise refresh_every"
+                if self.pool is None
+                else f"raise refresh_every (now {self.refresh_every})"
+            )
+            warnings.warn(
+                f"SinkhornFlowMatcher spends about {per_call:.1f} s of Sinkhorn iterations per call "
+                f"({self._sim_seconds / self.n_flows:.1f} s per {self.flow_steps}-step flow at blur "
+                f"{self.blur:.3g}): {advice}, use fewer flow_steps, or a larger blur",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ sampling
+    def sample(
+        self, field, x0: Tensor, *, solver: str = "euler", n_steps: int | None = None, **kwargs
+    ) -> SampleResult:
+        """Integrate a field trained on this matcher's targets from ``t = 0`` to 1 (:func:`odeint_sample`).
+
+        Fixed-step solvers default to ``n_steps = flow_steps``, the matcher's grid (exact for a field equal
+        to the served velocity); adaptive solvers (``dopri5``, ``tsit5``) choose their own steps.
+        """
+        from .sampling import ADAPTIVE_SOLVERS
+
+        if n_steps is None and solver not in ADAPTIVE_SOLVERS:
+            n_steps = self.flow_steps
+        return odeint_sample(field, x0, solver=solver, n_steps=n_steps, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Resumable state: the call counter (which decides pool refreshes), the generator and the pool."""
+        """Resumable state: counters, the resolved blur, the generator and the pool."""
         return {
-            "calls": self._calls,
+            "calls": self.n_calls,
+            "flows": self.n_flows,
+            "solves": self.n_solves,
+            "blur": self.blur,
             "generator": None if self.generator is None else self.generator.get_state(),
             "pool": None if self.pool is None else self.pool.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (the matcher must have been built the same way)."""
-        self._calls = int(state["calls"])
+        self.n_calls = int(state["calls"])
+        self.n_flows = int(state.get("flows", 0))
+        self.n_solves = int(state.get("solves", 0))
+        if state.get("blur") is not None:
+            self.blur = float(state["blur"])
         if state.get("generator") is not None and self.generator is not None:
             self.generator.set_state(state["generator"])
         if state.get("pool") is not None:
+            if self.pool is None and self._auto_pool:
+                self.pool = TrajectoryPool(
+                    AUTO_POOL_ITEMS,
+                    max_bytes=AUTO_POOL_BYTES,
+                    generator=None if self.generator is None else torch.Generator(),
+                )
             if self.pool is None:
                 raise ValueError("state holds a pool but this matcher has none")
             self.pool.load_state_dict(state["pool"])
 
     def __repr__(self) -> str:
+        steps = self.step_sizes
+        eta = f"{steps[0]:g}" if len(set(steps)) == 1 else "[" + ", ".join(f"{s:g}" for s in steps) + "]"
+        pool = "auto" if self._auto_pool else ("yes" if self.pool is not None else "no")
         return (
-            f"{type(self).__name__}(n_steps={self.n_steps}, step_size={self.step_size:g}, blur={self.blur:g}, "
-            f"scaling={self.scaling:g}, tol={self.tol:g}, pool={'yes' if self.pool is not None else 'no'})"
+            f"{type(self).__name__}(sigma={self.sigma:g}, flow_steps={self.flow_steps}, step_size={eta}, "
+            f"path={self.path!r}, sinkhorn={self.sinkhorn}, pool={pool}, refresh_every={self.refresh_every})"
         )
 
-    @property
-    def flow_time(self) -> float:
-        """Total time ``T * eta`` of the simulated flow in its own units."""
-        return self.n_steps * self.step_size
+
+def _step_sizes(step_size: float | Sequence[float], flow_steps: int) -> tuple[float, ...]:
+    if isinstance(step_size, (int, float)) and not isinstance(step_size, bool):
+        check_positive(step_size, "step_size")
+        return (float(step_size),) * flow_steps
+    if not isinstance(step_size, Sequence) or isinstance(step_size, str):
+        raise TypeError(
+            f"step_size must be a number or a sequence of numbers, got {type(step_size).__name__}"
+        )
+    if len(step_size) != flow_steps:
+        raise ValueError(
+            f"step_size must hold one value per flow step ({flow_steps}), got {len(step_size)} values"
+        )
+    for value in step_size:
+        check_positive(value, "step_size")
+    return tuple(float(v) for v in step_size)

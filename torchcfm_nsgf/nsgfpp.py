@@ -44,7 +44,7 @@ import pickle
 import warnings
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -53,10 +53,11 @@ from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 from tqdm.auto import tqdm
 
 from ._io import atomic_save
-from ._validation import check_cloud, check_open_unit, check_positive, check_same_features
+from ._validation import check_cloud, check_positive, check_same_features
 from .matcher import SinkhornFlowMatcher
 from .pool import TrajectoryPool
 from .sampling import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS, NFECounter, euler_sample, odeint_sample
+from .sinkhorn import SinkhornOptions
 
 __all__ = [
     "MAX_PHASE1_STEPS",
@@ -363,8 +364,7 @@ def nsgfpp_sample(
 class _Settings:
     n_steps: int
     step_size: float
-    blur: float
-    scaling: float
+    sinkhorn: SinkhornOptions
     pool_capacity: int
     refresh_every: int
     lr: float
@@ -388,8 +388,8 @@ class NSGFPlusPlus:
         ``T`` of the NSGF phase, ``1 .. 5`` (``> 5`` raises ``ValueError``). Paper (CIFAR-10): 5.
     step_size : float
         η of the NSGF phase (paper, CIFAR-10: 0.2).
-    blur, scaling : float
-        Sinkhorn settings (ε = blur², GeomLoss convention).
+    sinkhorn : SinkhornOptions, optional
+        Sinkhorn settings of the NSGF phase (default ``SinkhornOptions()``: blur 0.1 of the target's scale).
     pool_capacity : int
         Items of the trajectory pool of the NSGF phase.
     refresh_every : int
@@ -418,8 +418,7 @@ class NSGFPlusPlus:
         *,
         n_steps: int = 5,
         step_size: float = 0.2,
-        blur: float = 0.05,
-        scaling: float = 0.9,
+        sinkhorn: SinkhornOptions | None = None,
         pool_capacity: int = 100_000,
         refresh_every: int = 5,
         lr: float = 1e-3,
@@ -431,8 +430,10 @@ class NSGFPlusPlus:
                 raise TypeError(f"{name} must be a torch.nn.Module, got {type(net).__name__}")
         _check_phase1_steps(n_steps)
         check_positive(step_size, "step_size")
-        check_positive(blur, "blur")
-        check_open_unit(scaling, "scaling")
+        if sinkhorn is None:
+            sinkhorn = SinkhornOptions()
+        elif not isinstance(sinkhorn, SinkhornOptions):
+            raise TypeError(f"sinkhorn must be a SinkhornOptions or None, got {type(sinkhorn).__name__}")
         check_positive(pool_capacity, "pool_capacity", integer=True)
         check_positive(refresh_every, "refresh_every", integer=True)
         check_positive(lr, "lr")
@@ -442,8 +443,7 @@ class NSGFPlusPlus:
         self.settings = _Settings(
             n_steps=n_steps,
             step_size=float(step_size),
-            blur=float(blur),
-            scaling=float(scaling),
+            sinkhorn=sinkhorn,
             pool_capacity=pool_capacity,
             refresh_every=refresh_every,
             lr=float(lr),
@@ -457,10 +457,10 @@ class NSGFPlusPlus:
     def _build_matcher(self) -> None:
         s = self.settings
         self.matcher = SinkhornFlowMatcher(
-            n_steps=s.n_steps,
+            flow_steps=s.n_steps,
             step_size=s.step_size,
-            blur=s.blur,
-            scaling=s.scaling,
+            path="grid",
+            sinkhorn=s.sinkhorn,
             pool=TrajectoryPool(s.pool_capacity, generator=self.generator),
             refresh_every=s.refresh_every,
             generator=self.generator,
@@ -647,8 +647,7 @@ class NSGFPlusPlus:
             "settings": {
                 "n_steps": s.n_steps,
                 "step_size": s.step_size,
-                "blur": s.blur,
-                "scaling": s.scaling,
+                "sinkhorn": asdict(s.sinkhorn),
                 "pool_capacity": s.pool_capacity,
                 "refresh_every": s.refresh_every,
                 "lr": s.lr,
@@ -671,6 +670,12 @@ class NSGFPlusPlus:
         st = dict(state["settings"])
         _check_phase1_steps(st["n_steps"], "settings['n_steps']")
         shape = st.pop("feature_shape")
+        if "sinkhorn" in st:
+            st["sinkhorn"] = SinkhornOptions(**st["sinkhorn"])
+        else:  # checkpoints written before SinkhornOptions: an absolute blur
+            st["sinkhorn"] = SinkhornOptions(
+                blur=st.pop("blur"), relative_blur=False, scaling=st.pop("scaling"), max_iter=5000
+            )
         iterations = st.pop("iterations")
         for k, net in self.nets.items():
             try:
@@ -708,6 +713,6 @@ class NSGFPlusPlus:
     def __repr__(self) -> str:
         s = self.settings
         return (
-            f"{type(self).__name__}(n_steps={s.n_steps}, step_size={s.step_size:g}, blur={s.blur:g}, "
-            f"scaling={s.scaling:g}, iterations={s.iterations})"
+            f"{type(self).__name__}(n_steps={s.n_steps}, step_size={s.step_size:g}, sinkhorn={s.sinkhorn}, "
+            f"iterations={s.iterations})"
         )

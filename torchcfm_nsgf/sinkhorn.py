@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -64,6 +64,7 @@ from ._validation import (
 
 __all__ = [
     "SinkhornConvergenceWarning",
+    "SinkhornOptions",
     "SinkhornSolution",
     "sinkhorn_solve",
     "sinkhorn_velocity",
@@ -122,6 +123,93 @@ class SinkhornSolution:
     marginal_error: float
     converged: bool
     omega: float = 1.0
+
+
+@dataclass(frozen=True)
+class SinkhornOptions:
+    r"""The Sinkhorn settings of an NSGF flow, as one frozen object.
+
+    The matcher, NSGF++, the 2D driver and the image CLI take this object instead of re-listing its
+    fields; the command-line flags are generated from the fields (their ``metadata["help"]``).
+
+    Attributes
+    ----------
+    blur : float
+        :math:`\sqrt{\varepsilon}`. With ``relative_blur`` (default) a fraction of the target's scale,
+        the root-mean-square distance of the target samples to their mean, :meth:`scale_of`, so that one
+        value serves 2D toys and images alike; otherwise in the data's length unit (GeomLoss ``p=2``).
+    relative_blur : bool
+        Read ``blur`` relative to the target's scale (see :meth:`absolute_blur`).
+    scaling : float in (0, 1)
+        Ratio between successive blur values of the ε-scaling schedule.
+    tol : float
+        L1 marginal error at which the engine stops. Looser than :func:`sinkhorn_solve`'s 1e-4: NSGF's
+        targets are minibatch estimates anyway.
+    max_iter : int
+        Iteration cap at the final ε.
+    omega : float in [1, 2)
+        Over-relaxation of the cross problem's updates.
+    """
+
+    blur: float = field(
+        default=0.1, metadata={"help": "sqrt(eps); a fraction of the target's scale unless --absolute-blur"}
+    )
+    relative_blur: bool = field(default=True, metadata={"help": "blur relative to the target's RMS radius"})
+    scaling: float = field(default=0.9, metadata={"help": "eps-scaling ratio between successive blur values"})
+    tol: float = field(default=1e-3, metadata={"help": "L1 marginal error at which Sinkhorn stops"})
+    max_iter: int = field(default=1000, metadata={"help": "Sinkhorn iteration cap at the final eps"})
+    omega: float = field(default=1.9, metadata={"help": "over-relaxation factor in [1, 2)"})
+
+    def __post_init__(self) -> None:
+        check_positive(self.blur, "blur")
+        if not isinstance(self.relative_blur, bool):
+            raise TypeError(f"relative_blur must be a bool, got {type(self.relative_blur).__name__}")
+        check_open_unit(self.scaling, "scaling")
+        check_positive(self.tol, "tol")
+        check_positive(self.max_iter, "max_iter", integer=True)
+        if (
+            isinstance(self.omega, bool)
+            or not isinstance(self.omega, (int, float))
+            or not 1.0 <= self.omega < 2.0
+        ):
+            raise ValueError(f"omega must be a number in [1, 2), got {self.omega!r}")
+
+    @staticmethod
+    def scale_of(y: Tensor) -> float:
+        r"""Root-mean-square distance of the samples ``y`` (m, *dim) to their mean, :math:`\sqrt{\operatorname{tr}\,\mathrm{Cov}}`."""
+        yf = y.detach().reshape(y.shape[0], -1).double()
+        return float((yf - yf.mean(0)).square().sum(1).mean().sqrt())
+
+    def absolute_blur(self, y: Tensor) -> float:
+        """The blur in the data's unit: ``blur * scale_of(y)`` when ``relative_blur``, else ``blur``."""
+        if not self.relative_blur:
+            return float(self.blur)
+        scale = self.scale_of(y)
+        if not scale > 0:
+            raise ValueError(
+                "x1 has zero spread: a relative blur needs target samples that are not all equal"
+            )
+        return float(self.blur) * scale
+
+    def solve(
+        self, x: Tensor, y: Tensor, *, blur: float, warm_start: SinkhornSolution | None = None
+    ) -> SinkhornSolution:
+        """:func:`sinkhorn_solve` with these settings at the absolute ``blur``."""
+        return sinkhorn_solve(
+            x,
+            y,
+            blur=blur,
+            scaling=self.scaling,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            omega=self.omega,
+            warm_start=warm_start,
+        )
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """``{field name: help text}``, for generated command-line flags."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
 def _half_sq_dist(x: Tensor, y: Tensor, same: bool = False) -> Tensor:

@@ -11,7 +11,7 @@ Metric: the exact 2-Wasserstein distance between two point clouds with uniform w
 
 Training: :func:`train_flow_matching` is torchcfm's loop, ``t, xt, ut = FM.sample_location_and_conditional_flow
 (x0, x1); loss = mean((v(t, xt) - ut)^2)``, for any matcher, NSGF's :class:`~torchcfm_nsgf.SinkhornFlowMatcher`
-included; :func:`train_nsgf` sets up NSGF's matcher with its trajectory pool (Algorithm 1) and runs that loop.
+included; :func:`train_nsgf` runs that loop with NSGF's matcher (Algorithm 1: flows into a trajectory pool).
 """
 
 from __future__ import annotations
@@ -31,12 +31,10 @@ from torchcfm.utils import sample_8gaussians, sample_moons, torch_wrapper
 from tqdm.auto import tqdm
 
 from .matcher import SinkhornFlowMatcher
-from .pool import TrajectoryPool
 from .sampling import euler_sample, odeint_sample
 
 __all__ = [
     "TASKS",
-    "NSGFConfig",
     "Sampler",
     "Task",
     "TrainedField",
@@ -219,7 +217,7 @@ def train_flow_matching(
     matcher,
     sample_batch: BatchFn,
     *,
-    n_steps: int | None,
+    train_steps: int | None,
     batch_size: int = 256,
     lr: float = 1e-3,
     time_budget_s: float | None = None,
@@ -238,26 +236,26 @@ def train_flow_matching(
         Any torchcfm matcher (``sample_location_and_conditional_flow``), NSGF's included.
     sample_batch : callable
         ``sample_batch(batch_size) -> (x0, x1)``, each (batch_size, 2).
-    n_steps : int or None
+    train_steps : int or None
         Number of optimiser steps; None trains until ``time_budget_s`` instead.
     batch_size, lr : int, float
         Minibatch size and Adam learning rate.
     time_budget_s : float, optional
-        Stop once the wall-clock time (``time_offset_s`` included) reaches it; exactly one of ``n_steps`` and
+        Stop once the wall-clock time (``time_offset_s`` included) reaches it; exactly one of ``train_steps`` and
         ``time_budget_s`` must be given.
     time_offset_s : float
         Seconds already spent before this loop (2-RF's first rectified flow), added to ``train_time_s``.
     progress : bool
         Show a tqdm bar.
     """
-    if (n_steps is None) == (time_budget_s is None):
-        raise ValueError("give exactly one of n_steps and time_budget_s")
-    if n_steps is not None and n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    if (train_steps is None) == (time_budget_s is None):
+        raise ValueError("give exactly one of train_steps and time_budget_s")
+    if train_steps is not None and train_steps < 1:
+        raise ValueError(f"train_steps must be >= 1, got {train_steps}")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses: list[float] = []
     start = time.perf_counter() - time_offset_s
-    total = n_steps if n_steps is not None else None
+    total = train_steps
     with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
         while True:
             x0, x1 = sample_batch(batch_size)
@@ -272,7 +270,7 @@ def train_flow_matching(
             if len(losses) % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3g}")
             elapsed = time.perf_counter() - start
-            if n_steps is not None and len(losses) >= n_steps:
+            if train_steps is not None and len(losses) >= train_steps:
                 break
             if time_budget_s is not None and elapsed >= time_budget_s:
                 break
@@ -282,35 +280,11 @@ def train_flow_matching(
     )
 
 
-@dataclass(frozen=True)
-class NSGFConfig:
-    r"""NSGF's 2D settings.
-
-    ``blur`` 0.3 (ε = 0.09) instead of the author code's 0.05: at blur 0.05 on 8gaussians' scale (ε far
-    below the squared diameter ~100) a 100-step flow of 256 particles costs ~40 s of Sinkhorn iterations on
-    one (shared) CPU core, ~8-20 s at blur 0.2 and ~9 s for 50 steps at blur 0.3, reaching the same final
-    W2 (measured on 8gaussians -> moons). ``flow_steps * step_size = 5`` (the author code's 100 x 0.02 = 2
-    leaves the particles visibly short of the target): near the target the flow contracts the distance by
-    about :math:`e^{-\eta T}`. ``n_flows`` flows of ``flow_batch`` particles fill the pool, each pulled
-    towards ``target_batch`` target samples (default: ``flow_batch``).
-    """
-
-    blur: float = 0.3
-    scaling: float = 0.9
-    flow_steps: int = 50
-    step_size: float = 0.1
-    tol: float = 1e-3
-    max_iter: int = 200
-    flow_batch: int = 256
-    target_batch: int | None = None
-    n_flows: int = 6
-
-
 def train_nsgf(
     task: Task,
-    config: NSGFConfig,
+    matcher: SinkhornFlowMatcher | None = None,
     *,
-    n_steps: int | None,
+    train_steps: int | None,
     generator: torch.Generator,
     batch_size: int = 256,
     lr: float = 1e-3,
@@ -318,49 +292,22 @@ def train_nsgf(
     time_budget_s: float | None = None,
     progress: bool = False,
 ) -> TrainedField:
-    """Train NSGF (Algorithm 1) on ``task``: simulate flows into a pool, then torchcfm's loop.
+    """Train NSGF on ``task`` with torchcfm's loop and a :class:`SinkhornFlowMatcher` (its defaults if None).
 
-    A :class:`SinkhornFlowMatcher` with a :class:`TrajectoryPool` sized for ``config.n_flows`` flows of
-    ``config.flow_batch`` particles (nothing is evicted) gets ``n_flows - 1`` flows by ``fill_pool``; the
-    loop's first ``sample_location_and_conditional_flow`` call simulates the last one (the matcher refreshes
-    on its first call) and no call after it does (``refresh_every`` exceeds the number of steps). Every call
-    then serves a random minibatch of the pool. ``train_time_s`` includes all simulation. The field is
-    returned in eval mode.
+    Every call of the loop draws a fresh ``(x0, x1)`` batch of the task; the matcher simulates flows from
+    those batches into its pool and serves the regression batches (Algorithm 1). ``train_time_s`` includes
+    all simulation. The field is returned in eval mode.
     """
-    pool = TrajectoryPool(
-        config.n_flows * config.flow_steps * config.flow_batch,
-        generator=torch.Generator().manual_seed(_child_seed(generator)),
-    )
-    matcher = SinkhornFlowMatcher(
-        config.flow_steps,
-        config.step_size,
-        config.blur,
-        config.scaling,
-        tol=config.tol,
-        max_iter=config.max_iter,
-        pool=pool,
-        refresh_every=2**62,
-    )
-    start = time.perf_counter()
-    m = config.target_batch or config.flow_batch
-    for _ in tqdm(range(config.n_flows - 1), desc="simulating flows", disable=not progress, leave=False):
-        matcher.fill_pool(task.source(config.flow_batch, generator), task.target(m, generator))
-    simulation_s = time.perf_counter() - start
-
-    def sample_batch(bs: int) -> tuple[Tensor, Tensor]:
-        if matcher._calls == 0:  # the first call's batch is simulated
-            return task.source(config.flow_batch, generator), task.target(m, generator)
-        return task.source(bs, generator), task.target(bs, generator)
-
+    if matcher is None:
+        matcher = SinkhornFlowMatcher(generator=torch.Generator().manual_seed(_child_seed(generator)))
     return train_flow_matching(
         make_model(width),
         matcher,
-        sample_batch,
-        n_steps=n_steps,
+        lambda bs: (task.source(bs, generator), task.target(bs, generator)),
+        train_steps=train_steps,
         batch_size=batch_size,
         lr=lr,
         time_budget_s=time_budget_s,
-        time_offset_s=simulation_s,
         progress=progress,
         desc="NSGF",
     )

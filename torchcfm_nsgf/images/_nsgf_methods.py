@@ -6,7 +6,8 @@ A method is offered only when the modules it builds on import (``torchcfm_nsgf.m
 NSGF on images (paper Algorithm 1 and 2): :class:`~torchcfm_nsgf.matcher.SinkhornFlowMatcher` simulates the
 Sinkhorn flow of each ``(x0, x1)`` batch into a per-process :class:`~torchcfm_nsgf.pool.TrajectoryPool`
 every ``refresh_every`` training batches and serves the regression batches from it; the UNet ``v_θ(t, x)``
-regresses them; sampling is ``T`` Euler steps on ``[0, 1]`` (NFE = T).
+regresses them; sampling integrates from 0 to 1 (default: the baselines' steps; ``T`` steps for
+``path="grid"``).
 
 NSGF++ on images (paper Algorithm 3, :mod:`torchcfm_nsgf.nsgfpp`): three networks trained together by the
 shared loop (one optimiser; the loss is the sum of three losses on disjoint parameters): the UNet NSGF field
@@ -81,8 +82,8 @@ class NSGFMethod(FlowMatchingMethod):
     counter (which decides when the pool is refreshed) is saved with the pool.
     """
 
-    def __init__(self, matcher: Any, net: torch.nn.Module) -> None:
-        super().__init__("nsgf", matcher, net, default_steps=matcher.n_steps)
+    def __init__(self, matcher: Any, net: torch.nn.Module, default_steps: int) -> None:
+        super().__init__("nsgf", matcher, net, default_steps=default_steps)
 
     def prepare(self, x1_fn: Callable[[], Tensor], progress: bool = False) -> None:
         """Simulate the first flow into the pool before training (a progress bar shows the pool's size)."""
@@ -117,7 +118,7 @@ class NSGFPlusPlusMethod(NSGFMethod):
         self.matcher = matcher
         self.cfm = ConditionalFlowMatcher(sigma=0.0)
         self.nets = torch.nn.ModuleDict({"nsgf": nsgf, "predictor": predictor, "straight": straight})
-        self.default_steps = matcher.n_steps + 1 + NSGFPP_STRAIGHT_STEPS
+        self.default_steps = matcher.flow_steps + 1 + NSGFPP_STRAIGHT_STEPS
 
     def loss(self, nets: torch.nn.ModuleDict, x0: Tensor, x1: Tensor) -> Tensor:
         t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)
@@ -133,7 +134,7 @@ class NSGFPlusPlusMethod(NSGFMethod):
     ) -> GeneratedImages:
         """``nfe`` is the whole budget (T NSGF steps + 1 predictor call + phase-2 steps; ignored by adaptive
         solvers, whose phase 2 runs to their tolerance)."""
-        T = self.matcher.n_steps
+        T = self.matcher.flow_steps
         budget = self.default_steps if nfe is None else nfe
         adaptive = solver in ADAPTIVE_SOLVERS
         if not adaptive and budget < T + 2:
@@ -153,7 +154,15 @@ class NSGFPlusPlusMethod(NSGFMethod):
         return GeneratedImages(samples=out.samples, nfe=out.total_nfe, nfe_breakdown=dict(out.nfe))
 
 
-def make(name: str, shape: tuple[int, int, int], *, preset: str, settings: NSGFSettings, rank: int) -> Any:
+def make(
+    name: str,
+    shape: tuple[int, int, int],
+    *,
+    preset: str,
+    settings: NSGFSettings,
+    rank: int,
+    sample_steps: int,
+) -> Any:
     """Build ``nsgf`` (or ``nsgf++``) for images of ``shape``."""
     if name not in available():
         raise ValueError(f"method {name!r} is not available in this installation (available: {available()})")
@@ -161,15 +170,16 @@ def make(name: str, shape: tuple[int, int, int], *, preset: str, settings: NSGFS
     if name == "nsgf++" and s.phase1_steps > MAX_PHASE1_STEPS:
         raise ValueError(f"phase1_steps must be at most {MAX_PHASE1_STEPS} for nsgf++, got {s.phase1_steps}")
     matcher = SinkhornFlowMatcher(
-        n_steps=s.n_steps if name == "nsgf" else s.phase1_steps,
+        flow_steps=s.flow_steps if name == "nsgf" else s.phase1_steps,
         step_size=s.step_size if name == "nsgf" else s.phase1_step_size,
-        blur=s.blur,
-        scaling=s.scaling,
+        path=s.path if name == "nsgf" else "grid",
+        sinkhorn=s.sinkhorn,
         pool=make_pool(s, rank),
         refresh_every=s.refresh_every,
     )
     if name == "nsgf":
-        return NSGFMethod(matcher, build_unet(shape, preset))
+        steps = s.flow_steps if s.path == "grid" else sample_steps
+        return NSGFMethod(matcher, build_unet(shape, preset), steps)
     return NSGFPlusPlusMethod(
         matcher, build_unet(shape, preset), TimePredictorCNN(shape[0]), build_unet(shape, preset)
     )

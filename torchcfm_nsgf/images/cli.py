@@ -12,6 +12,9 @@ import logging
 import os
 from typing import Any
 
+from .._cli import add_option_flags, options_from_args
+from ..matcher import PATHS
+from ..sinkhorn import SinkhornOptions
 from .data import load_images, to_uint8
 from .fid import check_inception_available, inception_metrics
 from .generation import generate, save_grid
@@ -71,11 +74,11 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, default=None, help="stop after N steps without checkpointing")
     g.add_argument("--log-every", type=int, default=100)
     g.add_argument("--no-progress", dest="progress", action="store_false")
-    g = p.add_argument_group("NSGF / NSGF++ (defaults: shared/NSGF.md, CIFAR-10 column)")
-    g.add_argument("--blur", type=float, default=nsgf.blur)
-    g.add_argument("--scaling", type=float, default=nsgf.scaling)
-    g.add_argument("--nsgf-steps", type=int, default=nsgf.n_steps, help="T of nsgf")
-    g.add_argument("--nsgf-step-size", type=float, default=nsgf.step_size, help="eta of nsgf")
+    g = p.add_argument_group("NSGF / NSGF++ Sinkhorn flow")
+    add_option_flags(g, SinkhornOptions)
+    g.add_argument("--flow-steps", type=int, default=nsgf.flow_steps, help="T of nsgf's simulated flow")
+    g.add_argument("--step-size", type=float, default=nsgf.step_size, help="eta of nsgf's simulated flow")
+    g.add_argument("--path", default=nsgf.path, choices=list(PATHS), help="targets nsgf serves")
     g.add_argument("--phase1-steps", type=int, default=nsgf.phase1_steps, help="T of nsgf++'s NSGF phase")
     g.add_argument("--phase1-step-size", type=float, default=nsgf.phase1_step_size)
     g.add_argument("--pool-capacity", type=int, default=nsgf.pool_capacity, help="items per process")
@@ -103,10 +106,10 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` described by parsed arguments."""
     nsgf = NSGFSettings(
-        blur=args.blur,
-        scaling=args.scaling,
-        n_steps=args.nsgf_steps,
-        step_size=args.nsgf_step_size,
+        sinkhorn=options_from_args(args, SinkhornOptions),
+        flow_steps=args.flow_steps,
+        step_size=args.step_size,
+        path=args.path,
         phase1_steps=args.phase1_steps,
         phase1_step_size=args.phase1_step_size,
         pool_capacity=args.pool_capacity,

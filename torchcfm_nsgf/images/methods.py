@@ -31,6 +31,7 @@ from torchcfm.conditional_flow_matching import (
 from torchcfm.models.unet.unet import UNetModelWrapper
 
 from ..sampling import ADAPTIVE_SOLVERS, euler_sample, odeint_sample
+from ..sinkhorn import SinkhornOptions
 
 __all__ = [
     "BASELINE_METHODS",
@@ -233,14 +234,14 @@ def available_methods() -> tuple[str, ...]:
 
 @dataclass
 class NSGFSettings:
-    """Settings of the NSGF and NSGF++ methods (defaults: the CIFAR-10 column of ``shared/NSGF.md`` §3).
+    """Settings of the NSGF and NSGF++ methods.
 
     Attributes
     ----------
-    blur, scaling : float
-        Sinkhorn blur (ε = blur²) and ε-scaling ratio (GeomLoss conventions).
-    n_steps, step_size : int, float
-        T and η of the simulated flow for ``nsgf`` (100, 0.03).
+    sinkhorn : SinkhornOptions
+        Sinkhorn settings (default: blur 0.1 of the target's scale, like ``SinkhornFlowMatcher()``).
+    flow_steps, step_size, path : int, float, str
+        T, η and served path of the simulated flow for ``nsgf`` (``SinkhornFlowMatcher``'s defaults).
     phase1_steps, phase1_step_size : int, float
         T and η of the NSGF phase of ``nsgf++`` (5, 0.2).
     pool_capacity : int
@@ -256,10 +257,10 @@ class NSGFSettings:
         Simulate a new flow batch into the pool every ``refresh_every`` training batches.
     """
 
-    blur: float = 2.0
-    scaling: float = 0.8
-    n_steps: int = 100
-    step_size: float = 0.03
+    sinkhorn: SinkhornOptions = field(default_factory=SinkhornOptions)
+    flow_steps: int = 2
+    step_size: float = 1.0
+    path: str = "straight"
     phase1_steps: int = 5
     phase1_step_size: float = 0.2
     pool_capacity: int = 200_000
@@ -315,4 +316,6 @@ def make_method(
         return FlowMatchingMethod(name, matcher, build_unet(shape, preset), sample_steps)
     from . import _nsgf_methods
 
-    return _nsgf_methods.make(name, shape, preset=preset, settings=nsgf or NSGFSettings(), rank=rank)
+    return _nsgf_methods.make(
+        name, shape, preset=preset, settings=nsgf or NSGFSettings(), rank=rank, sample_steps=sample_steps
+    )
