@@ -267,3 +267,147 @@ def test_bad_input_names_the_argument(tmp_path):
     half = TrajectoryPool(4, dtype=torch.float16)
     with pytest.raises(ValueError, match="xt overflows"):
         half.add(torch.zeros(1), torch.full((1, 2), 1e6), torch.zeros(1, 2))
+
+
+# ---------------------------------------------------------------- buffers that grow with the contents
+
+BIG = (64, 64)  # float32 items of 4 + 2 * 4096 * 4 = 32_772 bytes: about 32 per MiB, so small pools grow
+BIG_ITEM = 4 + 2 * 64 * 64 * 4
+MIB = 2**20  # the first allocation holds about 1 MiB of items (at most 1 MiB, at least one item)
+
+
+def _slots_of_files(path) -> list[int]:
+    """Slots held by each of the t, xt, ut files of a disk pool of BIG float32 items."""
+    return [
+        os.path.getsize(path / "t.bin") // 4,
+        os.path.getsize(path / "xt.bin") // (64 * 64 * 4),
+        os.path.getsize(path / "ut.bin") // (64 * 64 * 4),
+    ]
+
+
+def test_nbytes_follows_the_items_held_not_the_capacity():
+    per_item = 4 + 2 * 3 * 32 * 32 * 2  # float32 t + float16 xt, ut of a CIFAR image: 12_292 bytes
+    full_size = 200_000 * per_item  # 2.46e9 bytes (2.3 GiB) at full capacity, never allocated here
+    pool = TrajectoryPool(200_000, dtype=torch.float16)
+    for start in range(0, 300, 100):
+        pool.add(*_batch(list(range(start, start + 100)), dim=(3, 32, 32)))
+        assert pool.capacity == 200_000
+        # doubling: never more than twice what is held, or the 1 MiB first allocation
+        assert len(pool) * per_item <= pool.nbytes <= max(2 * len(pool) * per_item, MIB)
+    assert pool.nbytes <= 600 * per_item < full_size / 300
+    assert _all_ids(pool) == list(range(300))
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_fifo_across_growth_and_wrap_around_matches_a_deque(tmp_path, storage):
+    capacity = 200
+    kwargs = {"storage": "disk", "path": tmp_path / "pool"} if storage == "disk" else {}
+    pool = TrajectoryPool(capacity, **kwargs)
+    reference = collections.deque(maxlen=capacity)
+    sizes, next_id = [], 0
+    # totals 1, 6, 36, 38, 78, 79, 149, 182, 272 (wraps), 279, 529 (batch > capacity), 532
+    for k in [1, 5, 30, 2, 40, 1, 70, 33, 90, 7, 250, 3]:
+        ids = list(range(next_id, next_id + k))
+        next_id += k
+        pool.add(*_batch(ids, dim=BIG))
+        reference.extend(ids)
+        assert len(pool) == len(reference)
+        assert _all_ids(pool) == sorted(reference)
+        bound = min(capacity * BIG_ITEM, max(2 * len(pool) * BIG_ITEM, MIB))
+        assert len(pool) * BIG_ITEM <= pool.nbytes <= bound
+        if storage == "disk":
+            files = ["t.bin", "xt.bin", "ut.bin"]
+            assert pool.nbytes == sum(os.path.getsize(tmp_path / "pool" / f) for f in files)
+        sizes.append(pool.nbytes)
+    assert sizes == sorted(sizes) and len(set(sizes)) >= 4  # grew several times, never shrank
+    assert sizes[-1] == capacity * BIG_ITEM  # full: exactly the full-capacity size, no slack
+
+
+def test_samples_follow_the_ring_slot_order_across_growth():
+    """Item number j (no batch exceeds the capacity) sits in slot j % capacity, as in a preallocated ring:
+    a full-pool sample (a random permutation of the slots) is reproducible from the generator alone."""
+    capacity, seed = 150, 11
+    pool = TrajectoryPool(capacity, generator=torch.Generator().manual_seed(seed))
+    replay = torch.Generator().manual_seed(seed)  # replays the pool's generator
+    slots = [-1] * capacity  # id held by each slot of a preallocated ring buffer
+    next_id = 0
+    for k in [3, 40, 25, 60, 90, 8]:  # grows 31 -> 62 -> 124 -> 150, then wraps
+        ids = list(range(next_id, next_id + k))
+        next_id += k
+        pool.add(*_batch(ids, dim=BIG))
+        for i in ids:
+            slots[i % capacity] = i
+        perm = torch.randperm(len(pool), generator=replay)
+        t = pool.sample(len(pool))[0]
+        assert torch.round(t.double() * N_IDS).long().tolist() == [slots[p] for p in perm.tolist()]
+
+
+def test_state_dict_mid_growth_round_trips_and_keeps_growing():
+    pool = TrajectoryPool(200, generator=torch.Generator().manual_seed(7))
+    pool.add(*_batch(list(range(45)), dim=BIG))
+    state = pool.state_dict()
+    restored = TrajectoryPool(5, generator=torch.Generator().manual_seed(0))
+    restored.load_state_dict(state)
+    assert restored.capacity == 200 and len(restored) == 45
+    assert restored.nbytes <= max(2 * 45 * BIG_ITEM, MIB) < 200 * BIG_ITEM
+    for start, k in [(45, 50), (95, 120)]:  # growth, then the wrap-around
+        for each in (pool, restored):
+            each.add(*_batch(list(range(start, start + k)), dim=BIG))
+        for a, b in zip(pool.sample(16), restored.sample(16), strict=True):
+            assert torch.equal(a, b)
+    assert _all_ids(restored) == list(range(15, 215))
+
+
+def test_state_of_a_partly_filled_pool_from_the_preallocating_format_loads():
+    # the layout written before buffers grew: items in buffer order, counters, effective capacity
+    ids = [10, 11, 12, 13]
+    t, xt, ut = _batch(ids)
+    state = {
+        "storage": "memory", "capacity": 100, "dtype": "float32", "feature_shape": [3],
+        "head": 4, "size": 4, "n_added": 4, "generator_state": None, "t": t, "xt": xt, "ut": ut,
+    }  # fmt: skip
+    pool = TrajectoryPool(7)
+    pool.load_state_dict(state)
+    assert pool.capacity == 100 and _all_ids(pool) == ids
+    pool.add(*_batch(list(range(100, 199))))  # 103 items: ids 10, 11, 12 are evicted
+    assert _all_ids(pool) == [13, *range(100, 199)]
+
+
+def test_disk_pool_reopens_mid_growth_and_its_files_grow(tmp_path):
+    path = tmp_path / "replay"
+    reference = collections.deque(maxlen=200)
+    pool = TrajectoryPool(200, storage="disk", path=path)
+    pool.add(*_batch(list(range(40)), dim=BIG))
+    reference.extend(range(40))
+    first = _slots_of_files(path)
+    assert first[0] == first[1] == first[2] and 40 <= first[0] <= max(80, MIB // BIG_ITEM) < 200
+    del pool
+
+    for start, k in [(40, 100), (140, 200)]:  # growth after a reopen, then growth to full and wrap
+        reopened = TrajectoryPool.open(path)
+        assert reopened.capacity == 200 and _all_ids(reopened) == sorted(reference)
+        before = _slots_of_files(path)
+        reopened.add(*_batch(list(range(start, start + k)), dim=BIG))
+        reference.extend(range(start, start + k))
+        after = _slots_of_files(path)
+        assert after[0] == after[1] == after[2] > before[0]
+        del reopened
+    assert after[0] == 200
+    assert _all_ids(TrajectoryPool.open(path)) == list(range(140, 340))
+
+
+def test_disk_pool_recovers_an_interrupted_growth_and_rejects_short_files(tmp_path):
+    path = tmp_path / "replay"
+    pool = TrajectoryPool(200, storage="disk", path=path)
+    pool.add(*_batch(list(range(40)), dim=BIG))
+    slots = _slots_of_files(path)[0]
+    del pool
+    os.truncate(path / "xt.bin", 2 * slots * 64 * 64 * 4)  # xt.bin grew, t.bin and ut.bin did not
+    reopened = TrajectoryPool.open(path)
+    assert _slots_of_files(path) == [slots] * 3  # cut back to the shortest file
+    assert _all_ids(reopened) == list(range(40))
+    del reopened
+
+    os.truncate(path / "ut.bin", 39 * 64 * 64 * 4)  # fewer slots than the 40 items held
+    with pytest.raises(ValueError, match="ut.bin"):
+        TrajectoryPool.open(path)

@@ -25,6 +25,7 @@ _STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in _STORAGE_DTYPES}
 _FILES = {"t": "t.bin", "xt": "xt.bin", "ut": "ut.bin"}
 _META = "pool.json"
+_MIN_ALLOCATION_BYTES = 2**20  # the first allocation holds about 1 MiB of items, or the capacity
 
 
 def _dtype_from_name(name: str) -> torch.dtype:
@@ -42,7 +43,15 @@ class TrajectoryPool:
     ``(C, H, W)``), fixed by the first :meth:`add`.
 
     **Eviction is FIFO**: the pool is a ring buffer; once it holds ``capacity`` items, each new item
-    overwrites the oldest one. Buffers are allocated once, at the first :meth:`add`.
+    overwrites the oldest one.
+
+    **Memory follows the contents**: the buffers are allocated at the first :meth:`add`, with room for
+    that add and at least about 1 MiB of items, and grow geometrically (doubling, capped at
+    ``capacity``) when an add needs more room, keeping every item in its slot. Until :meth:`clear`, they
+    hold at most ``min(capacity, max(2 * len(self), 2**20 // bytes_per_item))`` items, and
+    :attr:`nbytes` is at most ``capacity * bytes_per_item``, reached once the pool is full. A growth of a
+    memory pool copies the items, briefly holding the old and the new buffers; a disk pool extends its
+    files in place.
 
     Parameters
     ----------
@@ -52,7 +61,8 @@ class TrajectoryPool:
         Upper bound on the bytes of the buffers. The effective capacity is
         ``min(capacity, max_bytes // bytes_per_item)`` with
         ``bytes_per_item = 4 + 2 * prod(dim) * dtype.itemsize`` (``t`` is stored as float32). It is known
-        at the first :meth:`add`, which raises ``ValueError`` if not even one item fits.
+        at the first :meth:`add`, which raises ``ValueError`` if not even one item fits. The buffers only
+        reach this size once the pool is full.
     dtype : torch.dtype, optional
         Storage dtype of ``x_t`` and ``u_t``: float16, bfloat16, float32 or float64 (float16 halves the
         memory of float32). Default: the dtype of the first added ``xt``. ``t`` is always stored as float32.
@@ -61,8 +71,9 @@ class TrajectoryPool:
     storage : {"memory", "disk"}
         ``"disk"`` keeps the buffers in memory-mapped files ``t.bin``, ``xt.bin``, ``ut.bin`` (raw,
         native byte order) under ``path`` plus a ``pool.json`` with the shape, dtype and counters, so that
-        a large pool lives in the page cache rather than in process memory. Items read back are
-        bit-identical to what was stored (in the storage dtype). Reopen with :meth:`open` or
+        a large pool lives in the page cache rather than in process memory. The files grow with the
+        buffers; their number of slots is read from their sizes when the pool is reopened. Items read
+        back are bit-identical to what was stored (in the storage dtype). Reopen with :meth:`open` or
         :meth:`load_state_dict`. A fresh disk pool overwrites the files of an old one at its first
         :meth:`add`, with a warning.
     path : str, optional
@@ -129,6 +140,8 @@ class TrajectoryPool:
         self._t: Tensor | None = None
         self._xt: Tensor | None = None
         self._ut: Tensor | None = None
+        self._slots = 0  # allocated items of each buffer, <= capacity
+        self._min_slots = 1  # slots of the first allocation, set with the feature shape
         self._head = 0  # next slot to write
         self._size = 0
         self._n_added = 0  # items ever added, evicted ones included
@@ -142,7 +155,10 @@ class TrajectoryPool:
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated for the buffers (0 before the first add); for a disk pool, the bytes of the files."""
+        """Bytes allocated for the buffers, growing with the items held (0 before the first add).
+
+        For a disk pool, the bytes of the files. At most ``capacity * bytes_per_item``.
+        """
         if self._t is None:
             return 0
         return sum(buf.untyped_storage().nbytes() for buf in (self._t, self._xt, self._ut))
@@ -181,11 +197,11 @@ class TrajectoryPool:
     def _bytes_per_item(self, feature_shape: tuple[int, ...], dtype: torch.dtype) -> int:
         return 4 + 2 * math.prod(feature_shape) * dtype.itemsize
 
-    def _allocate(self, feature_shape: tuple[int, ...], dtype: torch.dtype, *, fresh: bool) -> None:
-        """Set the feature shape and dtype, compute the effective capacity and allocate the buffers."""
+    def _configure(self, feature_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Set the feature shape and dtype and compute the effective capacity (no allocation)."""
         capacity = self._requested_capacity
+        per_item = self._bytes_per_item(feature_shape, dtype)
         if self._max_bytes is not None:
-            per_item = self._bytes_per_item(feature_shape, dtype)
             fitting = self._max_bytes // per_item
             if fitting < 1:
                 raise ValueError(
@@ -193,39 +209,73 @@ class TrajectoryPool:
                     f"in {dtype} ({per_item} bytes per item)"
                 )
             capacity = min(capacity, fitting)
-        shapes = {"t": (capacity,), "xt": (capacity, *feature_shape), "ut": (capacity, *feature_shape)}
-        dtypes = {"t": torch.float32, "xt": dtype, "ut": dtype}
-        buffers = {}
-        if self._storage == "memory":
-            for name in shapes:
-                buffers[name] = torch.zeros(shapes[name], dtype=dtypes[name], device=self._device)
-        else:
-            os.makedirs(self._path, exist_ok=True)
-            if fresh and os.path.exists(os.path.join(self._path, _META)):
-                warnings.warn(
-                    f"overwriting the trajectory pool stored under path={self._path!r}; "
-                    "use TrajectoryPool.open or load_state_dict to resume it",
-                    stacklevel=3,
-                )
-            for name in shapes:
-                filename = os.path.join(self._path, _FILES[name])
-                numel = math.prod(shapes[name])
-                if fresh:
-                    with open(filename, "wb"):  # truncate: a new pool starts from an empty file
-                        pass
-                elif (
-                    not os.path.exists(filename) or os.path.getsize(filename) != numel * dtypes[name].itemsize
-                ):
-                    raise ValueError(
-                        f"path={self._path!r}: {_FILES[name]} is missing or does not hold {numel} "
-                        f"{dtypes[name]} values; the files do not match the pool's state"
-                    )
-                flat = torch.from_file(filename, shared=True, size=numel, dtype=dtypes[name])
-                buffers[name] = flat.view(shapes[name])
         self._feature_shape = feature_shape
         self._dtype = dtype
         self._capacity = capacity
+        self._min_slots = min(capacity, max(1, _MIN_ALLOCATION_BYTES // per_item))
+
+    def _slot_shapes(self, slots: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each buffer with ``slots`` slots."""
+        return {
+            "t": ((slots,), torch.float32),
+            "xt": ((slots, *self._feature_shape), self._dtype),
+            "ut": ((slots, *self._feature_shape), self._dtype),
+        }
+
+    def _resize(self, slots: int) -> None:
+        """Give the buffers ``slots >= len(self)`` slots, keeping the items in slots ``[0, len(self))``.
+
+        Only called while the pool is not full, when the stored items fill slots ``[0, len(self))``.
+        A memory pool copies them into new buffers; a disk pool resizes its files and maps them again.
+        """
+        buffers = {}
+        if self._storage == "memory":
+            old = {"t": self._t, "xt": self._xt, "ut": self._ut}
+            for name, (shape, dtype) in self._slot_shapes(slots).items():
+                buffers[name] = torch.empty(shape, dtype=dtype, device=self._device)
+                if old[name] is not None:
+                    buffers[name][: self._size] = old[name][: self._size]
+        else:
+            self._t = self._xt = self._ut = None  # unmap before resizing the files
+            for name, (shape, dtype) in self._slot_shapes(slots).items():
+                filename = os.path.join(self._path, _FILES[name])
+                numel = math.prod(shape)
+                os.truncate(filename, numel * dtype.itemsize)  # new bytes read as zeros
+                buffers[name] = torch.from_file(filename, shared=True, size=numel, dtype=dtype).view(shape)
         self._t, self._xt, self._ut = buffers["t"], buffers["xt"], buffers["ut"]
+        self._slots = slots
+
+    def _create_files(self) -> None:
+        """Start the empty files of a fresh disk pool, warning if they replace an old pool."""
+        os.makedirs(self._path, exist_ok=True)
+        if os.path.exists(os.path.join(self._path, _META)):
+            warnings.warn(
+                f"overwriting the trajectory pool stored under path={self._path!r}; "
+                "use TrajectoryPool.open or load_state_dict to resume it",
+                stacklevel=3,
+            )
+        for name in _FILES.values():
+            with open(os.path.join(self._path, name), "wb"):  # truncate: a new pool starts empty
+                pass
+
+    def _map_files(self, size: int) -> None:
+        """Map the files of a reopened disk pool; their slots are read from their sizes.
+
+        Files of different lengths (a growth interrupted between two files) are cut to the shortest.
+        """
+        slots = self._capacity
+        for name, (shape, dtype) in self._slot_shapes(1).items():
+            filename = os.path.join(self._path, _FILES[name])
+            slot_bytes = math.prod(shape) * dtype.itemsize
+            file_bytes = os.path.getsize(filename) if os.path.exists(filename) else 0
+            if file_bytes % slot_bytes or file_bytes < size * slot_bytes:
+                raise ValueError(
+                    f"path={self._path!r}: {_FILES[name]} is missing or does not hold {size} slots of "
+                    f"{slot_bytes} bytes; the files do not match the pool's state"
+                )
+            slots = min(slots, file_bytes // slot_bytes)
+        if slots > 0:
+            self._resize(slots)
 
     def _write_meta(self) -> None:
         if self._storage != "disk" or self._feature_shape is None:
@@ -273,11 +323,13 @@ class TrajectoryPool:
             raise ValueError(
                 f"xt has feature shape {feature_shape} but the pool stores items of shape {self._feature_shape}"
             )
-        if self._t is None:
+        if self._feature_shape is None:
             dtype = self._dtype if self._dtype is not None else xt.dtype
             if dtype not in _STORAGE_DTYPES:
                 raise ValueError(f"xt has dtype {xt.dtype}, which the pool cannot store; pass dtype=...")
-            self._allocate(feature_shape, dtype, fresh=True)
+            self._configure(feature_shape, dtype)
+            if self._storage == "disk":
+                self._create_files()
 
         keep = min(k, self._capacity)
         with torch.no_grad():
@@ -289,6 +341,9 @@ class TrajectoryPool:
             for name in ("xt", "ut"):
                 if not bool(torch.isfinite(new[name]).all()):
                     raise ValueError(f"{name} overflows the storage dtype {self._dtype}: use a wider dtype")
+            needed = min(self._size + keep, self._capacity)
+            if needed > self._slots:  # not full yet: the items fill slots [0, size) and head == size
+                self._resize(min(self._capacity, max(2 * self._slots, needed, self._min_slots)))
             first = min(keep, self._capacity - self._head)
             for name, buf in (("t", self._t), ("xt", self._xt), ("ut", self._ut)):
                 buf[self._head : self._head + first] = new[name][:first]
@@ -431,8 +486,9 @@ class TrajectoryPool:
         """Restore a checkpoint from :meth:`state_dict`.
 
         The storage kind must match. A disk pool reads the files under its own ``path`` (which may differ
-        from the saved one, for a moved directory). ``max_bytes`` and the requested capacity of this pool
-        are ignored: the saved effective capacity is used.
+        from the saved one, for a moved directory), whose files may hold fewer slots than the capacity.
+        ``max_bytes`` and the requested capacity of this pool are ignored: the saved effective capacity is
+        used.
         """
         if not isinstance(state, dict):
             raise TypeError(
@@ -444,12 +500,16 @@ class TrajectoryPool:
             )
         self._head, self._size, self._n_added = 0, 0, 0
         self._t = self._xt = self._ut = None
+        self._slots = 0
         self._feature_shape = None
         if state["feature_shape"] is not None:
             self._requested_capacity, self._max_bytes = state["capacity"], None
-            self._allocate(tuple(state["feature_shape"]), _dtype_from_name(state["dtype"]), fresh=False)
-            if self._storage == "memory":
-                size = state["size"]
+            self._configure(tuple(state["feature_shape"]), _dtype_from_name(state["dtype"]))
+            size = state["size"]
+            if self._storage == "disk":
+                self._map_files(size)
+            else:
+                self._resize(min(self._capacity, max(size, self._min_slots)))
                 self._t[:size] = state["t"].to(self._device)
                 self._xt[:size] = state["xt"].to(self._device)
                 self._ut[:size] = state["ut"].to(self._device)
