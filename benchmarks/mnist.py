@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> None:
             fid = score(gen.samples)
             row["scores"][nfe] = {
                 "classifier_fid": fid,
-                "nfe": gen.nfe,
-                "breakdown": gen.nfe_breakdown,
+                "nfe": gen.total_nfe,
+                "breakdown": gen.nfe,
                 "sample_s": time.perf_counter() - t1,
             }
-            print(f"{method}: NFE {gen.nfe} {gen.nfe_breakdown} classifier FID {fid:.3f}")
+            print(f"{method}: NFE {gen.total_nfe} {gen.nfe} classifier FID {fid:.3f}")
             if nfe == max(nfes):
                 save_grid(
                     gen.samples[:64], os.path.join(os.path.dirname(args.out), f"mnist_{method}_nfe{nfe}.png")

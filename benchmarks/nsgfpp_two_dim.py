@@ -1,10 +1,10 @@
 """NSGF++ on a 2D task (8gaussians -> moons) against its own straight flow alone at matched NFE.
 
 Trains the three NSGF++ networks (:class:`torchcfm_nsgf.nsgfpp.NSGFPlusPlus`) once, then reports the exact
-2-Wasserstein distance (``ot.emd2``, squared Euclidean cost, square root taken) between generated samples and
-fresh target samples for: the straight flow alone (Euler, 5 / 10 / 15 steps, and dopri5), the NSGF phase
-alone (T steps), and NSGF++ (T NSGF steps + predictor + 5 / 10 Euler steps or dopri5 on the shared clock).
-The NFE columns are counted from real network calls. Writes a markdown table.
+2-Wasserstein distance (``torchcfm_nsgf.toy.w2``: ``ot.emd2``, squared Euclidean cost, square root taken)
+between generated samples and fresh target samples for: the straight flow alone (Euler, 5 / 10 / 15 steps,
+and dopri5), the NSGF phase alone (T steps), and NSGF++ (T NSGF steps + predictor + 5 / 10 Euler steps or
+dopri5 on the shared clock). The NFE columns are counted from real network calls. Writes a markdown table.
 
     python benchmarks/nsgfpp_two_dim.py --out benchmarks/results/nsgfpp_two_dim.md
 """
@@ -16,20 +16,12 @@ import platform
 import sys
 import time
 
-import numpy as np
-import ot
 import torch
-from torchcfm.utils import sample_8gaussians, sample_moons
 
+from torchcfm_nsgf import odeint_sample
 from torchcfm_nsgf.networks import TimePredictorMLP, VelocityMLP
 from torchcfm_nsgf.nsgfpp import NSGFPlusPlus, straight_flow_from
-from torchcfm_nsgf.sampling import euler_sample, odeint_sample
-
-
-def w2(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Exact W2 between two uniform point clouds (POT's network simplex)."""
-    cost = torch.cdist(x.double(), y.double()) ** 2
-    return float(ot.emd2(torch.tensor([]), torch.tensor([]), cost, numItermax=1_000_000)) ** 0.5
+from torchcfm_nsgf.toy import get_task, w2
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,10 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="markdown file to write")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # torchcfm's samplers draw from the global generators: torch's, and NumPy's for moons (scikit-learn)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)  # noqa: NPY002
-    src, tgt = sample_8gaussians(args.n_data), sample_moons(args.n_data)
+    torch.manual_seed(args.seed)  # network initialisation
+    task, data_gen = get_task("8gaussians-moons"), torch.Generator().manual_seed(args.seed)
+    src, tgt = task.source(args.n_data, data_gen), task.target(args.n_data, data_gen)
     w = args.width
     model = NSGFPlusPlus(
         VelocityMLP(2, w),
@@ -81,40 +72,42 @@ def main(argv: list[str] | None = None) -> None:
         times[part] = time.perf_counter() - t1
     train_s = time.perf_counter() - t0
 
-    x0, ref = sample_8gaussians(args.n_eval), sample_moons(args.n_eval)
-    floor = w2(sample_moons(args.n_eval), ref)
+    x0, ref = task.source(args.n_eval, data_gen), task.target(args.n_eval, data_gen)
+    floor = w2(task.target(args.n_eval, data_gen), ref)
     straight = model.nets["straight"].eval()
     rows = []
+
+    def plain(label: str, net: torch.nn.Module, **kw) -> None:
+        out = odeint_sample(net, x0, **kw)
+        rows.append((label, f"{out.total_nfe}", out.total_nfe, w2(out.samples, ref), ""))
+
     with torch.no_grad():
         for n in (5, 10, 15):
-            out = euler_sample(straight, x0, n_steps=n)
-            rows.append((f"straight flow alone, Euler {n}", f"{out.nfe}", out.nfe, w2(out.samples, ref), ""))
-        out = odeint_sample(straight, x0, solver="dopri5", atol=1e-5, rtol=1e-5)
-        rows.append(("straight flow alone, dopri5 (1e-5)", f"{out.nfe}", out.nfe, w2(out.samples, ref), ""))
-        out = euler_sample(model.nets["nsgf"].eval(), x0, n_steps=args.steps)
-        rows.append(
-            (f"NSGF phase alone, Euler {args.steps}", f"{out.nfe}", out.nfe, w2(out.samples, ref), "")
-        )
+            plain(f"straight flow alone, Euler {n}", straight, solver="euler", n_steps=n)
+        plain("straight flow alone, dopri5 (1e-5)", straight, solver="dopri5", atol=1e-5, rtol=1e-5)
+        plain(f"NSGF phase alone, Euler {args.steps}", model.nets["nsgf"].eval(), n_steps=args.steps)
         for solver, n in (("euler", 5), ("euler", 10), ("dopri5", None)):
             out = model.sample(x0, solver=solver, straight_steps=n, atol=1e-5, rtol=1e-5)
             label = f"NSGF++ {args.steps} + {'Euler ' + str(n) if n else 'dopri5 (1e-5)'}"
             nfe = out.nfe
             breakdown = f"{nfe['nsgf']} + {nfe['predictor']} + {nfe['straight']}"
-            tau = f"{float(out.tau.mean()):.3f} ± {float(out.tau.std()):.3f}"
+            tau = out.extras["tau"]
+            tau = f"{float(tau.mean()):.3f} ± {float(tau.std()):.3f}"
             rows.append((label, breakdown, out.total_nfe, w2(out.samples, ref), tau))
         # Diagnostic: phase 2 from the straight-path marginal at the same tau (an oracle start that NSGF++
         # cannot have), and how far the NSGF end points X_T are from that start.
         out = model.sample(x0, solver="euler", straight_steps=5, return_trajectory=True)
-        x1 = sample_moons(args.n_eval)
-        x_tau = (1 - out.tau[:, None]) * x0 + out.tau[:, None] * x1
-        oracle, _, _, n_oracle = straight_flow_from(straight, x_tau, out.tau, solver="euler", n_steps=5)
-        gap = w2(out.phase1_trajectory[-1], x_tau)
+        x1, tau = task.target(args.n_eval, data_gen), out.extras["tau"]
+        x_tau = (1 - tau[:, None]) * x0 + tau[:, None] * x1
+        oracle = straight_flow_from(straight, x_tau, tau, solver="euler", n_steps=5)
+        n_oracle = oracle.total_nfe
+        gap = w2(out.trajectory[args.steps], x_tau)  # X_T, the end of phase 1
         rows.append(
             (
                 "oracle start X_τ = (1-τ)X0 + τX1, then Euler 5 (diagnostic)",
                 f"– + {n_oracle}",
                 n_oracle,
-                w2(oracle, ref),
+                w2(oracle.samples, ref),
                 f"W2(X_T, X_τ) = {gap:.3f}",
             )
         )

@@ -155,14 +155,13 @@ def run_pot(x, y, blur, max_iter):
 
 
 def make_data(n, d, blur_kind, seed, device):
-    torch.manual_seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 (torchcfm's samplers draw from NumPy's global generator)
+    g = torch.Generator().manual_seed(seed)
     if d == 2:
-        from torchcfm.utils import sample_8gaussians, sample_moons
+        from torchcfm_nsgf.toy import get_task
 
-        x, y = sample_8gaussians(n), sample_moons(n).float()
+        task = get_task("8gaussians-moons")
+        x, y = task.source(n, g), task.target(n, g)
     else:
-        g = torch.Generator().manual_seed(seed)
         x = torch.randn(n, d, generator=g)  # the flow's noise source
         y = torch.rand(n, d, generator=g) * 2 - 1  # "images": pixels uniform in [-1, 1]
     return x.to(device), y.to(device)

@@ -12,15 +12,10 @@ import argparse
 import time
 from pathlib import Path
 
-import ot
 import torch
-from torchcfm.utils import sample_8gaussians, sample_moons
 
 from torchcfm_nsgf import sinkhorn_solve
-
-
-def w2(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float(ot.emd2(ot.unif(len(x)), ot.unif(len(y)), ot.dist(x.double(), y.double()).numpy())) ** 0.5
+from torchcfm_nsgf.toy import get_task, w2
 
 
 def main() -> None:
@@ -35,10 +30,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/particle_flow.png"))
     args = parser.parse_args()
 
-    torch.manual_seed(args.seed)
-    x = sample_8gaussians(args.n)
-    y = sample_moons(args.n)
-    y_test = sample_moons(2000)
+    task, gen = get_task("8gaussians-moons"), torch.Generator().manual_seed(args.seed)
+    x = task.source(args.n, gen)
+    y = task.target(args.n, gen)
+    y_test = task.target(2000, gen)
     path = [x]
     sol = None
     dt = 0.0
@@ -55,7 +50,7 @@ def main() -> None:
         dt = time.perf_counter() - t0
         x = x + args.step_size * sol.velocity
         path.append(x)
-    print(f"two-sample floor W2(target, target) = {w2(sample_moons(2000), y_test):.4f}")
+    print(f"two-sample floor W2(target, target) = {w2(task.target(2000, gen), y_test):.4f}")
 
     try:
         import matplotlib

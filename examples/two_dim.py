@@ -88,7 +88,7 @@ def main() -> None:
     for name, trained in fields.items():
         cells = [f"{w2(FM.sample(trained.field, x0, n_steps=n).samples, y):.3f}" for n in NFES]
         adaptive = FM.sample(trained.field, x0, solver="dopri5")
-        cells.append(f"{w2(adaptive.samples, y):.3f} ({adaptive.nfe})")
+        cells.append(f"{w2(adaptive.samples, y):.3f} ({adaptive.total_nfe})")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
     # Trajectories of the learned field (100 Euler steps) and W2 against t, next to the simulated flow.

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _fake_datasets import write_fake_cifar10, write_fake_mnist
 from PIL import Image
 from torchcfm.models.unet.unet import UNetModelWrapper
 
@@ -28,9 +29,6 @@ from torchcfm_nsgf.images import (
 )
 from torchcfm_nsgf.images.checkpoint import atomic_save, load_checkpoint
 from torchcfm_nsgf.images.fid import InceptionUnavailableError
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_datasets import write_fake_cifar10, write_fake_mnist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -93,7 +93,7 @@ def test_canonical_torchcfm_loop_runs_with_only_the_matcher_swapped(sigma):
         traj = node.trajectory(sample_8gaussians(64), t_span=torch.linspace(0, 1, 6))
     assert traj.shape == (6, 64, 2) and bool(torch.isfinite(traj).all())
     out = FM.sample(torch_wrapper(model), sample_8gaussians(64))
-    assert out.nfe == FM.flow_steps and out.samples.shape == (64, 2)
+    assert out.total_nfe == FM.flow_steps and out.samples.shape == (64, 2)
 
 
 def test_default_matcher_in_a_20_step_loop_needs_few_solves():

@@ -20,7 +20,7 @@ from torchcfm_nsgf.nsgfpp import (
     predict_time,
     straight_flow_from,
 )
-from torchcfm_nsgf.sampling import euler_sample, odeint_sample
+from torchcfm_nsgf.sampling import SampleResult, odeint_sample
 
 torch.set_num_threads(1)
 
@@ -55,9 +55,14 @@ class Linear(nn.Module):
 
 
 def linear_solution(x_tau, tau):
+    """x(1) of dx/dt = x + 2t from x(tau) = x_tau."""
+    return linear_solution_to(x_tau, tau, torch.ones_like(tau))
+
+
+def linear_solution_to(x_tau, tau, t):
     # dx/dt = x + 2t  ->  x(t) = C e^t - 2t - 2 with C = (x_tau + 2 tau + 2) e^{-tau}
-    tau = tau.reshape(-1, *([1] * (x_tau.dim() - 1)))
-    return (x_tau + 2 * tau + 2) * torch.exp(1 - tau) - 4
+    tau, t = (v.reshape(-1, *([1] * (x_tau.dim() - 1))) for v in (tau, t))
+    return (x_tau + 2 * tau + 2) * torch.exp(t - tau) - 2 * t - 2
 
 
 class Constant(nn.Module):
@@ -123,8 +128,9 @@ def test_user_predictor_out_of_range_is_clamped_with_warning():
     x0 = _randn(5, 1)
     with pytest.warns(RuntimeWarning, match="clamped"):
         out = nsgfpp_sample(Zero(), Constant(-2.0), Linear(), x0, n_steps=2, solver="rk4", straight_steps=50)
-    assert bool((out.tau == 0).all())
-    torch.testing.assert_close(out.samples, linear_solution(x0, out.tau), atol=1e-6, rtol=0)
+    tau = out.extras["tau"]
+    assert bool((tau == 0).all())
+    torch.testing.assert_close(out.samples, linear_solution(x0, tau), atol=1e-6, rtol=0)
 
 
 def test_predictor_bad_output_rejected():
@@ -142,10 +148,8 @@ def test_predictor_bad_output_rejected():
 def test_phase2_from_tau_one_is_identity(solver):
     x = _randn(16, 3)
     steps = None if solver == "dopri5" else 4
-    out, _, _, _ = straight_flow_from(
-        Linear(), x, torch.ones(16, dtype=x.dtype), solver=solver, n_steps=steps
-    )
-    assert torch.equal(out, x)
+    out = straight_flow_from(Linear(), x, torch.ones(16, dtype=x.dtype), solver=solver, n_steps=steps)
+    assert torch.equal(out.samples, x)
 
 
 def test_phase2_from_tau_zero_equals_plain_straight_flow_sampling():
@@ -153,15 +157,13 @@ def test_phase2_from_tau_zero_equals_plain_straight_flow_sampling():
     net = VelocityMLP(2).double()
     x = _randn(64, 2)
     zeros = torch.zeros(64, dtype=x.dtype)
-    out, _, _, nfe = straight_flow_from(net, x, zeros, solver="euler", n_steps=7)
-    ref = euler_sample(net, x, n_steps=7)
-    torch.testing.assert_close(out, ref.samples, atol=1e-12, rtol=1e-12)
-    assert nfe == ref.nfe == 7
-    for solver, kw in (("rk4", {"n_steps": 5}), ("dopri5", {})):
-        out, _, _, nfe = straight_flow_from(net, x, zeros, solver=solver, **kw)
+    for solver, kw in (("euler", {"n_steps": 7}), ("rk4", {"n_steps": 5}), ("dopri5", {})):
+        out = straight_flow_from(net, x, zeros, solver=solver, **kw)
         ref = odeint_sample(net, x, solver=solver, **kw)
-        torch.testing.assert_close(out, ref.samples, atol=1e-12, rtol=1e-12)
-        assert nfe == ref.nfe
+        assert isinstance(out, SampleResult)
+        torch.testing.assert_close(out.samples, ref.samples, atol=1e-12, rtol=1e-12)
+        assert out.nfe == {"straight": ref.nfe["field"]}
+    assert ref.total_nfe > 0 and out.total_nfe == ref.total_nfe
 
 
 @pytest.mark.parametrize(
@@ -170,10 +172,10 @@ def test_phase2_from_tau_zero_equals_plain_straight_flow_sampling():
 def test_phase2_per_sample_tau_matches_closed_form(solver, kw, tol):
     x = _randn(32, 2)
     tau = torch.rand(32, generator=_gen(5), dtype=torch.float64)
-    out, traj, s, _ = straight_flow_from(Linear(), x, tau, solver=solver, return_trajectory=True, **kw)
-    torch.testing.assert_close(out, linear_solution(x, tau), atol=tol, rtol=0)
-    assert torch.equal(traj[0], x) and torch.equal(traj[-1], out)
-    assert float(s[0]) == 0.0 and float(s[-1]) == 1.0
+    out = straight_flow_from(Linear(), x, tau, solver=solver, return_trajectory=True, **kw)
+    torch.testing.assert_close(out.samples, linear_solution(x, tau), atol=tol, rtol=0)
+    assert torch.equal(out.trajectory[0], x) and torch.equal(out.trajectory[-1], out.samples)
+    assert float(out.times[0]) == 0.0 and float(out.times[-1]) == 1.0
 
 
 def test_two_phase_sampler_against_closed_form_and_euler():
@@ -194,10 +196,17 @@ def test_two_phase_sampler_against_closed_form_and_euler():
         rtol=1e-10,
         return_trajectory=True,
     )
-    x_T = x0 * (1 - 1 / 4) ** 4
-    torch.testing.assert_close(out.phase1_trajectory[-1], x_T, atol=1e-14, rtol=0)
-    torch.testing.assert_close(out.samples, linear_solution(x_T, out.tau), atol=1e-7, rtol=0)
-    assert out.trajectory.shape[0] == 5 + out.phase2_trajectory.shape[0] - 1
+    steps = torch.arange(5, dtype=torch.float64)[:, None, None]
+    torch.testing.assert_close(out.trajectory[:5], x0 * (1 - 1 / 4) ** steps, atol=1e-14, rtol=0)
+    x_T = out.trajectory[4]
+    tau = out.extras["tau"]
+    torch.testing.assert_close(out.samples, linear_solution(x_T, tau), atol=1e-7, rtol=0)
+    clock = out.extras["phase2_clock"]
+    assert out.trajectory.shape[0] == 4 + clock.shape[0] and out.times is None
+    # phase-2 states sit on the closed form at their own times tau + s (1 - tau)
+    for s, state in zip(clock.tolist(), out.trajectory[4:], strict=True):
+        t = tau + s * (1 - tau)
+        torch.testing.assert_close(state, linear_solution_to(x_T, tau, t), atol=1e-7, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- NFE
@@ -263,7 +272,7 @@ def test_checkpoint_round_trip_reproduces_samples_and_training(tmp_path):
     for solver, steps in (("euler", 5), ("dopri5", None)):
         sa = a.sample(x0, solver=solver, straight_steps=steps)
         sb = b.sample(x0, solver=solver, straight_steps=steps)
-        assert torch.equal(sa.samples, sb.samples) and torch.equal(sa.tau, sb.tau)
+        assert torch.equal(sa.samples, sb.samples) and torch.equal(sa.extras["tau"], sb.extras["tau"])
         assert sa.nfe == sb.nfe
     # training resumes identically (optimiser state and generator restored)
     assert a.train_predictor(src, tgt, 3, 64) == b.train_predictor(src, tgt, 3, 64)
@@ -347,8 +356,8 @@ def test_image_method_budget_and_nfe_equal_network_calls():
     out = method.sample(nets, torch.randn(3, 1, 8, 8, generator=_gen(3)), nfe=9)
     assert out.samples.shape == (3, 1, 8, 8)
     calls = {k: v.calls for k, v in nets.items()}
-    assert out.nfe_breakdown == calls == {"nsgf": 2, "predictor": 1, "straight": 6}
-    assert out.nfe == 9
+    assert out.nfe == calls == {"nsgf": 2, "predictor": 1, "straight": 6}
+    assert out.total_nfe == 9
     with pytest.raises(ValueError, match="nfe must be at least T \\+ 2 = 4"):
         method.sample(nets, torch.randn(3, 1, 8, 8), nfe=3)
     with pytest.raises(ValueError, match="phase1_steps must be at most 5"):

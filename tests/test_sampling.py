@@ -1,4 +1,4 @@
-"""Samplers: closed-form ODE solutions, NFE against independent call counters, torchcfm models."""
+"""Sampler: closed-form ODE solutions, NFE against independent call counters, torchdyn and torchcfm models."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch
 from torchcfm.models import MLP
 from torchcfm.utils import torch_wrapper
 
-from torchcfm_nsgf.sampling import NFECounter, SampleResult, euler_sample, odeint_sample
+from torchcfm_nsgf.sampling import SOLVERS, NFECounter, SampleResult, euler_sample, odeint_sample
+
+torch.set_num_threads(1)
 
 
 class CountingField:
@@ -29,14 +31,26 @@ def _x0(*shape, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
 
 
+def test_registry_lists_the_solvers_and_their_stages():
+    assert {name: spec.stages for name, spec in SOLVERS.items()} == {
+        "euler": 1,
+        "midpoint": 2,
+        "rk4": 4,
+        "dopri5": None,
+        "tsit5": None,
+    }
+    assert [name for name, spec in SOLVERS.items() if spec.adaptive] == ["dopri5", "tsit5"]
+
+
 @pytest.mark.parametrize("n_steps", [1, 7, 50])
 def test_euler_decay_matches_the_discrete_closed_form(n_steps):
     x0 = _x0(6, 3)
     field = CountingField()
-    result = euler_sample(field, x0, n_steps=n_steps, return_trajectory=True)
+    result = odeint_sample(field, x0, solver="euler", n_steps=n_steps, return_trajectory=True)
     assert isinstance(result, SampleResult)
     torch.testing.assert_close(result.samples, (1 - 1 / n_steps) ** n_steps * x0, rtol=1e-13, atol=1e-15)
-    assert result.nfe == field.calls == n_steps
+    assert result.nfe == {"field": field.calls} and field.calls == n_steps == result.total_nfe
+    assert result.extras == {}
     steps = torch.arange(n_steps + 1, dtype=torch.float64)
     torch.testing.assert_close(result.times, steps / n_steps)
     expected = (1 - 1 / n_steps) ** steps[:, None, None] * x0
@@ -44,6 +58,9 @@ def test_euler_decay_matches_the_discrete_closed_form(n_steps):
     # the field saw 0-d times of x0's dtype: 0, 1/N, ..., (N-1)/N
     assert all(t.dim() == 0 and t.dtype == torch.float64 for t in field.times)
     torch.testing.assert_close(torch.stack(field.times), steps[:-1] / n_steps)
+    # euler_sample is the same sampler
+    again = euler_sample(lambda t, x: -x, x0, n_steps=n_steps)
+    assert torch.equal(again.samples, result.samples) and again.nfe == {"field": n_steps}
 
 
 def test_euler_converges_to_exp_at_first_order():
@@ -60,27 +77,46 @@ def test_euler_uses_the_time_argument_and_reverse_interval():
     # dx/dt = t x: Euler gives x0 · Π_k (1 + t_k Δt)
     x0 = _x0(3, 2)
     n = 20
-    result = euler_sample(lambda t, x: t * x, x0, n_steps=n, t0=0.5, t1=1.0)
+    t_span = torch.linspace(0.5, 1.0, n + 1, dtype=torch.float64)
+    result = odeint_sample(lambda t, x: t * x, x0, solver="euler", t_span=t_span)
     dt = 0.5 / n
     factor = math.prod(1 + (0.5 + k * dt) * dt for k in range(n))
     torch.testing.assert_close(result.samples, factor * x0, rtol=1e-13, atol=0)
-    back = euler_sample(lambda t, x: -x, x0, n_steps=n, t0=1.0, t1=0.0)
+    back = odeint_sample(lambda t, x: -x, x0, solver="euler", t_span=torch.linspace(1.0, 0.0, n + 1))
     torch.testing.assert_close(back.samples, (1 + 1 / n) ** n * x0, rtol=1e-13, atol=0)
+    # backwards with an adaptive solver: x(0) = e x(1)
+    back = odeint_sample(lambda t, x: -x, x0, solver="dopri5", t_span=torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(back.samples, math.e * x0, rtol=0, atol=1e-4)
 
 
-def test_euler_callback_and_progress_switch(capsys):
+@pytest.mark.parametrize(("solver", "n_steps"), [("euler", 4), ("rk4", 4), ("dopri5", None)])
+def test_callback_and_progress_switch(solver, n_steps, capsys):
     seen = []
-    euler_sample(lambda t, x: -x, _x0(2, 2), n_steps=4, callback=lambda k, t, x: seen.append((k, t)))
-    assert seen == [(1, 0.25), (2, 0.5), (3, 0.75), (4, 1.0)]
+    x0 = _x0(2, 2)
+    t_span = None if n_steps else torch.linspace(0, 1, 5)
+    result = odeint_sample(
+        lambda t, x: -x,
+        x0,
+        solver=solver,
+        n_steps=n_steps,
+        t_span=t_span,
+        return_trajectory=True,
+        callback=lambda k, t, x: seen.append((k, t, x)),
+    )
+    assert [(k, t) for k, t, _ in seen] == [(1, 0.25), (2, 0.5), (3, 0.75), (4, 1.0)]
+    for k, _, x in seen:
+        assert torch.equal(x, result.trajectory[k])
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""  # progress=False is silent
+    odeint_sample(lambda t, x: -x, x0, solver=solver, n_steps=n_steps, progress=True)
+    assert capsys.readouterr().out == ""  # a progress bar goes to stderr, never to stdout
 
 
 @pytest.mark.parametrize(("solver", "stages"), [("euler", 1), ("midpoint", 2), ("rk4", 4)])
 def test_fixed_step_nfe_equals_an_independent_count(solver, stages):
     field = CountingField()
     result = odeint_sample(field, _x0(5, 2), solver=solver, n_steps=10)
-    assert result.nfe == field.calls == stages * 10
+    assert result.nfe == {"field": field.calls} and field.calls == stages * 10 == result.total_nfe
 
 
 def test_odeint_euler_matches_the_discrete_closed_form():
@@ -99,7 +135,7 @@ def test_adaptive_solver_matches_exp_decay(solver, dtype, capsys):
     result = odeint_sample(field, x0, solver=solver)
     assert result.samples.dtype == dtype
     torch.testing.assert_close(result.samples, math.exp(-1) * x0, rtol=0, atol=1e-4)
-    assert result.nfe == field.calls > 0
+    assert result.nfe == {"field": field.calls} and field.calls > 0
     assert capsys.readouterr().out == ""  # torchdyn's notices are kept quiet
 
     times = torch.linspace(0, 1, 5)
@@ -134,15 +170,19 @@ def test_rk4_is_fourth_order_on_a_time_dependent_field():
     assert 12 < errors[0] / errors[1] < 20  # error ∝ 1/N⁴
 
 
-def test_torch_wrapper_mlp_with_both_samplers():
+def test_torch_wrapper_mlp_against_torchdyn_and_a_float64_reference():
+    from torchdyn.core import NeuralODE
+
     torch.manual_seed(0)
     model = torch_wrapper(MLP(dim=2, w=32, time_varying=True))
     x0 = _x0(16, 2, dtype=torch.float32)
-    ours = euler_sample(model, x0, n_steps=10)
-    theirs = odeint_sample(model, x0, solver="euler", n_steps=10)
-    torch.testing.assert_close(ours.samples, theirs.samples, rtol=1e-5, atol=1e-6)
-    assert ours.nfe == theirs.nfe == 10
-    assert not ours.samples.requires_grad and not theirs.samples.requires_grad
+    for solver in ("euler", "midpoint"):
+        ours = odeint_sample(model, x0, solver=solver, n_steps=10)
+        with torch.no_grad():
+            theirs = NeuralODE(model, solver=solver).trajectory(x0, torch.linspace(0, 1, 11))[-1]
+        torch.testing.assert_close(ours.samples, theirs, rtol=1e-5, atol=1e-6)
+        assert ours.total_nfe == 10 * SOLVERS[solver].stages
+        assert not ours.samples.requires_grad
     # float64 reference: a fine rk4 solve of the same (double-precision) network
     model64 = torch_wrapper(MLP(dim=2, w=32, time_varying=True)).double()
     model64.load_state_dict(model.state_dict())
@@ -165,6 +205,67 @@ def test_image_shaped_states():
     torch.testing.assert_close(decay.samples, math.exp(-1) * x0, rtol=0, atol=1e-4)
 
 
+# ---------------------------------------------------------------------------------------------- extra_args
+class RateField:
+    """dx/dt = -rate x with a required keyword ``rate`` (one per sample): x(1) = exp(-rate) x0."""
+
+    def __init__(self):
+        self.rates = []
+
+    def __call__(self, t, x, *, rate):
+        self.rates.append(rate)
+        return -rate[:, None] * x
+
+
+@pytest.mark.parametrize(("solver", "n_steps"), [("euler", 4), ("rk4", 4), ("dopri5", None)])
+def test_extra_args_reach_the_field_on_every_call(solver, n_steps):
+    x0 = _x0(3, 2)
+    rate = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    field = RateField()
+    out = odeint_sample(field, x0, solver=solver, n_steps=n_steps, extra_args={"rate": rate})
+    assert len(field.rates) == out.total_nfe > 0 and all(r is rate for r in field.rates)
+    z = -rate[:, None] / 4  # fixed-step: one step multiplies x by the stability polynomial R(z)
+    if solver == "euler":
+        torch.testing.assert_close(out.samples, (1 + z) ** 4 * x0, rtol=1e-13, atol=0)
+    elif solver == "rk4":
+        factor = 1 + z + z**2 / 2 + z**3 / 6 + z**4 / 24
+        torch.testing.assert_close(out.samples, factor**4 * x0, rtol=1e-13, atol=0)
+    else:
+        torch.testing.assert_close(out.samples, torch.exp(-rate)[:, None] * x0, rtol=0, atol=1e-4)
+    with pytest.raises(TypeError, match="rate"):  # without extra_args the field misses its argument
+        odeint_sample(RateField(), x0, solver=solver, n_steps=n_steps)
+
+
+def test_extra_args_carry_class_labels_to_torchcfm_unet():
+    from torchcfm.models.unet.unet import UNetModelWrapper
+
+    torch.manual_seed(0)
+    unet = UNetModelWrapper(
+        dim=(1, 8, 8),
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult=[1, 1],
+        class_cond=True,
+        num_classes=3,
+        attention_resolutions="-1",
+    ).eval()
+    with torch.no_grad():  # torchcfm zero-initialises the output layer: perturb every weight
+        for p in unet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x0 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 2])
+    out = odeint_sample(unet, x0, solver="euler", n_steps=2, extra_args={"y": y})
+    # reference: the same two Euler steps written out with the labels
+    x = x0
+    with torch.no_grad():
+        for t in (0.0, 0.5):
+            x = x + 0.5 * unet(torch.tensor(t), x, y=y)
+    torch.testing.assert_close(out.samples, x)
+    other = odeint_sample(unet, x0, solver="euler", n_steps=2, extra_args={"y": torch.tensor([1, 1])})
+    assert not torch.allclose(other.samples, out.samples)  # the labels changed the field
+
+
+# ---------------------------------------------------------------------------------------------- errors
 def test_nfe_counter_counts_resets_and_drops_keyword_arguments():
     counter = NFECounter(lambda t, x: 2 * x)  # a plain lambda rejects torchdyn's args=...
     x = torch.ones(2, 2)
@@ -173,6 +274,18 @@ def test_nfe_counter_counts_resets_and_drops_keyword_arguments():
     assert counter.nfe == 2 and torch.equal(out, 2 * x)
     counter.reset()
     assert counter.nfe == 0
+    scaled = NFECounter(lambda t, x, scale: scale * x, extra_args={"scale": 3.0})
+    assert torch.equal(scaled(torch.tensor(0.0), x, args={}), 3 * x) and scaled.nfe == 1
+
+
+def test_sample_result_total_nfe_sums_the_breakdown():
+    result = SampleResult(samples=torch.zeros(1, 1), nfe={"nsgf": 5, "predictor": 1, "straight": 10})
+    assert result.total_nfe == 16 and result.trajectory is None and result.extras == {}
+
+
+def test_unknown_solver_names_the_argument_and_the_choices():
+    with pytest.raises(ValueError, match=r"solver must be one of .*'rk4'.*'dopri5'.*got 'heun'"):
+        odeint_sample(CountingField(), _x0(2, 2), solver="heun", n_steps=2)
 
 
 def test_bad_input_names_the_argument():
@@ -184,14 +297,18 @@ def test_bad_input_names_the_argument():
         euler_sample(field, x0, n_steps=2.5)
     with pytest.raises(ValueError, match="n_steps"):
         odeint_sample(field, x0, solver="rk4", n_steps=-1)
-    with pytest.raises(ValueError, match="dopri5"):  # the message lists the known solvers
-        odeint_sample(field, x0, solver="heun", n_steps=2)
     with pytest.raises(ValueError, match="n_steps"):
         odeint_sample(field, x0, solver="rk4")
     with pytest.raises(ValueError, match="n_steps"):
         odeint_sample(field, x0, solver="dopri5", n_steps=10)
     with pytest.raises(ValueError, match="t_span"):
-        odeint_sample(field, x0, solver="dopri5", t_span=torch.tensor([1.0, 0.0]))
+        odeint_sample(field, x0, solver="dopri5", t_span=torch.tensor([0.0, 1.0, 0.5]))
+    with pytest.raises(ValueError, match="n_steps or t_span"):
+        odeint_sample(field, x0, solver="euler", n_steps=2, t_span=torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="extra_args"):
+        odeint_sample(field, x0, solver="euler", n_steps=2, extra_args=[1])
+    with pytest.raises(TypeError, match="callback"):
+        odeint_sample(field, x0, solver="euler", n_steps=2, callback="print")
     with pytest.raises(TypeError, match="x0"):
         euler_sample(field, torch.ones(2, 2, dtype=torch.int64), n_steps=2)
     with pytest.raises(ValueError, match="x0"):
@@ -200,6 +317,7 @@ def test_bad_input_names_the_argument():
         euler_sample(field, torch.ones(3), n_steps=2)
     with pytest.raises(TypeError, match="field"):
         euler_sample("not a field", x0, n_steps=2)
-    with pytest.raises(ValueError, match="field"):
-        euler_sample(lambda t, x: x[:, :1], x0, n_steps=2)
+    for solver, n_steps in (("euler", 2), ("rk4", 2), ("dopri5", None)):
+        with pytest.raises(ValueError, match=r"field\(t, x\) must return"):
+            odeint_sample(lambda t, x: x[:, :1], x0, solver=solver, n_steps=n_steps)
     assert field.calls == 0

@@ -6,7 +6,7 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 * :mod:`torchcfm_nsgf.matcher`: :class:`SinkhornFlowMatcher`, NSGF behind torchcfm's matcher interface;
 * :mod:`torchcfm_nsgf.nsgfpp`: NSGF++ (time predictor, straight flow, two-phase sampler);
 * :mod:`torchcfm_nsgf.pool`: the trajectory pool (experience replay);
-* :mod:`torchcfm_nsgf.sampling`: Euler and torchdyn samplers with exact NFE accounting.
+* :mod:`torchcfm_nsgf.sampling`: one sampler over a solver registry, with exact NFE accounting.
 """
 
 from .matcher import PATHS, SinkhornFlowMatcher, SinkhornTrajectory
@@ -14,13 +14,12 @@ from .networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
 from .nsgfpp import (
     MAX_PHASE1_STEPS,
     NSGFPlusPlus,
-    NSGFPlusPlusSample,
     nsgfpp_sample,
     predict_time,
     straight_flow_from,
 )
 from .pool import TrajectoryPool
-from .sampling import NFECounter, SampleResult, euler_sample, odeint_sample
+from .sampling import SOLVERS, NFECounter, SampleResult, SolverSpec, euler_sample, odeint_sample
 from .sinkhorn import (
     SinkhornConvergenceWarning,
     SinkhornOptions,
@@ -34,7 +33,6 @@ __version__ = "0.1.0"
 __all__ = [
     "MAX_PHASE1_STEPS",
     "NSGFPlusPlus",
-    "NSGFPlusPlusSample",
     "TimePredictorCNN",
     "TimePredictorMLP",
     "VelocityMLP",
@@ -42,6 +40,7 @@ __all__ = [
     "predict_time",
     "straight_flow_from",
     "NFECounter",
+    "SOLVERS",
     "SampleResult",
     "SinkhornConvergenceWarning",
     "PATHS",
@@ -49,6 +48,7 @@ __all__ = [
     "SinkhornOptions",
     "SinkhornTrajectory",
     "SinkhornSolution",
+    "SolverSpec",
     "TrajectoryPool",
     "euler_sample",
     "odeint_sample",

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ._validation import check_cloud, check_positive, check_same_device, check_same_features
 from .pool import TrajectoryPool
-from .sampling import SampleResult, odeint_sample
+from .sampling import SampleResult, odeint_sample, solver_spec
 from .sinkhorn import SinkhornConvergenceWarning, SinkhornOptions, SinkhornSolution
 
 __all__ = ["PATHS", "SinkhornFlowMatcher", "SinkhornTrajectory"]
@@ -455,9 +455,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         Fixed-step solvers default to ``n_steps = flow_steps``, the matcher's grid (exact for a field equal
         to the served velocity); adaptive solvers (``dopri5``, ``tsit5``) choose their own steps.
         """
-        from .sampling import ADAPTIVE_SOLVERS
-
-        if n_steps is None and solver not in ADAPTIVE_SOLVERS:
+        if n_steps is None and not solver_spec(solver).adaptive:
             n_steps = self.flow_steps
         return odeint_sample(field, x0, solver=solver, n_steps=n_steps, **kwargs)
 

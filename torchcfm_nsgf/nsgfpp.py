@@ -56,13 +56,12 @@ from ._io import atomic_save
 from ._validation import check_cloud, check_positive, check_same_features
 from .matcher import SinkhornFlowMatcher
 from .pool import TrajectoryPool
-from .sampling import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS, NFECounter, euler_sample, odeint_sample
+from .sampling import NFECounter, SampleResult, odeint_sample, solver_spec
 from .sinkhorn import SinkhornOptions
 
 __all__ = [
     "MAX_PHASE1_STEPS",
     "NSGFPlusPlus",
-    "NSGFPlusPlusSample",
     "nsgfpp_sample",
     "predict_time",
     "straight_flow_from",
@@ -168,15 +167,14 @@ class _SharedClockField(nn.Module):
 
 
 def _check_solver(solver: object, n_steps: int | None) -> None:
-    if not isinstance(solver, str) or solver not in FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS:
-        raise ValueError(
-            f"solver must be one of {list(FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS)}, got {solver!r}"
-        )
-    if solver in ADAPTIVE_SOLVERS and n_steps is not None:
-        raise ValueError(f"straight_steps has no meaning for the adaptive solver {solver!r}; leave it None")
-    if solver in FIXED_STEP_SOLVERS:
-        if n_steps is None:
-            raise ValueError(f"straight_steps is required for the fixed-step solver {solver!r}")
+    if solver_spec(solver).adaptive:
+        if n_steps is not None:
+            raise ValueError(
+                f"straight_steps has no meaning for the adaptive solver {solver!r}; leave it None"
+            )
+    elif n_steps is None:
+        raise ValueError(f"straight_steps is required for the fixed-step solver {solver!r}")
+    else:
         check_positive(n_steps, "straight_steps", integer=True)
 
 
@@ -190,7 +188,7 @@ def straight_flow_from(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     return_trajectory: bool = False,
-) -> tuple[Tensor, Tensor | None, Tensor | None, int]:
+) -> SampleResult:
     r"""Integrate :math:`dx/dt = u_\delta(t, x)` from each sample's own time :math:`\tau_i` to 1 (phase 2).
 
     One torchdyn solve (:func:`~torchcfm_nsgf.odeint_sample`) on the shared clock :math:`s \in [0, 1]` with
@@ -216,12 +214,10 @@ def straight_flow_from(
 
     Returns
     -------
-    samples : Tensor, shape (bs, *dim)
-    trajectory : Tensor, shape (n_s, bs, *dim), or None
-        States at the clock values ``s`` (sample ``i`` is at time ``tau_i + s (1 - tau_i)``).
-    s : Tensor, shape (n_s,), or None
-    nfe : int
-        Calls of ``straight``, counted.
+    SampleResult
+        ``samples`` ``(bs, *dim)``; ``nfe == {"straight": calls}``, counted; if asked, ``trajectory``
+        ``(n_s, bs, *dim)`` at the clock values ``times`` ``(n_s,)`` = ``s`` (sample ``i`` is at time
+        ``tau_i + s (1 - tau_i)``).
     """
     _check_callable(straight, "straight")
     x = check_cloud(x, "x")
@@ -234,53 +230,15 @@ def straight_flow_from(
         raise ValueError("tau must lie in [0, 1] (and not be NaN)")
     counter = NFECounter(straight)
     g = _SharedClockField(counter, tau, x.dim() - 1)
-    kwargs: dict[str, Any] = (
-        {"atol": atol, "rtol": rtol} if solver in ADAPTIVE_SOLVERS else {"n_steps": n_steps}
+    out = odeint_sample(
+        g, x, solver=solver, n_steps=n_steps, atol=atol, rtol=rtol, return_trajectory=return_trajectory
     )
-    out = odeint_sample(g, x, solver=solver, return_trajectory=return_trajectory, **kwargs)
-    return out.samples, out.trajectory, out.times, counter.nfe
+    return SampleResult(
+        samples=out.samples, nfe={"straight": counter.nfe}, trajectory=out.trajectory, times=out.times
+    )
 
 
 # ---------------------------------------------------------------------------------------------- sampler
-@dataclass
-class NSGFPlusPlusSample:
-    r"""Output of :func:`nsgfpp_sample`.
-
-    Attributes
-    ----------
-    samples : Tensor, shape (bs, *dim)
-    tau : Tensor, shape (bs,)
-        Predicted phase-transition times :math:`t_\phi(X_T)` (clamped to [0, 1]).
-    nfe : dict[str, int]
-        Network calls along the batch's trajectory, counted: ``{"nsgf": T, "predictor": 1, "straight": n}``.
-    phase1_trajectory : Tensor, shape (T + 1, bs, *dim), or None
-        :math:`X_0, \dots, X_T` (on request).
-    phase2_trajectory : Tensor, shape (n_s, bs, *dim), or None
-        Phase-2 states on the shared clock (on request); ``phase2_trajectory[0]`` is :math:`X_T`.
-    phase2_clock : Tensor, shape (n_s,), or None
-        The clock values ``s``; sample ``i`` sits at time ``tau[i] + s * (1 - tau[i])``.
-    """
-
-    samples: Tensor
-    tau: Tensor
-    nfe: dict[str, int]
-    phase1_trajectory: Tensor | None = None
-    phase2_trajectory: Tensor | None = None
-    phase2_clock: Tensor | None = None
-
-    @property
-    def total_nfe(self) -> int:
-        """Sum of the NFE breakdown."""
-        return sum(self.nfe.values())
-
-    @property
-    def trajectory(self) -> Tensor | None:
-        """Phase 1 and phase 2 states in order, ``(T + n_s, bs, *dim)`` (``X_T`` once), or None."""
-        if self.phase1_trajectory is None or self.phase2_trajectory is None:
-            return None
-        return torch.cat([self.phase1_trajectory, self.phase2_trajectory[1:]])
-
-
 def nsgfpp_sample(
     nsgf: Callable[..., Tensor],
     predictor: Callable[[Tensor], Tensor],
@@ -294,7 +252,7 @@ def nsgfpp_sample(
     rtol: float = 1e-5,
     return_trajectory: bool = False,
     progress: bool = False,
-) -> NSGFPlusPlusSample:
+) -> SampleResult:
     r"""NSGF++ sampling (Algorithm 3): ``T`` NSGF Euler steps, :math:`\tau = t_\phi(X_T)`, straight flow to 1.
 
     Parameters
@@ -319,25 +277,30 @@ def nsgfpp_sample(
 
     Returns
     -------
-    NSGFPlusPlusSample
+    SampleResult
+        ``samples`` ``(bs, *dim)``; ``nfe == {"nsgf": T, "predictor": 1, "straight": n}``, counted;
+        ``extras["tau"]`` ``(bs,)``: the predicted phase-transition times :math:`t_\phi(X_T)` (clamped to
+        [0, 1]). With ``return_trajectory``: ``trajectory`` ``(T + n_s, bs, *dim)`` holds phase 1,
+        :math:`X_0, \dots, X_T` (``trajectory[: T + 1]``, NSGF clock ``k / T``), then phase 2 from
+        :math:`X_T` (``trajectory[T:]``) at the shared clock values ``extras["phase2_clock"]`` ``(n_s,)``,
+        sample ``i`` at time ``tau[i] + s * (1 - tau[i])``; ``times`` is None (two clocks).
     """
     _check_callable(nsgf, "nsgf")
     _check_callable(predictor, "predictor")
     _check_callable(straight, "straight")
     x0 = check_cloud(x0, "x0")
     n_steps = _check_phase1_steps(n_steps)
-    if straight_steps is None and isinstance(solver, str) and solver in FIXED_STEP_SOLVERS:
+    if straight_steps is None and not solver_spec(solver).adaptive:
         straight_steps = 5
     _check_solver(solver, straight_steps)
 
-    nsgf_counter = NFECounter(nsgf)
-    phase1 = euler_sample(
-        nsgf_counter, x0, n_steps=n_steps, return_trajectory=return_trajectory, progress=progress
+    phase1 = odeint_sample(
+        nsgf, x0, solver="euler", n_steps=n_steps, return_trajectory=return_trajectory, progress=progress
     )
     pred_counter = _CallCounter(predictor)
     with torch.no_grad():
         tau = predict_time(pred_counter, phase1.samples)
-    samples, traj2, clock, straight_nfe = straight_flow_from(
+    phase2 = straight_flow_from(
         straight,
         phase1.samples,
         tau,
@@ -347,13 +310,16 @@ def nsgfpp_sample(
         rtol=rtol,
         return_trajectory=return_trajectory,
     )
-    return NSGFPlusPlusSample(
-        samples=samples,
-        tau=tau,
-        nfe={"nsgf": nsgf_counter.nfe, "predictor": pred_counter.nfe, "straight": straight_nfe},
-        phase1_trajectory=phase1.trajectory,
-        phase2_trajectory=traj2,
-        phase2_clock=clock,
+    extras = {"tau": tau}
+    trajectory = None
+    if return_trajectory:
+        trajectory = torch.cat([phase1.trajectory, phase2.trajectory[1:]])
+        extras["phase2_clock"] = phase2.times
+    return SampleResult(
+        samples=phase2.samples,
+        nfe={"nsgf": phase1.nfe["field"], "predictor": pred_counter.nfe, **phase2.nfe},
+        trajectory=trajectory,
+        extras=extras,
     )
 
 
@@ -610,7 +576,7 @@ class NSGFPlusPlus:
         atol: float = 1e-5,
         rtol: float = 1e-5,
         return_trajectory: bool = False,
-    ) -> NSGFPlusPlusSample:
+    ) -> SampleResult:
         """:func:`nsgfpp_sample` with this model's networks (in eval mode) and ``T``; ``x0`` is ``(bs, *dim)``."""
         x0 = check_cloud(x0, "x0")
         shape = self.settings.feature_shape

@@ -31,7 +31,7 @@ from torchcfm.utils import sample_8gaussians, sample_moons, torch_wrapper
 from tqdm.auto import tqdm
 
 from .matcher import SinkhornFlowMatcher
-from .sampling import euler_sample, odeint_sample
+from .sampling import odeint_sample
 
 __all__ = [
     "TASKS",
@@ -198,17 +198,13 @@ class TrainedField:
     losses: list[float]
 
     def sample(self, x0: Tensor, nfe: int | None, solver: str = "euler") -> tuple[Tensor, int]:
-        """Integrate ``x0`` (n, 2) with ``nfe`` Euler steps, or with the adaptive ``solver`` (``nfe=None``).
+        """Integrate ``x0`` (n, 2) with ``nfe`` steps of a fixed-step ``solver``, or with an adaptive one
+        (``nfe=None``), by :func:`~torchcfm_nsgf.odeint_sample`.
 
         Returns the samples (n, 2) and the number of field evaluations actually used.
         """
-        if solver == "euler":
-            if nfe is None:
-                raise ValueError("nfe is required for the Euler solver")
-            result = euler_sample(self.field, x0, n_steps=nfe)
-        else:
-            result = odeint_sample(self.field, x0, solver=solver, n_steps=nfe)
-        return result.samples, result.nfe
+        result = odeint_sample(self.field, x0, solver=solver, n_steps=nfe)
+        return result.samples, result.total_nfe
 
 
 # ---------------------------------------------------------------------------------------------- training

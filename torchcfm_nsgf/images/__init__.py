@@ -12,7 +12,6 @@ from .fid import InceptionUnavailableError, feature_frechet_distance, inception_
 from .generation import generate, save_grid
 from .methods import (
     FlowMatchingMethod,
-    GeneratedImages,
     ImageMethod,
     NSGFSettings,
     available_methods,
@@ -24,7 +23,6 @@ from .training import TrainConfig, TrainResult, train
 __all__ = [
     "CheckpointError",
     "FlowMatchingMethod",
-    "GeneratedImages",
     "ImageData",
     "ImageMethod",
     "InceptionUnavailableError",

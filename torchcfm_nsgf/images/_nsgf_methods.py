@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..sampling import ADAPTIVE_SOLVERS
-from .methods import FlowMatchingMethod, GeneratedImages, NSGFSettings, build_unet
+from ..sampling import SampleResult, solver_spec
+from .methods import FlowMatchingMethod, NSGFSettings, build_unet
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -131,18 +131,18 @@ class NSGFPlusPlusMethod(NSGFMethod):
 
     def sample(
         self, nets: torch.nn.ModuleDict, x0: Tensor, *, nfe: int | None = None, solver: str = "euler"
-    ) -> GeneratedImages:
+    ) -> SampleResult:
         """``nfe`` is the whole budget (T NSGF steps + 1 predictor call + phase-2 steps; ignored by adaptive
         solvers, whose phase 2 runs to their tolerance)."""
         T = self.matcher.flow_steps
         budget = self.default_steps if nfe is None else nfe
-        adaptive = solver in ADAPTIVE_SOLVERS
+        adaptive = solver_spec(solver).adaptive
         if not adaptive and budget < T + 2:
             raise ValueError(
                 f"nfe must be at least T + 2 = {T + 2} for nsgf++ (T NSGF steps, the predictor, "
                 f"one straight-flow step), got {budget}"
             )
-        out = nsgfpp_sample(
+        return nsgfpp_sample(
             nets["nsgf"],
             nets["predictor"],
             nets["straight"],
@@ -151,7 +151,6 @@ class NSGFPlusPlusMethod(NSGFMethod):
             solver=solver,
             straight_steps=None if adaptive else budget - T - 1,
         )
-        return GeneratedImages(samples=out.samples, nfe=out.total_nfe, nfe_breakdown=dict(out.nfe))
 
 
 def make(

@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         path = args.sample_out or f"samples_{config.method}.png"
         save_grid(gen.samples, path)
-        out.update(grid=path, nfe=gen.nfe, nfe_breakdown=gen.nfe_breakdown)
+        out.update(grid=path, nfe=gen.total_nfe, nfe_breakdown=dict(gen.nfe))
     if args.fid:
         real = load_images(config.dataset, config.data_root, verify_checksums=config.verify_checksums).images
         bs = args.sample_batch_size
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     seed=args.sample_seed + 1 + start,
                     device=device,
                 )
-                out["fid_nfe"] = g.nfe
+                out["fid_nfe"] = g.total_nfe
                 yield to_uint8(g.samples)
 
         real_batches = (real[i : i + bs] for i in range(0, len(real), bs))

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import save_image
 
-from .methods import GeneratedImages, ImageMethod
+from ..sampling import SampleResult
+from .methods import ImageMethod
 
 __all__ = ["generate", "save_grid"]
 
@@ -25,7 +26,7 @@ def generate(
     batch_size: int = 256,
     seed: int = 0,
     device: torch.device | str = "cpu",
-) -> GeneratedImages:
+) -> SampleResult:
     """Draw ``n`` images from noise ``x0 ~ N(0, I)`` (seeded, drawn on the CPU so any device agrees).
 
     Parameters
@@ -46,9 +47,9 @@ def generate(
 
     Returns
     -------
-    GeneratedImages
-        ``samples`` of shape ``(n, C, H, W)`` in ``[-1, 1]`` (clamped) on the CPU; ``nfe`` and
-        ``nfe_breakdown`` per trajectory (the same for every batch: they must agree).
+    SampleResult
+        ``samples`` of shape ``(n, C, H, W)`` in ``[-1, 1]`` (clamped) on the CPU; ``nfe``, the breakdown
+        per network along one trajectory (the same for every batch: they must agree).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -56,7 +57,7 @@ def generate(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     gen = torch.Generator().manual_seed(seed)
     nets.eval()
-    chunks, nfe_seen, breakdown = [], None, {}
+    chunks, nfe_seen = [], None
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         x0 = torch.randn((b, *shape), generator=gen).to(device)
@@ -65,9 +66,9 @@ def generate(
             raise RuntimeError(
                 f"the sampler used {out.nfe} evaluations on one batch and {nfe_seen} on another"
             )
-        nfe_seen, breakdown = out.nfe, out.nfe_breakdown
+        nfe_seen = out.nfe
         chunks.append(out.samples.clamp(-1.0, 1.0).cpu())
-    return GeneratedImages(samples=torch.cat(chunks), nfe=int(nfe_seen), nfe_breakdown=dict(breakdown))
+    return SampleResult(samples=torch.cat(chunks), nfe=dict(nfe_seen))
 
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:

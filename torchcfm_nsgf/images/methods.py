@@ -30,19 +30,17 @@ from torchcfm.conditional_flow_matching import (
 )
 from torchcfm.models.unet.unet import UNetModelWrapper
 
-from ..sampling import ADAPTIVE_SOLVERS, euler_sample, odeint_sample
+from ..sampling import SampleResult, odeint_sample, solver_spec
 from ..sinkhorn import SinkhornOptions
 
 __all__ = [
     "BASELINE_METHODS",
     "UNET_PRESETS",
     "FlowMatchingMethod",
-    "GeneratedImages",
     "ImageMethod",
     "NSGFSettings",
     "available_methods",
     "build_unet",
-    "integrate",
     "make_method",
 ]
 
@@ -100,41 +98,6 @@ def build_unet(shape: tuple[int, int, int], preset: str = "cifar10", **overrides
     return UNetModelWrapper(dim=tuple(shape), **cfg)
 
 
-@dataclass
-class GeneratedImages:
-    """Generated images and the network evaluations they cost.
-
-    Attributes
-    ----------
-    samples : Tensor
-        ``(B, C, H, W)``.
-    nfe : int
-        Network function evaluations along one trajectory (a batch evaluation counts once).
-    nfe_breakdown : dict[str, int]
-        Per network or phase, summing to ``nfe``.
-    """
-
-    samples: Tensor
-    nfe: int
-    nfe_breakdown: dict[str, int] = field(default_factory=dict)
-
-
-def integrate(net: nn.Module, x0: Tensor, *, steps: int, solver: str = "euler") -> tuple[Tensor, int]:
-    """Integrate ``dx/dt = net(t, x)`` from 0 to 1; returns the end point ``(B, C, H, W)`` and the counted NFE.
-
-    ``euler`` takes ``steps`` steps (:func:`torchcfm_nsgf.sampling.euler_sample`, NFE = steps); other solvers
-    go through torchdyn (:func:`torchcfm_nsgf.sampling.odeint_sample`): fixed-step ones with ``steps`` steps,
-    adaptive ones (``dopri5``, ``tsit5``) with their tolerance and ``steps`` ignored.
-    """
-    if solver == "euler":
-        out = euler_sample(net, x0, n_steps=steps)
-    elif solver in ADAPTIVE_SOLVERS:
-        out = odeint_sample(net, x0, solver=solver)
-    else:
-        out = odeint_sample(net, x0, solver=solver, n_steps=steps)
-    return out.samples, out.nfe
-
-
 class ImageMethod(ABC):
     """What the training loop needs from a method. Subclasses own their networks (``self.nets``)."""
 
@@ -152,8 +115,12 @@ class ImageMethod(ABC):
     @abstractmethod
     def sample(
         self, nets: nn.ModuleDict, x0: Tensor, *, nfe: int | None = None, solver: str = "euler"
-    ) -> GeneratedImages:
-        """Generate from the source batch ``x0`` ``(B, C, H, W)`` with about ``nfe`` evaluations."""
+    ) -> SampleResult:
+        """Generate from the source batch ``x0`` ``(B, C, H, W)`` with about ``nfe`` evaluations.
+
+        Returns ``samples`` ``(B, C, H, W)`` and ``nfe``, the network calls along one trajectory per network
+        (a batch evaluation counts once).
+        """
 
     def default_nfe(self) -> int:
         """The NFE used when none is asked for."""
@@ -206,10 +173,12 @@ class FlowMatchingMethod(ImageMethod):
 
     def sample(
         self, nets: nn.ModuleDict, x0: Tensor, *, nfe: int | None = None, solver: str = "euler"
-    ) -> GeneratedImages:
-        steps = self.default_steps if nfe is None else nfe
-        x, calls = integrate(nets["velocity"], x0, steps=steps, solver=solver)
-        return GeneratedImages(samples=x, nfe=calls, nfe_breakdown={"velocity": calls})
+    ) -> SampleResult:
+        """:func:`~torchcfm_nsgf.odeint_sample` of ``nets["velocity"]``: a fixed-step ``solver`` takes ``nfe``
+        steps (default ``default_steps``), an adaptive one runs to its tolerance and ignores ``nfe``."""
+        steps = None if solver_spec(solver).adaptive else (self.default_steps if nfe is None else nfe)
+        out = odeint_sample(nets["velocity"], x0, solver=solver, n_steps=steps)
+        return SampleResult(samples=out.samples, nfe={"velocity": out.nfe["field"]})
 
 
 def _baseline_matcher(name: str, sigma: float) -> ConditionalFlowMatcher:
