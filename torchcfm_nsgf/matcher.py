@@ -147,7 +147,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         path: Path = "straight",
         sinkhorn: SinkhornOptions | None = None,
         pool: TrajectoryPool | Literal["auto"] | None = "auto",
-        refresh_every: int = 10,
+        refresh_every: int = 50,
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> None:

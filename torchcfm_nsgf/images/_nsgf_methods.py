@@ -6,8 +6,8 @@ A method is offered only when the modules it builds on import (``torchcfm_nsgf.m
 NSGF on images (paper Algorithm 1 and 2): :class:`~torchcfm_nsgf.matcher.SinkhornFlowMatcher` simulates the
 Sinkhorn flow of each ``(x0, x1)`` batch into a per-process :class:`~torchcfm_nsgf.pool.TrajectoryPool`
 every ``refresh_every`` training batches and serves the regression batches from it; the UNet ``v_θ(t, x)``
-regresses them; sampling integrates from 0 to 1 (default: the baselines' steps; ``T`` steps for
-``path="grid"``).
+regresses them; sampling integrates from 0 to 1 with ``T`` Euler steps by default (the matcher's grid,
+exact for the served velocity; any NFE for ``path="straight"`` and ``"polyline"``).
 
 NSGF++ on images (paper Algorithm 3, :mod:`torchcfm_nsgf.nsgfpp`): three networks trained together by the
 shared loop (one optimiser; the loss is the sum of three losses on disjoint parameters): the UNet NSGF field
@@ -82,8 +82,8 @@ class NSGFMethod(FlowMatchingMethod):
     counter (which decides when the pool is refreshed) is saved with the pool.
     """
 
-    def __init__(self, matcher: Any, net: torch.nn.Module, default_steps: int) -> None:
-        super().__init__("nsgf", matcher, net, default_steps=default_steps)
+    def __init__(self, matcher: Any, net: torch.nn.Module) -> None:
+        super().__init__("nsgf", matcher, net, default_steps=matcher.flow_steps)
 
     def prepare(self, x1_fn: Callable[[], Tensor], progress: bool = False) -> None:
         """Simulate the first flow into the pool before training (a progress bar shows the pool's size)."""
@@ -160,7 +160,6 @@ def make(
     preset: str,
     settings: NSGFSettings,
     rank: int,
-    sample_steps: int,
 ) -> Any:
     """Build ``nsgf`` (or ``nsgf++``) for images of ``shape``."""
     if name not in available():
@@ -177,8 +176,7 @@ def make(
         refresh_every=s.refresh_every,
     )
     if name == "nsgf":
-        steps = s.flow_steps if s.path == "grid" else sample_steps
-        return NSGFMethod(matcher, build_unet(shape, preset), steps)
+        return NSGFMethod(matcher, build_unet(shape, preset))
     return NSGFPlusPlusMethod(
         matcher, build_unet(shape, preset), TimePredictorCNN(shape[0]), build_unet(shape, preset)
     )

@@ -285,6 +285,4 @@ def make_method(
         return FlowMatchingMethod(name, matcher, build_unet(shape, preset), sample_steps)
     from . import _nsgf_methods
 
-    return _nsgf_methods.make(
-        name, shape, preset=preset, settings=nsgf or NSGFSettings(), rank=rank, sample_steps=sample_steps
-    )
+    return _nsgf_methods.make(name, shape, preset=preset, settings=nsgf or NSGFSettings(), rank=rank)
