@@ -5,28 +5,22 @@
 Examples
 --------
     torchrun --nproc_per_node=4 examples/cifar10.py --method otcfm --data-root ./data --download --ckpt-dir runs/c10_otcfm
-    python examples/cifar10.py --method icfm --tiny --total-steps 200 --batch-size 16 --sample --nfe 20
+    python examples/cifar10.py --method icfm --unet tiny --total-steps 200 --batch-size 16 --sample --nfe 20
     python examples/cifar10.py --method otcfm --ckpt-dir RUN --resume --sample --nfe 100   # continue / sample
 
-Every flag, with its default (torchcfm's recipe): `python examples/cifar10.py --help`.
+Every flag, with its default (torchcfm's recipe), and the presets: `python examples/cifar10.py --help`.
 Several GPUs (or CPU processes, gloo): `torchrun --nproc_per_node=K examples/cifar10.py ...`.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from torchcfm_nsgf.images.cli import build_parser, report_lines, run
+from torchcfm_nsgf.images.cli import main as cli_main
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser("cifar10").parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    out = run(args)
-    if out["rank"] == 0:
-        print("\n".join(report_lines(args.method, out)))
-    return out
+    return cli_main("cifar10", argv)
 
 
 if __name__ == "__main__":

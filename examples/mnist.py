@@ -4,29 +4,24 @@
 
 Examples
 --------
-    python examples/mnist.py --method nsgf --data-root ../shared/data --ckpt-dir runs/mnist_nsgf --sample
-    python examples/mnist.py --method icfm --tiny --total-steps 200 --batch-size 16 --sample --nfe 20
+    python examples/mnist.py --preset quick --download --ckpt-dir runs/quick   # digits in minutes on a CPU
+    python examples/mnist.py --method nsgf --data-root ./data --download --ckpt-dir runs/mnist_nsgf --sample
+    python examples/mnist.py --method icfm --unet tiny --total-steps 200 --batch-size 16 --sample --nfe 20
     python examples/mnist.py --method otcfm --ckpt-dir RUN --resume --sample --nfe 100   # continue / sample
 
-Every flag, with its default (torchcfm's recipe): `python examples/mnist.py --help`.
+Every flag, with its default (torchcfm's recipe), and the presets: `python examples/mnist.py --help`.
 Several GPUs (or CPU processes, gloo): `torchrun --nproc_per_node=K examples/mnist.py ...`.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from torchcfm_nsgf.images.cli import build_parser, report_lines, run
+from torchcfm_nsgf.images.cli import main as cli_main
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser("mnist").parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    out = run(args)
-    if out["rank"] == 0:
-        print("\n".join(report_lines(args.method, out)))
-    return out
+    return cli_main("mnist", argv)
 
 
 if __name__ == "__main__":

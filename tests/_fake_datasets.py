@@ -24,13 +24,29 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
         f.write(array.astype(np.uint8).tobytes())
 
 
-def write_fake_mnist(root: Path, n_train: int = 64, n_test: int = 16, seed: int = 0) -> np.ndarray:
-    """Write MNIST idx files with random digits-like images; returns the training images ``(n, 28, 28)``."""
+def _strokes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Black 28x28 images with one white vertical bar (a "1") at a random column: MNIST-like statistics."""
+    images = np.zeros((n, 28, 28), dtype=np.uint8)
+    for image, col in zip(images, rng.integers(9, 16, size=n), strict=True):
+        image[4:24, col : col + 4] = 255
+    return images
+
+
+def write_fake_mnist(
+    root: Path, n_train: int = 64, n_test: int = 16, seed: int = 0, strokes: bool = False
+) -> np.ndarray:
+    """Write MNIST idx files; returns the training images ``(n, 28, 28)``.
+
+    The images are uniform noise, or with ``strokes`` one white bar on black (:func:`_strokes`).
+    """
     rng = np.random.default_rng(seed)
     raw = Path(root) / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    train = rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8)
-    test = rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8)
+    if strokes:
+        train, test = _strokes(rng, n_train), _strokes(rng, n_test)
+    else:
+        train = rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8)
+        test = rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8)
     _write_idx(raw / "train-images-idx3-ubyte", train)
     _write_idx(raw / "train-labels-idx1-ubyte", rng.integers(0, 10, size=n_train, dtype=np.uint8))
     _write_idx(raw / "t10k-images-idx3-ubyte", test)

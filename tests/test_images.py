@@ -28,9 +28,11 @@ from torchcfm_nsgf.images import (
     train,
 )
 from torchcfm_nsgf.images.checkpoint import atomic_save, load_checkpoint
-from torchcfm_nsgf.images.fid import InceptionUnavailableError
+from torchcfm_nsgf.images.fid import InceptionUnavailableError, check_inception_available
 
 ROOT = Path(__file__).resolve().parents[1]
+# the tiny runs here use ema_decay=0.9 over 4 steps on purpose (the EMA must differ from the weights)
+pytestmark = pytest.mark.filterwarnings("ignore:ema_decay=0.9 averages:UserWarning")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -264,7 +266,7 @@ def test_sample_grid_size_and_printed_nfe_equals_network_calls(
         assert im.size == (3 * 28 + 4 * 2, 2 * 28 + 3 * 2)
 
 
-def test_fid_without_inception_weights_is_a_clear_error(data_root, tmp_path):
+def test_fid_without_inception_weights_is_a_clear_error(data_root, tmp_path, capsys):
     mnist = _load_example("mnist")
     argv = [
         "--method",
@@ -281,8 +283,13 @@ def test_fid_without_inception_weights_is_a_clear_error(data_root, tmp_path):
         "--inception-weights",
         str(tmp_path / "missing.pth"),
     ]
-    with pytest.raises((InceptionUnavailableError, FileNotFoundError), match="--inception-weights"):
+    with pytest.raises(SystemExit) as info:  # before training, one line
         mnist.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--inception-weights" in err[0]
+    with pytest.raises((InceptionUnavailableError, FileNotFoundError), match="--inception-weights"):
+        check_inception_available(str(tmp_path / "missing.pth"))
 
 
 def test_feature_frechet_distance_matches_a_scipy_reference():

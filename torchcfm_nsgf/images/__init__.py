@@ -18,10 +18,11 @@ from .methods import (
     build_unet,
     make_method,
 )
-from .training import TrainConfig, TrainResult, train
+from .training import ConfigError, TrainConfig, TrainResult, train
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "FlowMatchingMethod",
     "ImageData",
     "ImageMethod",

@@ -1,8 +1,14 @@
 """The command line shared by ``examples/mnist.py`` and ``examples/cifar10.py``.
 
-:func:`build_parser` gives every flag with the recipe's defaults; :func:`run` trains (or resumes), then
-optionally samples a PNG grid and computes FID/IS. It returns what it did and never prints: the example
-scripts print.
+:func:`build_parser` gives every flag with the recipe's defaults (``--preset NAME`` swaps in the values of a
+:data:`RUN_PRESETS` entry, flags given explicitly win); :func:`run` trains (or resumes), then optionally
+samples a PNG grid and computes FID/IS, and returns what it did without printing; :func:`main` is the
+entry point of the example scripts: it prints the report, and a user error (a bad flag, an unwritable
+``--ckpt-dir``, a missing dataset or checkpoint) as one ``prog: error: ...`` line with exit status 2.
+Sample grids go to the run's folder ``--ckpt-dir`` unless ``--sample-out`` names another path.
+
+``--resume`` with ``--total-steps`` below the checkpoint's step is an error; equal to it, nothing is
+trained, which is allowed only to sample or score the checkpoint (``--sample``, ``--fid``).
 """
 
 from __future__ import annotations
@@ -10,22 +16,137 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import torch
 
 from .._cli import add_option_flags, options_from_args
+from .._io import check_writable_dir
 from ..matcher import PATHS
 from ..sinkhorn import SinkhornOptions
+from .checkpoint import CheckpointError
 from .data import load_images, to_uint8
-from .fid import check_inception_available, inception_metrics
+from .fid import InceptionUnavailableError, check_inception_available, inception_metrics
 from .generation import generate, save_grid
 from .methods import UNET_PRESETS, NSGFSettings, available_methods
-from .training import TrainConfig, train
+from .training import ConfigError, TrainConfig, checkpoint_step, train
 
-__all__ = ["build_parser", "config_from_args", "run"]
+__all__ = ["RUN_PRESETS", "UsageError", "build_parser", "config_from_args", "main", "report_lines", "run"]
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_STEPS = {"cifar10": 400_000, "mnist": 20_000}
+
+# Values a preset gives to flags (argparse dests) that are not given explicitly. Warm-up and EMA decay are
+# left out: they scale with total_steps.
+RUN_PRESETS: dict[str, dict[str, Any]] = {
+    # a first try on a laptop CPU: recognisable MNIST digits in a few minutes (CIFAR-10: a smoke test only)
+    "quick": dict(unet="tiny", batch_size=32, lr=1e-3, total_steps=800, sample=True, nfe=20, log_every=50),
+}
+
+
+class UsageError(Exception):
+    """A flag (named in the message) that cannot work; :func:`main` prints it as one line."""
+
+
+# errors caused by what the user asked for, not by a bug: one line, no traceback
+_USER_ERRORS = (
+    UsageError,
+    ConfigError,
+    CheckpointError,
+    FileNotFoundError,
+    FileExistsError,
+    InceptionUnavailableError,
+)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to a flag's help unless the help states its default itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Applies ``--preset``: its values replace the defaults of the flags not given on the command line."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        ns, extras = super().parse_known_args(args, namespace)
+        if getattr(ns, "preset", None) is not None:
+            given = self._given(args)
+            for dest, value in RUN_PRESETS[ns.preset].items():
+                if dest not in given:
+                    setattr(ns, dest, value)
+        return ns, extras
+
+    def error(self, message: str) -> NoReturn:
+        """One line, without the (long) usage: ``--help`` lists the flags."""
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+    def _given(self, args: Sequence[str] | None) -> set[str]:
+        """The dests set on the command line: parsed again with every default suppressed."""
+        saved = [(a, a.default) for a in self._actions]
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        try:
+            ns, _ = super().parse_known_args(args, argparse.Namespace())
+        finally:
+            for action, default in saved:
+                action.default = default
+        return set(vars(ns))
+
+
+def _preset_name(value: str) -> str:
+    if value in RUN_PRESETS:
+        return value
+    hint = f"; the UNet is chosen with --unet {value}" if value in UNET_PRESETS else ""
+    raise argparse.ArgumentTypeError(f"unknown preset {value!r} (choose from {', '.join(RUN_PRESETS)}){hint}")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
+def _decay(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+    return number
+
+
+def _preset_help() -> str:
+    lines = [
+        f"{name}: "
+        + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in values.items())
+        for name, values in RUN_PRESETS.items()
+    ]
+    return (
+        "set several flags at once; flags given explicitly override it; warm-up and EMA decay scale with "
+        f"--total-steps ({'; '.join(lines)}) (default: none)"
+    )
 
 
 def build_parser(dataset: str) -> argparse.ArgumentParser:
@@ -33,20 +154,21 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     if dataset not in _DEFAULT_STEPS:
         raise ValueError(f"dataset must be 'mnist' or 'cifar10', got {dataset!r}")
     nsgf = NSGFSettings()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         description=f"Train NSGF / NSGF++ or a torchcfm flow-matching baseline on {dataset} with one loop.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--method", default="otcfm", choices=available_methods(), help="training method")
+    p.add_argument("--preset", type=_preset_name, default=None, metavar="NAME", help=_preset_help())
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default="./data", help="torchvision root folder of the dataset")
     g.add_argument("--download", action="store_true", help="let torchvision download missing files")
     if dataset == "cifar10":
         g.add_argument(
-            "--no-verify-checksums",
-            dest="verify_checksums",
-            action="store_false",
-            help="skip torchvision's md5 check of the CIFAR-10 batches",
+            "--verify-checksums",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="torchvision's md5 check of the CIFAR-10 batches",
         )
     g.add_argument(
         "--hflip",
@@ -55,50 +177,142 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         help="random horizontal flips (default: on for cifar10, off for mnist)",
     )
     g = p.add_argument_group("recipe")
-    g.add_argument("--total-steps", type=int, default=_DEFAULT_STEPS[dataset])
-    g.add_argument("--batch-size", type=int, default=128, help="per process")
-    g.add_argument("--lr", type=float, default=2e-4)
-    g.add_argument("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps")
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--ema-decay", type=float, default=0.9999)
-    g.add_argument("--sigma", type=float, default=0.0, help="sigma of the icfm/otcfm/fm paths")
-    g.add_argument("--preset", default=dataset, choices=sorted(UNET_PRESETS), help="UNet configuration")
-    g.add_argument("--tiny", dest="preset", action="store_const", const="tiny", help="same as --preset tiny")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    g.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
+    g.add_argument(
+        "--total-steps",
+        type=_positive_int,
+        default=_DEFAULT_STEPS[dataset],
+        help="optimiser steps of the whole run, resumptions included",
+    )
+    g.add_argument("--batch-size", type=_positive_int, default=128, help="images per step and per process")
+    g.add_argument("--lr", type=_positive_float, default=2e-4, help="Adam learning rate")
+    g.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=None,
+        help="linear learning-rate warm-up steps (default: min(5000, total-steps / 20); a resumed run keeps "
+        "its own)",
+    )
+    g.add_argument("--grad-clip", type=_positive_float, default=1.0, help="gradient-norm clip, per network")
+    g.add_argument(
+        "--ema-decay",
+        type=_decay,
+        default=None,
+        help="decay of the exponential moving average of the weights (default: 0.9999, lowered until the "
+        "EMA horizon 1 / (1 - decay) is at most total-steps / 10; a resumed run keeps its own)",
+    )
+    g.add_argument("--sigma", type=float, default=0.0, help="sigma of the icfm/otcfm/fm probability paths")
+    g.add_argument("--unet", default=dataset, choices=sorted(UNET_PRESETS), help="UNet configuration")
+    g.add_argument(
+        "--tiny",
+        dest="unet",
+        action="store_const",
+        const="tiny",
+        default=argparse.SUPPRESS,
+        help="--unet tiny",
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed (each process adds its rank)")
+    g.add_argument(
+        "--device",
+        default=None,
+        help="torch device (default: cuda:LOCAL_RANK when CUDA is available, else cpu)",
+    )
+    g.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    g.add_argument(
+        "--time-budget",
+        type=_positive_float,
+        default=None,
+        help="stop (and checkpoint) after this many seconds of training (default: no limit)",
+    )
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--ckpt-dir", default=None)
-    g.add_argument("--ckpt-every", type=int, default=5000)
-    g.add_argument("--resume", action="store_true", help="continue from --ckpt-dir/checkpoint.pt")
-    g.add_argument("--stop-after", type=int, default=None, help="stop after N steps without checkpointing")
-    g.add_argument("--log-every", type=int, default=100)
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument(
+        "--ckpt-dir",
+        default=None,
+        help="the run's folder: checkpoints and the sample grid (default: none, no checkpoints)",
+    )
+    g.add_argument(
+        "--ckpt-every", type=_positive_int, default=5000, help="checkpoint every N steps and at the end"
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --ckpt-dir; with --total-steps equal to its step nothing is trained, to "
+        "--sample or --fid it",
+    )
+    g.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        default=None,
+        help="stop after N steps of this invocation without checkpointing, as if killed (default: never)",
+    )
+    g.add_argument("--log-every", type=_positive_int, default=100, help="log the loss every N steps")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     g = p.add_argument_group("NSGF / NSGF++ Sinkhorn flow")
     add_option_flags(g, SinkhornOptions)
     g.add_argument("--flow-steps", type=int, default=nsgf.flow_steps, help="T of nsgf's simulated flow")
     g.add_argument("--step-size", type=float, default=nsgf.step_size, help="eta of nsgf's simulated flow")
     g.add_argument("--path", default=nsgf.path, choices=list(PATHS), help="targets nsgf serves")
     g.add_argument("--phase1-steps", type=int, default=nsgf.phase1_steps, help="T of nsgf++'s NSGF phase")
-    g.add_argument("--phase1-step-size", type=float, default=nsgf.phase1_step_size)
+    g.add_argument(
+        "--phase1-step-size", type=float, default=nsgf.phase1_step_size, help="eta of nsgf++'s NSGF phase"
+    )
     g.add_argument("--pool-capacity", type=int, default=nsgf.pool_capacity, help="items per process")
-    g.add_argument("--pool-max-bytes", type=int, default=None, help="byte bound per process")
-    g.add_argument("--pool-dtype", default=nsgf.pool_dtype, choices=["float16", "bfloat16", "float32"])
-    g.add_argument("--pool-storage", default=nsgf.pool_storage, choices=["memory", "disk"])
-    g.add_argument("--pool-path", default=None, help="folder of a disk pool (rank{r} sub-folders)")
-    g.add_argument("--refresh-every", type=int, default=nsgf.refresh_every)
+    g.add_argument("--pool-max-bytes", type=int, default=None, help="byte bound per process (default: none)")
+    g.add_argument(
+        "--pool-dtype",
+        default=nsgf.pool_dtype,
+        choices=["float16", "bfloat16", "float32"],
+        help="storage dtype of the trajectory pool",
+    )
+    g.add_argument(
+        "--pool-storage", default=nsgf.pool_storage, choices=["memory", "disk"], help="where the pool lives"
+    )
+    g.add_argument(
+        "--pool-path",
+        default=None,
+        help="folder of a disk pool, rank{r} sub-folders (default: --ckpt-dir/pool)",
+    )
+    g.add_argument(
+        "--refresh-every",
+        type=int,
+        default=nsgf.refresh_every,
+        help="simulate new flows into the pool every N batches",
+    )
     g = p.add_argument_group("sampling and evaluation")
-    g.add_argument("--sample", action="store_true", help="write a PNG grid and print the NFE")
-    g.add_argument("--n-samples", type=int, default=64)
-    g.add_argument("--nfe", type=int, default=None, help="sampling step budget (method default if unset)")
+    g.add_argument(
+        "--sample",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="after training, write a PNG grid and print the NFE",
+    )
+    g.add_argument("--n-samples", type=_positive_int, default=64, help="images in the grid")
+    g.add_argument(
+        "--nfe", type=_positive_int, default=None, help="sampling step budget (default: the method's own)"
+    )
     g.add_argument("--solver", default="euler", help="euler, or a torchdyn solver (midpoint, rk4, dopri5)")
-    g.add_argument("--sample-out", default=None, help="PNG path (default: samples_<method>.png)")
-    g.add_argument("--sample-seed", type=int, default=0)
-    g.add_argument("--sample-batch-size", type=int, default=256)
-    g.add_argument("--no-ema", dest="use_ema", action="store_false", help="sample with the raw weights")
+    g.add_argument(
+        "--sample-out",
+        default=None,
+        help="PNG path (default: samples_<method>_step<N>_nfe<K>.png in --ckpt-dir, or in the current folder "
+        "without one)",
+    )
+    g.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling noise")
+    g.add_argument("--sample-batch-size", type=_positive_int, default=256, help="images per sampler call")
+    g.add_argument(
+        "--ema",
+        dest="use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sample with the EMA weights (--no-ema: the raw weights)",
+    )
     g.add_argument("--fid", action="store_true", help="FID (and IS for cifar10) with torchmetrics")
-    g.add_argument("--fid-samples", type=int, default=50_000)
-    g.add_argument("--inception-weights", default=None, help="local path of the Inception FID weights")
+    g.add_argument("--fid-samples", type=_positive_int, default=50_000, help="generated images for FID")
+    g.add_argument(
+        "--inception-weights",
+        default=None,
+        help="local path of the Inception FID weights (default: torch-fidelity's cache or download)",
+    )
     p.set_defaults(dataset=dataset)
     return p
 
@@ -130,7 +344,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         grad_clip=args.grad_clip,
         ema_decay=args.ema_decay,
         hflip=args.hflip,
-        preset=args.preset,
+        preset=args.unet,
         sigma=args.sigma,
         seed=args.seed,
         ckpt_dir=args.ckpt_dir,
@@ -147,21 +361,73 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Fail before training on what would fail after it: folders that cannot be written, a resume with
+    nothing to resume or nothing to do."""
+    if args.ckpt_dir is not None:
+        reason = check_writable_dir(args.ckpt_dir)
+        if reason is not None:
+            raise UsageError(f"--ckpt-dir {args.ckpt_dir!r} is not a writable folder ({reason})")
+    if args.sample and args.sample_out is not None:
+        folder = os.path.dirname(os.path.abspath(args.sample_out))
+        reason = check_writable_dir(folder)
+        if reason is not None:
+            raise UsageError(f"--sample-out {args.sample_out!r}: its folder is not writable ({reason})")
+    if not args.resume:
+        return
+    if args.ckpt_dir is None:
+        raise UsageError("--resume needs --ckpt-dir, the folder of the run to continue")
+    try:
+        step = checkpoint_step(args.ckpt_dir)
+    except FileNotFoundError as err:
+        raise UsageError(f"--resume: there is no checkpoint.pt in --ckpt-dir {args.ckpt_dir!r}") from err
+    if args.total_steps < step:
+        raise UsageError(
+            f"--total-steps {args.total_steps} is below the step {step} of the checkpoint in --ckpt-dir: "
+            "raise it to continue the run"
+        )
+    if args.total_steps == step and not (args.sample or args.fid):
+        raise UsageError(
+            f"--total-steps {args.total_steps}: the checkpoint in --ckpt-dir is at that step already, so "
+            "there is nothing to train; raise --total-steps to continue, or add --sample / --fid to use it"
+        )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train / resume, then sample and evaluate as the flags ask.
 
     Returns
     -------
     dict
-        ``step``, ``wall_time_s``, ``rank``; with ``--sample``: ``grid`` (path), ``nfe``, ``nfe_breakdown``;
-        with ``--fid``: ``fid`` (and ``is_mean``, ``is_std`` for cifar10). Only rank 0 samples.
+        ``step``, ``steps_this_run``, ``wall_time_s``, ``rank``; with ``--sample``: ``grid`` (path), ``nfe``,
+        ``nfe_breakdown``; with ``--fid``: ``fid`` (and ``is_mean``, ``is_std`` for cifar10). Only rank 0
+        samples.
+
+    Raises
+    ------
+    UsageError
+        A flag that cannot work, found before training (see :func:`_check_paths`).
     """
-    config = config_from_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    _check_paths(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     if args.fid:  # fail before training, not after hours of it
-        check_inception_available(args.inception_weights)
+        try:
+            check_inception_available(args.inception_weights)
+        except FileNotFoundError as err:
+            raise UsageError(f"--inception-weights: {err}") from err
     result = train(config)
     rank = int(os.environ.get("RANK", "0"))
-    out: dict[str, Any] = {"step": result.step, "wall_time_s": result.wall_time_s, "rank": rank}
+    out: dict[str, Any] = {
+        "step": result.step,
+        "steps_this_run": result.steps_this_run,
+        "wall_time_s": result.wall_time_s,
+        "rank": rank,
+    }
     if rank != 0 or not (args.sample or args.fid):
         return out
     device = next(result.method.nets.parameters()).device
@@ -179,7 +445,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.sample_seed,
             device=device,
         )
-        path = args.sample_out or f"samples_{config.method}.png"
+        path = args.sample_out
+        if path is None:
+            name = f"samples_{config.method}_step{result.step}_nfe{gen.total_nfe}.png"
+            path = name if config.ckpt_dir is None else os.path.join(config.ckpt_dir, name)
         save_grid(gen.samples, path)
         out.update(grid=path, nfe=gen.total_nfe, nfe_breakdown=dict(gen.nfe))
     if args.fid:
@@ -218,7 +487,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report_lines(method: str, out: dict[str, Any]) -> list[str]:
     """The lines an example prints for the result of :func:`run` (the library itself never prints)."""
-    lines = [f"trained {method} to step {out['step']} ({out['wall_time_s']:.1f} s this run)"]
+    if out.get("steps_this_run", 1) == 0:
+        lines = [f"the checkpoint of {method} is at step {out['step']} = --total-steps: nothing trained"]
+    else:
+        lines = [f"trained {method} to step {out['step']} ({out['wall_time_s']:.1f} s this run)"]
     if "grid" in out:
         parts = ", ".join(f"{k} {v}" for k, v in out["nfe_breakdown"].items())
         lines += [f"wrote {out['grid']}", f"NFE: {out['nfe']} ({parts})"]
@@ -228,3 +500,22 @@ def report_lines(method: str, out: dict[str, Any]) -> list[str]:
             line += f", IS: {out['is_mean']:.3f} ± {out['is_std']:.3f}"
         lines.append(line)
     return lines
+
+
+def main(dataset: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``examples/{dataset}.py``: parse ``argv``, :func:`run`, print the report.
+
+    A user error exits with status 2 and one ``prog: error: ...`` line naming the flag; other exceptions
+    (bugs) keep their traceback.
+    """
+    parser = build_parser(dataset)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        out = run(args)
+    except _USER_ERRORS as err:
+        message = " ".join(str(err).split())  # one line
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+    if out["rank"] == 0:
+        print("\n".join(report_lines(args.method, out)))
+    return out

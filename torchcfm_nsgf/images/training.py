@@ -18,6 +18,13 @@ are not rolled back (resuming continues the run but is not bit-exact).
 
 Files under ``ckpt_dir``: ``checkpoint.pt`` (written by rank 0) and ``rank{r}-step{s}.pt`` (one per
 process), all written atomically; ``checkpoint.pt`` is replaced last, so it always names complete files.
+Temporaries an interrupted write left behind (``.checkpoint.pt.partial-*.tmp``, ``.rank{r}-step*.partial-*.tmp``)
+are deleted when the run starts and at every checkpoint. ``ckpt_dir`` must be writable: it is checked (and
+created) before anything else happens.
+
+Short runs: unless given, the warm-up and the EMA decay scale with ``total_steps``
+(:func:`default_warmup`, :func:`default_ema_decay`), so that a run of a few hundred steps still ends with an
+EMA of trained weights; the values a run starts with are stored in its checkpoint and kept when it resumes.
 
 Several processes: launch with ``torchrun --nproc_per_node=K``; the loop wraps the networks in
 :class:`~torch.nn.parallel.DistributedDataParallel` (NCCL on GPUs, gloo on CPUs), shards the data with a
@@ -34,6 +41,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,11 +52,21 @@ from torch import Tensor, nn
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from .._io import check_writable_dir, remove_stale_temps
 from .checkpoint import CheckpointError, atomic_save, get_rng_state, load_checkpoint, set_rng_state
 from .data import ImageData, load_images, to_unit_range
 from .methods import ImageMethod, NSGFSettings, make_method
 
-__all__ = ["TrainConfig", "TrainResult", "ema_update", "train"]
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "TrainResult",
+    "checkpoint_step",
+    "default_ema_decay",
+    "default_warmup",
+    "ema_update",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +74,24 @@ CHECKPOINT_NAME = "checkpoint.pt"
 _FORMAT = "torchcfm_nsgf.images.checkpoint/1"
 # settings that must not change between a run and its resumption
 _FIXED_ON_RESUME = ("dataset", "method", "preset", "sigma", "batch_size", "seed", "hflip", "ema_decay")
+# torchcfm's CIFAR-10 recipe, the ceilings of the values that scale with the run's length
+_MAX_WARMUP = 5000
+_MAX_EMA_DECAY = 0.9999
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work: with each other, with the checkpoint being resumed, or with the disk."""
+
+
+def default_warmup(total_steps: int) -> int:
+    """Warm-up steps when none is given: 5% of the run, at most torchcfm's 5000."""
+    return min(_MAX_WARMUP, total_steps // 20)
+
+
+def default_ema_decay(total_steps: int) -> float:
+    """EMA decay when none is given: torchcfm's 0.9999, lowered until the EMA horizon ``1 / (1 - decay)``
+    is at most a tenth of the run (0.98 for 500 steps, 0.9995 for 20 000, 0.9999 from 100 000 on)."""
+    return max(0.0, min(_MAX_EMA_DECAY, 1.0 - 10.0 / total_steps))
 
 
 @dataclass
@@ -73,8 +109,13 @@ class TrainConfig:
         Optimiser steps of the whole run (across resumptions).
     batch_size : int
         Images per step and per process.
-    lr, warmup, grad_clip, ema_decay : float, int, float, float
-        Adam learning rate, linear warm-up steps, gradient-norm clip per network, EMA decay.
+    lr, grad_clip : float
+        Adam learning rate, gradient-norm clip per network.
+    warmup : int, optional
+        Linear learning-rate warm-up steps; default :func:`default_warmup` of ``total_steps``.
+    ema_decay : float, optional
+        EMA decay; default :func:`default_ema_decay` of ``total_steps``. A decay too slow for the run (the
+        initial random weights keep more than 10% of the final EMA) draws a warning.
     hflip : bool, optional
         Random horizontal flips; default on for CIFAR-10, off for MNIST.
     preset : str, optional
@@ -111,9 +152,9 @@ class TrainConfig:
     total_steps: int = 400_000
     batch_size: int = 128
     lr: float = 2e-4
-    warmup: int = 5000
+    warmup: int | None = None
     grad_clip: float = 1.0
-    ema_decay: float = 0.9999
+    ema_decay: float | None = None
     hflip: bool | None = None
     preset: str | None = None
     sigma: float = 0.0
@@ -136,14 +177,18 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be a non-negative int, got {self.warmup!r}")
+        if self.warmup is not None and (
+            isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0
+        ):
+            raise ValueError(f"warmup must be a non-negative int or None, got {self.warmup!r}")
         for name in ("lr", "grad_clip"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(self.ema_decay, (int, float)) or not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+        if self.ema_decay is not None and (
+            not isinstance(self.ema_decay, (int, float)) or not 0.0 <= self.ema_decay < 1.0
+        ):
+            raise ValueError(f"ema_decay must lie in [0, 1) or be None, got {self.ema_decay!r}")
         if self.stop_after is not None and (not isinstance(self.stop_after, int) or self.stop_after < 1):
             raise ValueError(f"stop_after must be a positive int or None, got {self.stop_after!r}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
@@ -244,6 +289,61 @@ def _rank_file(rank: int, step: int) -> str:
     return f"rank{rank}-step{step}.pt"
 
 
+def _resolve(config: TrainConfig, stored: dict[str, Any] | None = None) -> TrainConfig:
+    """``config`` with a warm-up and EMA decay left unset filled in: the values ``stored`` in the checkpoint
+    being resumed (a run keeps those it started with), else the defaults for ``total_steps``."""
+    stored = stored or {}
+    warmup, decay = config.warmup, config.ema_decay
+    if warmup is None:
+        warmup = stored.get("warmup")
+        warmup = default_warmup(config.total_steps) if warmup is None else int(warmup)
+    if decay is None:
+        decay = stored.get("ema_decay")
+        decay = default_ema_decay(config.total_steps) if decay is None else float(decay)
+    return dataclasses.replace(config, warmup=warmup, ema_decay=decay)
+
+
+def _warn_if_too_short(config: TrainConfig) -> None:
+    """Warn when the run ends before its warm-up, or while the EMA is still mostly its initial weights."""
+    if config.warmup > config.total_steps:
+        warnings.warn(
+            f"warmup={config.warmup} > total_steps={config.total_steps}: the learning rate never reaches "
+            f"lr={config.lr}; lower warmup or leave it unset to scale it with total_steps",
+            stacklevel=4,  # the caller of train()
+        )
+    left = config.ema_decay**config.total_steps
+    if left > 0.1:
+        warnings.warn(
+            f"ema_decay={config.ema_decay} averages over ~{1 / (1 - config.ema_decay):.0f} steps but the run "
+            f"has total_steps={config.total_steps}: {left:.0%} of the final EMA weights are the initial random "
+            "ones, so samples drawn with the EMA look like noise; lower ema_decay (or leave it unset to scale "
+            "it with total_steps), or sample with the raw weights",
+            stacklevel=4,  # the caller of train()
+        )
+
+
+def checkpoint_step(ckpt_dir: str | os.PathLike) -> int:
+    """The step of ``ckpt_dir/checkpoint.pt``, read without loading its tensors.
+
+    Raises
+    ------
+    FileNotFoundError
+        There is no checkpoint.
+    CheckpointError
+        It is unreadable or holds no step.
+    """
+    path = os.path.join(os.fspath(ckpt_dir), CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"there is no checkpoint at {path!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - load_checkpoint gives the precise error
+        state = load_checkpoint(path)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {path!r} holds no step")
+    return state["step"]
+
+
 def _fixed_settings(config: TrainConfig) -> dict[str, Any]:
     return {
         "dataset": config.dataset,
@@ -255,6 +355,15 @@ def _fixed_settings(config: TrainConfig) -> dict[str, Any]:
         "hflip": config.resolved_hflip,
         "ema_decay": config.ema_decay,
     }
+
+
+def _remove_stale_temps(ckpt_dir: str, rank: int) -> None:
+    """Delete what interrupted writes of this process's checkpoint files left (no write is in flight)."""
+    names = remove_stale_temps(ckpt_dir, f"rank{rank}-step")
+    if rank == 0:
+        names += remove_stale_temps(ckpt_dir, CHECKPOINT_NAME)
+    if names:
+        logger.info("removed temporary files of interrupted checkpoint writes: %s", ", ".join(names))
 
 
 def _save(
@@ -295,16 +404,28 @@ def _save(
     for name in os.listdir(ckpt_dir):
         if name.startswith(prefix) and name.endswith(".pt") and name != _rank_file(rank, step):
             os.unlink(os.path.join(ckpt_dir, name))
+    _remove_stale_temps(ckpt_dir, rank)
 
 
-def _load(ckpt_dir: str, rank: int, world: int, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read and check the shared checkpoint and this rank's file; nothing is modified."""
+def _load(
+    ckpt_dir: str, rank: int, world: int, config: TrainConfig
+) -> tuple[TrainConfig, dict[str, Any], dict[str, Any]]:
+    """Read and check the shared checkpoint and this rank's file; nothing is modified.
+
+    Returns ``config`` resolved against the checkpoint's (:func:`_resolve`) and the two states.
+    """
     path = os.path.join(ckpt_dir, CHECKPOINT_NAME)
     main = load_checkpoint(path, required=("format", "step", "world_size", "settings", "nets", "ema"))
     if main["format"] != _FORMAT:
         raise CheckpointError(f"checkpoint {path!r} has format {main['format']!r}, expected {_FORMAT!r}")
+    config = _resolve(config, main.get("config"))
+    if config.total_steps < main["step"]:
+        raise ConfigError(
+            f"total_steps={config.total_steps} is below the step {main['step']} of checkpoint {path!r}: "
+            "raise it to continue the run"
+        )
     if main["world_size"] != world:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {path!r} was written by {main['world_size']} processes; resume it with the same "
             f"number (got {world})"
         )
@@ -312,14 +433,14 @@ def _load(ckpt_dir: str, rank: int, world: int, config: TrainConfig) -> tuple[di
     changed = {k: (main["settings"].get(k), v) for k, v in wanted.items() if main["settings"].get(k) != v}
     if changed:
         diff = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(f"cannot resume {path!r} with different settings ({diff})")
+        raise ConfigError(f"cannot resume {path!r} with different settings ({diff})")
     rank_path = os.path.join(ckpt_dir, main["rank_files"][rank])
     mine = load_checkpoint(rank_path, required=("step", "rng", "method"))
     if mine["step"] != main["step"]:
         raise CheckpointError(
             f"{rank_path!r} is for step {mine['step']}, checkpoint.pt for step {main['step']}"
         )
-    return main, mine
+    return config, main, mine
 
 
 class _DataOrder:
@@ -332,7 +453,7 @@ class _DataOrder:
         self.batch_size = batch_size
         self.steps_per_epoch = len(self.sampler) // batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size={batch_size} exceeds the {len(self.sampler)} images each of the {world} "
                 "process(es) sees: lower it"
             )
@@ -377,8 +498,11 @@ def train(config: TrainConfig, data: ImageData | None = None) -> TrainResult:
         ``ckpt_dir`` already holds a checkpoint and ``resume`` is false.
     CheckpointError
         The checkpoint is corrupt; nothing is written in that case.
+    ConfigError
+        ``ckpt_dir`` is not writable; settings that differ from the checkpoint's, or ``total_steps`` below
+        its step (equal to it: nothing is trained, the checkpoint's state is returned).
     ValueError
-        Unknown method, or settings that differ from the checkpoint's.
+        Unknown method.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -402,16 +526,32 @@ def _train(
     ckpt_dir = config.ckpt_dir
     main_state = rank_state = None
     if ckpt_dir is not None:
+        reason = check_writable_dir(ckpt_dir)
+        if reason is not None:
+            raise ConfigError(f"ckpt_dir {ckpt_dir!r} is not a writable folder ({reason})")
         path = os.path.join(ckpt_dir, CHECKPOINT_NAME)
         if config.resume:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"resume=True but there is no checkpoint at {path!r}")
-            main_state, rank_state = _load(ckpt_dir, rank, world, config)
+            config, main_state, rank_state = _load(ckpt_dir, rank, world, config)
         elif os.path.exists(path):
             raise FileExistsError(
                 f"{path!r} already exists: pass --resume to continue that run, or choose another --ckpt-dir "
                 "(it is never overwritten by a fresh run)"
             )
+        _remove_stale_temps(ckpt_dir, rank)
+    if main_state is None:
+        config = _resolve(config)
+    _warn_if_too_short(config)
+    if rank == 0:
+        logger.info(
+            "%s: %d steps, warm-up %d steps, EMA decay %g (horizon %.0f steps)",
+            config.method,
+            config.total_steps,
+            config.warmup,
+            config.ema_decay,
+            1.0 / (1.0 - config.ema_decay),
+        )
 
     if data is None:
         if rank == 0 or not config.download:
@@ -463,6 +603,8 @@ def _train(
         set_rng_state(rank_state["rng"])
         if rank == 0:
             logger.info("resumed from %s at step %d", ckpt_dir, step)
+            if step == config.total_steps:
+                logger.info("the checkpoint is at total_steps=%d already: nothing to train", step)
 
     order = _DataOrder(len(data), config.batch_size, rank, world, config.seed)
     hflip = config.resolved_hflip

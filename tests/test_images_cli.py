@@ -1,0 +1,296 @@
+"""The image command line: presets, help text, run-length-scaled warm-up and EMA, crash-safe checkpoints and
+one-line errors. Data: fake MNIST files in the real idx format."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from torchcfm_nsgf.images import TrainConfig, save_grid, train
+from torchcfm_nsgf.images.checkpoint import load_checkpoint
+from torchcfm_nsgf.images.cli import RUN_PRESETS, build_parser
+from torchcfm_nsgf.images.training import ConfigError, default_ema_decay, default_warmup
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _fake_datasets import write_fake_mnist  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_fake_mnist(root, n_train=64, n_test=8, strokes=True)
+    return root
+
+
+def _mnist():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("example_mnist", ROOT / "examples" / "mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fast(data_root: Path, ckpt_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--method", "icfm", "--tiny", "--data-root", str(data_root), "--batch-size", "4",
+        "--no-progress", "--total-steps", "2", "--ckpt-dir", str(ckpt_dir), *extra,
+    ]  # fmt: skip
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    """Run the example with ``argv``; it must exit with status 2 and one stderr line, returned."""
+    with pytest.raises(SystemExit) as info:
+        _mnist().main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+# --------------------------------------------------------------------------- the quick preset
+
+
+def _grid_tiles(path: Path, n: int, size: int = 28, pad: int = 2) -> torch.Tensor:
+    """The ``n`` images of a save_grid PNG, in [-1, 1]: ``(n, size, size)``."""
+    with Image.open(path) as im:
+        grid = pil_to_tensor(im.convert("L")).float()[0] / 127.5 - 1.0
+    cols = grid.shape[1] // (size + pad)
+    return torch.stack(
+        [
+            grid[pad + r * (size + pad) :][:size, pad + c * (size + pad) :][:, :size]
+            for r, c in (divmod(i, cols) for i in range(n))
+        ]
+    )
+
+
+def _histogram_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """L1 distance (0 to 2) between the 8-bin pixel histograms of two image sets in [-1, 1]."""
+    hx, hy = (torch.histc(v.flatten(), bins=8, min=-1, max=1) / v.numel() for v in (x, y))
+    return float((hx - hy).abs().sum())
+
+
+def test_quick_preset_samples_look_like_the_data_not_like_noise(data_root, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    out = _mnist().main(
+        ["--preset", "quick", "--data-root", str(data_root), "--ckpt-dir", str(run_dir), "--no-progress"]
+        + ["--total-steps", "24", "--n-samples", "16", "--nfe", "8"]  # the preset, shortened
+    )
+    grid = Path(out["grid"])
+    assert grid.parent == run_dir and grid.is_file()  # written in the run's folder
+    assert f"wrote {grid}" in capsys.readouterr().out
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    assert state["settings"]["batch_size"] == RUN_PRESETS["quick"]["batch_size"]
+    assert state["config"]["lr"] == RUN_PRESETS["quick"]["lr"]
+    assert state["config"]["ema_decay"] == default_ema_decay(24)
+
+    data = torch.from_numpy(write_fake_mnist(tmp_path / "copy", n_train=64, n_test=8, strokes=True))
+    data = data.float() / 127.5 - 1.0
+    samples = _grid_tiles(grid, 16)
+    noise_grid = tmp_path / "noise.png"
+    save_grid(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)), noise_grid)
+    noise = _grid_tiles(noise_grid, 16)
+    d_noise = _histogram_distance(noise, data)
+    assert d_noise > 1.0  # the statistic tells noise from the data
+    assert _histogram_distance(samples, data) < 0.5 * d_noise
+    # and the samples are mostly dark background, as the data (noise: about a fifth)
+    assert (samples < -0.5).float().mean() > 0.6
+
+
+def test_explicit_flags_override_the_preset():
+    parser = build_parser("mnist")
+    args = parser.parse_args(["--preset", "quick", "--batch-size", "8", "--unet", "mnist", "--no-sample"])
+    quick = RUN_PRESETS["quick"]
+    assert (args.batch_size, args.unet, args.sample) == (8, "mnist", False)
+    assert (args.lr, args.total_steps, args.nfe) == (quick["lr"], quick["total_steps"], quick["nfe"])
+    plain = parser.parse_args([])
+    assert (plain.batch_size, plain.lr, plain.total_steps, plain.unet, plain.sample) == (
+        128, 2e-4, 20_000, "mnist", False,
+    )  # fmt: skip
+
+
+def test_the_old_unet_spelling_of_preset_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        build_parser("mnist").parse_args(["--preset", "tiny"])
+    assert "--unet tiny" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- warm-up and EMA
+
+
+def test_warmup_and_ema_scale_with_short_runs_only():
+    assert default_warmup(400_000) == 5000 and default_warmup(20_000) == 1000 and default_warmup(600) == 30
+    assert default_ema_decay(400_000) == 0.9999
+    for total in (10, 600, 20_000):
+        horizon = 1.0 / (1.0 - default_ema_decay(total))
+        assert horizon <= total / 10 + 1e-6
+        # the initial random weights keep a negligible share of the final EMA
+        assert default_ema_decay(total) ** total < 1e-4
+
+
+def _config(root: Path, **kw) -> TrainConfig:
+    base = dict(
+        dataset="mnist", data_root=str(root), method="icfm", total_steps=4, batch_size=4, preset="tiny",
+        progress=False, sample_steps=2,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_too_slow_ema_warns_and_the_scaled_default_does_not(data_root, tmp_path):
+    with pytest.warns(UserWarning, match="ema_decay=0.9999.*initial random"):
+        train(_config(data_root, ema_decay=0.9999, warmup=0))
+    with pytest.warns(UserWarning, match="warmup=5000 > total_steps=4"):
+        train(_config(data_root, ema_decay=0.0, warmup=5000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(_config(data_root))
+
+
+def test_a_resumed_run_keeps_its_scaled_values(data_root, tmp_path):
+    train(_config(data_root, total_steps=40, stop_after=None, ckpt_dir=str(tmp_path), ckpt_every=20))
+    first = load_checkpoint(tmp_path / "checkpoint.pt")["config"]
+    assert (first["warmup"], first["ema_decay"]) == (default_warmup(40), default_ema_decay(40))
+    # a longer resumption is not refused for a "changed" EMA decay, and keeps the run's values
+    resumed = train(_config(data_root, total_steps=42, ckpt_dir=str(tmp_path), resume=True))
+    assert resumed.step == 42
+    again = load_checkpoint(tmp_path / "checkpoint.pt")["config"]
+    assert (again["warmup"], again["ema_decay"]) == (first["warmup"], first["ema_decay"])
+
+
+# --------------------------------------------------------------------------- crash safety
+
+
+def test_stale_temporaries_of_interrupted_writes_are_removed(data_root, tmp_path, monkeypatch):
+    import torchcfm_nsgf._io as io
+
+    # an interrupted write: the temporary is named after its destination
+    seen = []
+
+    def crash(src, dst):
+        seen.append(os.path.basename(src))
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(io.os, "replace", crash)
+        with pytest.raises(KeyboardInterrupt):
+            io.atomic_save({"x": 1}, tmp_path / "checkpoint.pt")
+    assert re.fullmatch(r"\.checkpoint\.pt\.partial-\w+\.tmp", seen[0])
+
+    # what a kill -9 leaves (this version's names and earlier ones), and files that are not ours
+    stale = [".checkpoint.pt.partial-abc123.tmp", ".rank0-step2.pt.partial-x.tmp", ".rank0-step4.pt.q1w2.tmp"]
+    kept = [".rank1-step2.pt.partial-y.tmp", ".notes.tmp", "notes.txt"]  # rank 1: another process's
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    train(_config(data_root, ckpt_dir=str(tmp_path), stop_after=1))  # no checkpoint written
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+    # and when a run resumes
+    (tmp_path / stale[0]).write_bytes(b"partial")
+    train(_config(data_root, ckpt_dir=str(tmp_path / "run"), total_steps=2))
+    (tmp_path / "run" / stale[0]).write_bytes(b"partial")
+    train(_config(data_root, ckpt_dir=str(tmp_path / "run"), total_steps=4, resume=True))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "rank0-step4.pt"]
+
+
+def test_unwritable_ckpt_dir_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    missing_data = tmp_path / "no_data"  # loading data would fail: the folder is checked first
+    line = _cli_error(capsys, _fast(missing_data, blocker / "run"))
+    assert "--ckpt-dir" in line and str(blocker / "run") in line
+    with pytest.raises(ConfigError, match="ckpt_dir"):
+        train(_config(missing_data, ckpt_dir=str(blocker / "run")))
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes in read-only folders")
+def test_read_only_ckpt_dir_fails_before_training(tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        assert "--ckpt-dir" in _cli_error(capsys, _fast(tmp_path / "no_data", folder))
+    finally:
+        folder.chmod(0o700)
+
+
+def test_resume_with_no_steps_left_is_an_error_unless_sampling(data_root, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _mnist().main(_fast(data_root, run_dir))
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+
+    line = _cli_error(capsys, _fast(data_root, run_dir, "--resume"))  # --total-steps 2: already there
+    assert "--total-steps 2" in line and "nothing to train" in line
+    line = _cli_error(capsys, _fast(data_root, run_dir, "--resume", "--total-steps", "1"))
+    assert "--total-steps 1" in line and "step 2" in line
+    with pytest.raises(ConfigError, match="total_steps=1 is below the step 2"):
+        train(_config(data_root, total_steps=1, ckpt_dir=str(run_dir), resume=True))
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+    out = _mnist().main(_fast(data_root, run_dir, "--resume", "--sample", "--n-samples", "4", "--nfe", "2"))
+    assert out["steps_this_run"] == 0 and Path(out["grid"]).parent == run_dir
+    assert "nothing trained" in capsys.readouterr().out
+
+
+def test_flag_errors_are_one_line_naming_the_flag(data_root, tmp_path, capsys):
+    line = _cli_error(capsys, _fast(data_root, tmp_path / "empty", "--resume"))
+    assert "--resume" in line and "--ckpt-dir" in line
+    line = _cli_error(capsys, _fast(data_root, tmp_path / "run", "--batch-size", "0"))
+    assert "--batch-size" in line and "positive" in line
+    line = _cli_error(capsys, _fast(data_root, tmp_path / "run", "--preset", "tiny"))
+    assert "--preset" in line and "--unet tiny" in line
+
+
+# --------------------------------------------------------------------------- help text
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_every_flag_has_help_and_a_true_default(dataset):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / f"{dataset}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100"},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.split("options:", 1)[1]
+    # one entry per option line ("  --flag ARG  help...", help possibly on the following indented lines)
+    entries: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        m = re.match(r"^  (-\S.*?)(?:\s{2,}(\S.*))?$", line)
+        if m:
+            entries.append((m.group(1), m.group(2) or ""))
+        elif entries and re.match(r"^\s{3,}\S", line):
+            entries[-1] = (entries[-1][0], f"{entries[-1][1]} {line.strip()}".strip())
+    flags = {flag for invocation, _ in entries for flag in re.findall(r"--[\w-]+", invocation)}
+    assert {"--preset", "--warmup", "--ema-decay", "--ckpt-dir", "--ema", "--no-ema", "--threads"} <= flags
+    for invocation, help_text in entries:
+        assert help_text, f"{invocation} has no help"
+        assert "default: None" not in help_text, invocation
+        takes_value = re.search(r"--[\w-]+ [A-Z{]", invocation) is not None
+        if takes_value:
+            assert "default" in help_text, f"{invocation} does not state its default"
+        negatives = [f for f in re.findall(r"--[\w-]+", invocation) if f.startswith("--no-")]
+        if negatives and len(re.findall(r"--[\w-]+", invocation)) == 1:  # a lone --no-x flag
+            assert "default: True" not in help_text, f"{invocation}: contradictory default"
+    assert "shared/" not in proc.stdout  # no paths outside the repository
