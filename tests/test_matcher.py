@@ -238,9 +238,11 @@ def test_sigma_adds_gaussian_noise_around_the_path_and_keeps_the_velocity():
     t, xt, ut, eps = fm.sample_location_and_conditional_flow(x0, x1, return_noise=True)
     _served_on_path(fm, traj, t, xt - sigma * eps, ut, x0)
     assert float(eps.std()) == pytest.approx(1.0, abs=0.2)
+    # torchcfm's constant-sigma values (a float there), as tensors shaped like t here
     ref = ConditionalFlowMatcher(sigma=sigma)
-    torch.testing.assert_close(fm.compute_lambda(t), ref.compute_lambda(t))
-    torch.testing.assert_close(fm.compute_sigma_t(t), ref.compute_sigma_t(t))
+    torch.testing.assert_close(fm.compute_sigma_t(t), torch.full_like(t, ref.compute_sigma_t(t)))
+    torch.testing.assert_close(fm.compute_lambda(t), torch.full_like(t, ref.compute_lambda(t)))
+    assert fm.compute_lambda(t)[:, None].shape == (32, 1)  # as torchcfm's SF2M loop indexes it
 
 
 @pytest.mark.parametrize("path", ["straight", "polyline"])

@@ -410,6 +410,11 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
             return t_out, xt, ut, eps
         return t_out, xt, ut
 
+    def compute_sigma_t(self, t: Tensor) -> Tensor:
+        """The constant noise width ``sigma`` as a tensor like ``t`` (torchcfm's base returns a float, which
+        breaks loops that index ``compute_lambda(t)[:, None]``)."""
+        return torch.full_like(t, self.sigma)
+
     def compute_mu_t(self, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
         """Mean of the path at ``t``: the point at ``t`` (shape (bs,)) of the NSGF path of ``x0`` towards ``x1``.
 
