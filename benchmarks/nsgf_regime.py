@@ -30,7 +30,9 @@ from torchcfm_nsgf.toy import TASKS, get_task, train_nsgf, w2
 NFES = (1, 2, 5, 10, 100)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# name -> SinkhornFlowMatcher arguments ("sinkhorn" as SinkhornOptions fields); "default" is the matcher's.
+# name -> SinkhornFlowMatcher arguments ("sinkhorn" as SinkhornOptions fields) on top of BASE: the matcher's
+# defaults with tol 1e-3, the tolerance this study started from (it chose the present default, 1e-2).
+BASE = {"sinkhorn": {"tol": 1e-3}}
 SETTINGS: dict[str, dict] = {
     "default": {},
     "T=1": {"flow_steps": 1},
@@ -46,8 +48,8 @@ SETTINGS: dict[str, dict] = {
 
 
 def build(setting: dict, seed: int) -> SinkhornFlowMatcher:
-    kwargs = dict(setting)
-    kwargs["sinkhorn"] = SinkhornOptions(**kwargs.get("sinkhorn", {}))
+    kwargs = {**BASE, **setting}
+    kwargs["sinkhorn"] = SinkhornOptions(**{**BASE["sinkhorn"], **setting.get("sinkhorn", {})})
     return SinkhornFlowMatcher(**kwargs, generator=torch.Generator().manual_seed(seed))
 
 
@@ -130,8 +132,9 @@ def report(paths: list[str]) -> None:
         )
         + ".",
         "",
-        "Settings differ from `SinkhornFlowMatcher()` (2 steps of η = 1, blur 0.1 of the target's scale, "
-        "tol 1e-3, straight path, refresh every 50 calls) only in what their name says.",
+        "Settings differ from `default` (2 steps of η = 1, blur 0.1 of the target's scale, tol 1e-3, straight "
+        "path, refresh every 50 calls) only in what their name says; `tol 1e-2` is `SinkhornFlowMatcher()` "
+        "as it now stands (this study chose it).",
         "",
         "## Learned field: W2 at Euler NFE (geometric mean over the tasks, and per task)",
         "",
