@@ -163,7 +163,7 @@ _ONE_RF: dict[tuple, TrainedField] = {}
 
 
 def _one_rf(task: Task, config: BenchConfig, seed: int) -> TrainedField:
-    key = (task.name, config, seed)
+    key = (task.name, json.dumps(asdict(config), sort_keys=True), seed)
     if key not in _ONE_RF:  # 2-RF reuses the 1-RF of the same run
         _ONE_RF.clear()
         _ONE_RF[key] = _train_torchcfm(ConditionalFlowMatcher(sigma=0.0), task, config, seed, "1-RF")
