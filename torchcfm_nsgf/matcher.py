@@ -312,18 +312,16 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
 
     # ------------------------------------------------------------------ pool
     def _ensure_pool(self, x0: Tensor) -> None:
+        """Build the ``"auto"`` pool on ``x0``'s device at the first call (seeded from the matcher's generator)."""
         if self.pool is None and self._auto_pool:
-            seed = (
-                None
-                if self.generator is None
-                else int(torch.randint(0, 2**62, (1,), generator=self.generator))
-            )
-            self.pool = TrajectoryPool(
-                AUTO_POOL_ITEMS,
-                max_bytes=AUTO_POOL_BYTES,
-                device=x0.device,
-                generator=None if seed is None else torch.Generator().manual_seed(seed),
-            )
+            self.pool = self._new_auto_pool(x0.device)
+
+    def _new_auto_pool(self, device: torch.device | str) -> TrajectoryPool:
+        generator = None
+        if self.generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            generator = torch.Generator().manual_seed(seed)
+        return TrajectoryPool(AUTO_POOL_ITEMS, max_bytes=AUTO_POOL_BYTES, device=device, generator=generator)
 
     def fill_pool(self, x0: Tensor, x1: Tensor) -> SinkhornTrajectory:
         """Simulate one flow of ``(x0, x1)`` and add its served segments (:meth:`segments`) to the pool."""
@@ -483,18 +481,14 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         self.n_solves = int(state.get("solves", 0))
         if state.get("blur") is not None:
             self.blur = float(state["blur"])
-        if state.get("generator") is not None and self.generator is not None:
-            self.generator.set_state(state["generator"])
         if state.get("pool") is not None:
-            if self.pool is None and self._auto_pool:
-                self.pool = TrajectoryPool(
-                    AUTO_POOL_ITEMS,
-                    max_bytes=AUTO_POOL_BYTES,
-                    generator=None if self.generator is None else torch.Generator(),
-                )
+            if self.pool is None and self._auto_pool:  # its generator state comes with the pool's state
+                self.pool = self._new_auto_pool("cpu")
             if self.pool is None:
                 raise ValueError("state holds a pool but this matcher has none")
             self.pool.load_state_dict(state["pool"])
+        if state.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])  # after the auto pool's seed draw
 
     def __repr__(self) -> str:
         steps = self.step_sizes
