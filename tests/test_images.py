@@ -32,16 +32,10 @@ from torchcfm_nsgf.images.fid import InceptionUnavailableError, check_inception_
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tiny runs here use ema_decay=0.9 over 4 steps on purpose (the EMA must differ from the weights)
-pytestmark = pytest.mark.filterwarnings("ignore:ema_decay=0.9 averages:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # two cores shared with other jobs: one intra-op thread is several times faster than two
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:ema_decay=0.9 averages:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -84,3 +84,15 @@ def check_open_unit(value: object, name: str) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not 0.0 < value < 1.0:
         raise ValueError(f"{name} must lie in the open interval (0, 1), got {value}")
+
+
+def check_non_negative(value: object, name: str) -> float:
+    """A finite number >= 0 (not a bool), returned as a float."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)

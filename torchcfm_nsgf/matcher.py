@@ -30,7 +30,6 @@ number of steps for ``"straight"``), so torchcfm / torchdyn sampling code works 
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -42,7 +41,13 @@ from torch import Tensor
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 from tqdm.auto import tqdm
 
-from ._validation import check_cloud, check_positive, check_same_device, check_same_features
+from ._validation import (
+    check_cloud,
+    check_non_negative,
+    check_positive,
+    check_same_device,
+    check_same_features,
+)
 from .pool import TrajectoryPool
 from .sampling import SampleResult, odeint_sample, solver_spec
 from .sinkhorn import SinkhornConvergenceWarning, SinkhornOptions, SinkhornSolution
@@ -151,14 +156,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> None:
-        if (
-            isinstance(sigma, bool)
-            or not isinstance(sigma, (int, float))
-            or not math.isfinite(sigma)
-            or sigma < 0
-        ):
-            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-        super().__init__(sigma=float(sigma))
+        super().__init__(sigma=check_non_negative(sigma, "sigma"))
         check_positive(flow_steps, "flow_steps", integer=True)
         self.step_sizes = _step_sizes(step_size, flow_steps)
         if path not in PATHS:

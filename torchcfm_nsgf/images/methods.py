@@ -15,7 +15,6 @@ Baselines are torchcfm's own matchers (no re-implementation): ``icfm`` = ``Condi
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from torchcfm.conditional_flow_matching import (
 )
 from torchcfm.models.unet.unet import UNetModelWrapper
 
+from .._validation import check_non_negative
 from ..sampling import SampleResult, odeint_sample, solver_spec
 from ..sinkhorn import SinkhornOptions
 
@@ -273,15 +273,9 @@ def make_method(
     methods = available_methods()
     if name not in methods:
         raise ValueError(f"method must be one of {methods}, got {name!r}")
-    if (
-        isinstance(sigma, bool)
-        or not isinstance(sigma, (int, float))
-        or not math.isfinite(sigma)
-        or sigma < 0
-    ):
-        raise ValueError(f"sigma must be a non-negative number, got {sigma!r}")
+    sigma = check_non_negative(sigma, "sigma")
     if name in BASELINE_METHODS:
-        matcher = _baseline_matcher(name, float(sigma))
+        matcher = _baseline_matcher(name, sigma)
         return FlowMatchingMethod(name, matcher, build_unet(shape, preset), sample_steps)
     from . import _nsgf_methods
 
