@@ -20,7 +20,11 @@ Networks, trained together on the same source :math:`\mu_0` and target :math:`\m
   The end points come from simulating the matcher's flow, not from the NSGF network: the simulation is what
   the network is trained to reproduce (Euler with ``T`` steps of the served velocity lands on :math:`X_T`
   exactly), it costs ``T`` Sinkhorn solves of the batch, needs no trained network (all parts train from the
-  first step, in one loop) and carries no network error into phase 2's training data.
+  first step, in one loop) and carries no network error into phase 2's training data. The other side of
+  the choice: at sampling, phase 2 starts from the *network's* :math:`X_T`, so the straight flow corrects the
+  NSGF field's error only where that error stays within what the simulated end points cover; and when the
+  simulated flow has already reached the data, the segments :math:`X_T \to X_1` are short and phase 2 does
+  little.
 
 :class:`NSGFPlusPlusObjective` is the one training interface: ``losses(nets, x0, x1) -> {name: loss}`` (one
 loss per network) and ``sample(nets, x0, ...) -> SampleResult``. :class:`NSGFPlusPlus` (vectors, 2D) and the
