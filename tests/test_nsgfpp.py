@@ -374,6 +374,74 @@ def test_phase2_pairs_come_from_phase1_end_points(phase2, monkeypatch):
     assert cost == pytest.approx(exact, rel=1e-9)
 
 
+def _ot_objective(refresh_every=None, endpoint_capacity=None, seed=1):
+    sink = SinkhornOptions(blur=0.5, relative_blur=False, scaling=0.7)
+    matcher = SinkhornFlowMatcher(flow_steps=2, step_size=0.5, path="grid", sinkhorn=sink, refresh_every=10)
+    return NSGFPlusPlusObjective(
+        matcher,
+        phase2="ot",
+        generator=_gen(seed),
+        refresh_every=refresh_every,
+        endpoint_capacity=endpoint_capacity,
+    )
+
+
+def test_ot_end_points_are_amortised_over_refresh_every_calls(monkeypatch):
+    objective = _ot_objective()  # refresh_every defaults to the matcher's (10)
+    assert objective.refresh_every == 10
+    sims = []
+    original = objective.simulate_endpoints
+
+    def spy(x0, x1):
+        sims.append(x0.shape[0])
+        return original(x0, x1)
+
+    monkeypatch.setattr(objective, "simulate_endpoints", spy)
+    nets = {"nsgf": VelocityMLP(2).double(), "straight": VelocityMLP(2).double()}
+    for k in range(20):
+        objective.losses(nets, _randn(32, 2, seed=100 + k), 3.0 + _randn(32, 2, seed=200 + k))
+    assert objective.n_flows == len(sims) == 2 and objective.n_calls == 20
+    assert objective.n_endpoints == 64 and objective.endpoint_capacity == 16 * 32
+    # a smaller refresh period simulates more flows; the buffer stays bounded, FIFO
+    objective = _ot_objective(refresh_every=3, endpoint_capacity=80)
+    for k in range(20):
+        objective.losses(nets, _randn(32, 2, seed=100 + k), 3.0 + _randn(32, 2, seed=200 + k))
+    assert objective.n_flows == 7 and objective.n_endpoints == 80
+
+
+def test_ot_end_points_drawn_without_replacement_from_the_buffer_fifo():
+    objective = _ot_objective(refresh_every=100, endpoint_capacity=48)
+    x1 = 3.0 + _randn(16, 2, seed=3)
+    flows = [_randn(16, 2, seed=s) for s in (10, 11, 12, 13)]
+    sims = [objective.simulate_endpoints(x0, x1) for x0 in flows]
+    # the first call simulates; the second draws from the buffer only (no new flow)
+    first = objective.phase1_endpoints(flows[0], x1)
+    second = objective.phase1_endpoints(flows[1], x1)
+    assert objective.n_flows == 1
+    sort = lambda z: z[torch.argsort(z[:, 0] * 1e3 + z[:, 1])]  # noqa: E731
+    torch.testing.assert_close(sort(first), sort(sims[0]), atol=1e-12, rtol=0)
+    torch.testing.assert_close(sort(second), sort(sims[0]), atol=1e-12, rtol=0)
+    # a batch larger than the buffer triggers a refresh
+    objective.phase1_endpoints(_randn(24, 2, seed=16), 3.0 + _randn(24, 2, seed=17))
+    assert objective.n_flows == 2 and objective.n_endpoints == 40
+    # FIFO eviction at the capacity; draws are distinct buffer rows
+    objective._add_endpoints(sims[1])
+    objective._add_endpoints(sims[2])
+    objective._add_endpoints(sims[3])  # capacity 48: the first flow is evicted
+    buffer = torch.cat(sims[1:])
+    torch.testing.assert_close(objective._endpoints, buffer, atol=0, rtol=0)
+    drawn = objective.phase1_endpoints(_randn(40, 2, seed=14), 3.0 + _randn(40, 2, seed=15))
+    rows = [int(torch.cdist(z[None], buffer).argmin()) for z in drawn]
+    assert len(set(rows)) == 40
+    torch.testing.assert_close(drawn, buffer[rows], atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"endpoint_capacity \(48\) must be at least the batch size \(64\)"):
+        objective.phase1_endpoints(_randn(64, 2), _randn(64, 2))
+    with pytest.raises(ValueError, match="endpoint_capacity must be"):
+        _ot_objective(endpoint_capacity=0)
+    with pytest.raises(ValueError, match="refresh_every must be"):
+        _ot_objective(refresh_every=-1)
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("phase2", PHASE2_VARIANTS)
 def test_checkpoint_round_trip_reproduces_samples_and_training(tmp_path, phase2):
@@ -395,6 +463,10 @@ def test_checkpoint_round_trip_reproduces_samples_and_training(tmp_path, phase2)
         assert sa.nfe == sb.nfe
     # training resumes identically: optimiser state, generator, the pool and the refresh counter
     assert len(b.matcher.pool) == len(a.matcher.pool) > 0
+    assert (b.objective.n_calls, b.objective.n_flows) == (a.objective.n_calls, a.objective.n_flows)
+    assert b.objective.n_endpoints == a.objective.n_endpoints == (128 if phase2 == "ot" else 0)  # 2 flows
+    if phase2 == "ot":
+        assert torch.equal(b.objective._endpoints, a.objective._endpoints)
     assert a.fit(src, tgt, 3, 64) == b.fit(src, tgt, 3, 64)
     for k in a.nets:
         for pa, pb in zip(a.nets[k].parameters(), b.nets[k].parameters(), strict=True):

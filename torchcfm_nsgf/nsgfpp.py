@@ -12,15 +12,17 @@ Networks, trained together on the same source :math:`\mu_0` and target :math:`\m
     **phase-transition time predictor** :math:`t_\phi(x) \in [0, 1]`, regresses ``t`` from :math:`X_t` and
     says where on such a path the NSGF output sits;
   - ``"ot"`` (the first author's precursor of NSGF++, ``NSGF.md`` §3): the straight flow is trained on the
-    distribution it will see. A noise batch is moved by the NSGF phase's simulated Sinkhorn flow
-    (:meth:`SinkhornFlowMatcher.simulate`, ``T`` steps), its end points :math:`X_T` are paired with the data
-    batch by **exact minibatch OT** (torchcfm's ``OTPlanSampler("exact")``), and the straight flow learns
-    the segments :math:`X_T \to X_1` on its own clock :math:`s \in [0, 1]`. No predictor.
+    distribution it will see. Noise batches are moved by the NSGF phase's simulated Sinkhorn flow
+    (:meth:`SinkhornFlowMatcher.simulate`, ``T`` steps) into a bounded buffer of end points :math:`X_T`; each
+    step draws a batch of them, pairs it with the data batch by **exact minibatch OT** (torchcfm's
+    ``OTPlanSampler("exact")``), and the straight flow learns the segments :math:`X_T \to X_1` on its own
+    clock :math:`s \in [0, 1]`. No predictor.
 
   The end points come from simulating the matcher's flow, not from the NSGF network: the simulation is what
   the network is trained to reproduce (Euler with ``T`` steps of the served velocity lands on :math:`X_T`
-  exactly), it costs ``T`` Sinkhorn solves of the batch, needs no trained network (all parts train from the
-  first step, in one loop) and carries no network error into phase 2's training data. The other side of
+  exactly), needs no trained network (all parts train from the first step, in one loop) and carries no
+  network error into phase 2's training data. A flow costs ``T`` Sinkhorn solves of the batch, so, like
+  the matcher's pool, the buffer is refreshed with a new flow only every ``refresh_every`` steps. The other side of
   the choice: at sampling, phase 2 starts from the *network's* :math:`X_T`, so the straight flow corrects the
   NSGF field's error only where that error stays within what the simulated end points cover; and when the
   simulated flow has already reached the data, the segments :math:`X_T \to X_1` are short and phase 2 does
@@ -394,13 +396,32 @@ class NSGFPlusPlusObjective:
         Where the straight flow's training segments start (module docstring): noise, with a time predictor
         (``"paper"``), or the phase-1 end points paired with the data by exact minibatch OT (``"ot"``).
     generator : torch.Generator, optional
-        CPU generator for the straight-flow times and the OT pair order; None draws from torch's global RNG.
+        CPU generator for the straight-flow times, the end-point draws and the OT pair order; None draws
+        from torch's global RNG.
+    refresh_every : int, optional
+        ``"ot"`` only: a newly simulated flow of the call's ``(x0, x1)`` is added to the end-point buffer on
+        the first call and every ``refresh_every`` calls (and whenever the buffer holds fewer end points
+        than the batch). Default: the matcher's ``refresh_every``.
+    endpoint_capacity : int, optional
+        ``"ot"`` only: the most end points the buffer keeps (FIFO: a new flow's end points replace the
+        oldest). Default: 16 batches, fixed at the first call. Must be at least the batch size.
 
     Attributes
     ----------
     net_names : tuple of str
         The networks :meth:`losses` and :meth:`sample` expect in ``nets``: ``("nsgf", "predictor",
         "straight")`` or ``("nsgf", "straight")``.
+    n_calls : int
+        :meth:`phase1_endpoints` calls so far (decides the next refresh).
+    n_flows : int
+        Phase-1 flows simulated into the end-point buffer so far.
+
+    Notes
+    -----
+    The ``"ot"`` variant amortises phase 1 like the matcher's pool: simulating :math:`X_T` costs ``T``
+    Sinkhorn solves of the batch, so each call draws its end points uniformly without replacement from a
+    bounded buffer of simulated end points, which a new flow refreshes every ``refresh_every`` calls.
+    The buffer, its counters and the generator state are part of :meth:`state_dict`.
     """
 
     def __init__(
@@ -409,15 +430,26 @@ class NSGFPlusPlusObjective:
         *,
         phase2: Phase2 = DEFAULT_PHASE2,
         generator: torch.Generator | None = None,
+        refresh_every: int | None = None,
+        endpoint_capacity: int | None = None,
     ) -> None:
         if not isinstance(matcher, SinkhornFlowMatcher):
             raise TypeError(f"matcher must be a SinkhornFlowMatcher, got {type(matcher).__name__}")
         _check_phase1_steps(matcher.flow_steps, "matcher.flow_steps")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if refresh_every is not None:
+            check_positive(refresh_every, "refresh_every", integer=True)
+        if endpoint_capacity is not None:
+            check_positive(endpoint_capacity, "endpoint_capacity", integer=True)
         self.matcher = matcher
         self.phase2 = _check_phase2(phase2)
         self.generator = generator
+        self.refresh_every: int = matcher.refresh_every if refresh_every is None else refresh_every
+        self.endpoint_capacity: int | None = endpoint_capacity
+        self.n_calls = 0
+        self.n_flows = 0
+        self._endpoints: Tensor | None = None
         self.cfm = ConditionalFlowMatcher(sigma=0.0)
         self.ot_sampler = OTPlanSampler(method="exact") if self.phase2 == "ot" else None
         self.net_names: tuple[str, ...] = (
@@ -445,18 +477,66 @@ class NSGFPlusPlusObjective:
         return torch.rand(n, generator=self.generator).to(device=like.device, dtype=like.dtype)
 
     # ------------------------------------------------------------------ phase-2 training data
-    def phase1_endpoints(self, x0: Tensor, x1: Tensor) -> Tensor:
+    @property
+    def n_endpoints(self) -> int:
+        """End points held in the ``"ot"`` variant's buffer."""
+        return 0 if self._endpoints is None else self._endpoints.shape[0]
+
+    def simulate_endpoints(self, x0: Tensor, x1: Tensor) -> Tensor:
         r""":math:`X_T` of the matcher's simulated Sinkhorn flow of ``x0`` (n, *dim) towards ``x1`` (m, *dim).
 
-        Returns shape ``(n, *dim)``, detached. ``T`` Sinkhorn solves; no network is called.
+        Returns shape ``(n, *dim)``, detached. ``T`` Sinkhorn solves; no network is called; the buffer is
+        not touched.
         """
-        return self.matcher.simulate(x0, x1).xs[-1]
+        return self.matcher.simulate(x0, x1).xs[-1].detach()
+
+    def _add_endpoints(self, xT: Tensor) -> None:
+        if self.endpoint_capacity is None:
+            self.endpoint_capacity = 16 * xT.shape[0]
+        if self._endpoints is not None:
+            if self._endpoints.shape[1:] != xT.shape[1:]:
+                raise ValueError(
+                    f"x0 has feature shape {tuple(xT.shape[1:])}, but the end-point buffer holds "
+                    f"{tuple(self._endpoints.shape[1:])}"
+                )
+            xT = torch.cat([self._endpoints.to(device=xT.device, dtype=xT.dtype), xT])
+        self._endpoints = xT[-self.endpoint_capacity :]
+        self.n_flows += 1
+
+    def phase1_endpoints(self, x0: Tensor, x1: Tensor) -> Tensor:
+        r"""``n`` phase-1 end points :math:`X_T` for a source batch ``x0`` (n, *dim) and data ``x1`` (m, *dim).
+
+        Drawn uniformly without replacement (through ``generator``) from the end-point buffer, after
+        adding a newly simulated flow of ``(x0, x1)`` (:meth:`simulate_endpoints`) on the first call, every
+        ``refresh_every`` calls, and whenever the buffer holds fewer than ``n`` end points.
+
+        Returns
+        -------
+        Tensor, shape (n, *dim)
+            Detached, on ``x0``'s device and in the dtype of the simulation.
+
+        Raises
+        ------
+        ValueError
+            ``endpoint_capacity`` is smaller than the batch size ``n``, or ``x0`` has another feature
+            shape than the buffer.
+        """
+        n = x0.shape[0]
+        if self.endpoint_capacity is not None and self.endpoint_capacity < n:
+            raise ValueError(
+                f"endpoint_capacity ({self.endpoint_capacity}) must be at least the batch size ({n})"
+            )
+        if self.n_calls % self.refresh_every == 0 or self.n_endpoints < n:
+            self._add_endpoints(self.simulate_endpoints(x0, x1))
+        self.n_calls += 1
+        pick = torch.randperm(self.n_endpoints, generator=self.generator)[:n]
+        return self._endpoints[pick.to(self._endpoints.device)].to(device=x0.device)
 
     def phase2_pairs(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
         r"""Start and end points ``(a, b)``, each ``(n, *dim)``, of the straight flow's training segments.
 
-        ``"paper"``: ``(x0, x1)`` as given (independent noise and data). ``"ot"``: the phase-1 end points
-        :math:`X_T` of ``x0`` (:meth:`phase1_endpoints`) and the data points ``x1`` paired with them by the
+        ``"paper"``: ``(x0, x1)`` as given (independent noise and data). ``"ot"``: ``n`` phase-1 end points
+        :math:`X_T` from the buffer (:meth:`phase1_endpoints`) and the data points ``x1`` paired with them by the
         exact OT plan of the minibatch (torchcfm's ``OTPlanSampler("exact").get_map``, squared Euclidean
         cost). ``n`` pairs are drawn from the plan without replacement through ``generator`` (torchcfm's
         ``sample_plan`` draws with NumPy's global RNG); for ``n == m`` the exact plan is a permutation, so
@@ -548,12 +628,30 @@ class NSGFPlusPlusObjective:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The matcher's resumable state (pool, counters, generator)."""
-        return self.matcher.state_dict()
+        """The matcher's resumable state (pool, counters, generator) and, under ``"endpoints"``, the end-point
+        buffer, its counters and capacity, and this objective's generator state."""
+        state = self.matcher.state_dict()
+        state["endpoints"] = {
+            "calls": self.n_calls,
+            "flows": self.n_flows,
+            "capacity": self.endpoint_capacity,
+            "items": None if self._endpoints is None else self._endpoints.detach().cpu(),
+            "generator": None if self.generator is None else self.generator.get_state(),
+        }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (states written before the end-point buffer restore the matcher only)."""
         self.matcher.load_state_dict(state)
+        ep = state.get("endpoints")
+        if ep is None:
+            return
+        self.n_calls = int(ep["calls"])
+        self.n_flows = int(ep["flows"])
+        self.endpoint_capacity = None if ep["capacity"] is None else int(ep["capacity"])
+        self._endpoints = ep["items"]
+        if ep.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(ep["generator"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.matcher!r}, phase2={self.phase2!r})"

@@ -109,8 +109,8 @@ class NSGFPlusPlusMethod(NSGFMethod):
     """NSGF++ through :class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`: NSGF field (UNet, pool), straight
     flow (UNet) and, for ``phase2="paper"``, the time predictor (CNN), trained together.
 
-    ``nets`` holds the objective's ``net_names``. The pool, its warm-up and its checkpoint state are NSGF's
-    (:class:`NSGFMethod`).
+    ``nets`` holds the objective's ``net_names``. The pool and its warm-up are NSGF's (:class:`NSGFMethod`);
+    the checkpoint state is the objective's (the pool, and the ``"ot"`` variant's end-point buffer).
     """
 
     def __init__(self, objective: Any, nets: dict[str, torch.nn.Module]) -> None:
@@ -119,6 +119,13 @@ class NSGFPlusPlusMethod(NSGFMethod):
         self.matcher = objective.matcher
         self.nets = torch.nn.ModuleDict({k: nets[k] for k in objective.net_names})
         self.default_steps = objective.phase1_nfe() + NSGFPP_STRAIGHT_STEPS
+
+    def state_dict(self) -> dict[str, Any]:
+        """The objective's resumable state: the matcher's pool and counters, and the phase-1 end points."""
+        return self.objective.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.objective.load_state_dict(state)
 
     def loss(self, nets: torch.nn.ModuleDict, x0: Tensor, x1: Tensor) -> Tensor:
         """Sum of the objective's per-network losses (disjoint parameters: one optimiser serves all)."""
