@@ -14,8 +14,8 @@ wall time (simulation included) of the same task and seed.
 Methods live in the registry ``METHODS``: ``name -> fn(task, config, seed)`` returning an object with
 ``sample(x0, nfe, solver) -> (samples, nfe_used)`` and ``train_time_s`` (``torchcfm_nsgf.toy.Sampler``);
 ``config.train_steps`` is None exactly when ``config.time_budget_s`` is set. NSGF is torchcfm's loop with
-``SinkhornFlowMatcher`` at its defaults, or as the matcher flags (``--flow-steps``, ``--blur``, ...) say. Add NSGF++ with
-``METHODS["nsgf++"] = fn``.
+``SinkhornFlowMatcher`` at its defaults, or as the matcher flags (``--flow-steps``, ``--blur``, ...) say. NSGF++
+(``nsgf++``: the default variant; ``nsgf++paper``: the paper's) is ``torchcfm_nsgf.toy.train_nsgfpp``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions, euler_sample
 from torchcfm_nsgf._cli import add_matcher_flags, matcher_from_args
+from torchcfm_nsgf.nsgfpp import DEFAULT_PHASE2
 from torchcfm_nsgf.toy import (
     TASKS,
     Sampler,
@@ -52,6 +53,7 @@ from torchcfm_nsgf.toy import (
     make_model,
     train_flow_matching,
     train_nsgf,
+    train_nsgfpp,
     w2,
 )
 
@@ -211,7 +213,8 @@ def two_rf(task: Task, config: BenchConfig, seed: int) -> Sampler:
 @dataclass
 class _NSGFPlusPlusSampler:
     """NSGF++ behind the ``Sampler`` protocol: ``nfe`` is the phase-2 budget (Euler steps of the straight
-    flow after the 5 NSGF steps and the predictor call); the returned NFE counts all three networks."""
+    flow after the 5 NSGF steps and, for ``phase2="paper"``, the predictor call); the returned NFE counts all
+    networks."""
 
     model: object
     train_time_s: float
@@ -222,41 +225,36 @@ class _NSGFPlusPlusSampler:
         return out.samples, out.total_nfe
 
 
-@register("nsgf++", "NSGF++ (NFE n = 5 NSGF + 1 predictor + n straight)")
-def nsgf_plus_plus(task: Task, config: BenchConfig, seed: int) -> Sampler:
-    """NSGF++ (``torchcfm_nsgf.nsgfpp``): T = 5 NSGF steps of η = 0.6 (run C of
-    ``results/nsgfpp_two_dim.md``; the paper uses 0.2 on CIFAR-10) with ``config.nsgf``'s Sinkhorn options,
-    the time predictor and the straight flow (torchcfm ``ConditionalFlowMatcher(0)``), each trained for
-    ``train_steps`` optimiser steps; the pool gets about 6 flows. No time-budget variant."""
-    from torchcfm_nsgf.networks import TimePredictorMLP, VelocityMLP
-    from torchcfm_nsgf.nsgfpp import NSGFPlusPlus
+def _nsgfpp(phase2: str) -> MethodFn:
+    def fn(task: Task, config: BenchConfig, seed: int) -> Sampler:
+        """NSGF++ by ``torchcfm_nsgf.toy.train_nsgfpp``: T = 5 NSGF steps of η = 0.6 with ``config.nsgf``'s
+        Sinkhorn options, ``train_steps`` steps of every network in one loop. No time-budget variant."""
+        if config.time_budget_s is not None:
+            raise NotApplicable("NSGF++ is trained for a number of steps only")
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        model = train_nsgfpp(
+            task,
+            phase2=phase2,
+            train_steps=config.train_steps,
+            generator=torch.Generator().manual_seed(seed),
+            batch_size=config.batch_size,
+            lr=config.lr,
+            width=config.width,
+            sinkhorn=SinkhornOptions(**config.nsgf.get("sinkhorn", {})),
+        )
+        return _NSGFPlusPlusSampler(model, time.perf_counter() - start, config.train_steps)
 
-    if config.time_budget_s is not None:
-        raise NotApplicable("NSGF++ is trained for a number of steps only")
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    w = config.width
-    model = NSGFPlusPlus(
-        VelocityMLP(2, w),
-        TimePredictorMLP(2, w),
-        VelocityMLP(2, w),
-        n_steps=5,
-        step_size=0.6,
-        sinkhorn=SinkhornOptions(**config.nsgf.get("sinkhorn", {})),
-        refresh_every=max(1, config.train_steps // 6),
-        lr=config.lr,
-        generator=generator,
-    )
-    start = time.perf_counter()
-    model.fit(
-        lambda n: task.source(n, generator),
-        lambda n: task.target(n, generator),
-        nsgf_iters=config.train_steps,
-        predictor_iters=config.train_steps,
-        straight_iters=config.train_steps,
-        batch_size=config.batch_size,
-    )
-    return _NSGFPlusPlusSampler(model, time.perf_counter() - start, 3 * config.train_steps)
+    return fn
+
+
+_PREDICTOR = " + 1 predictor" if DEFAULT_PHASE2 == "paper" else ""
+register("nsgf++", f"NSGF++, phase2={DEFAULT_PHASE2!r} (NFE n = 5 NSGF{_PREDICTOR} + n straight)")(
+    _nsgfpp(DEFAULT_PHASE2)
+)
+register("nsgf++paper", "NSGF++, phase2='paper' (NFE n = 5 NSGF + 1 predictor + n straight)")(
+    _nsgfpp("paper")
+)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -415,11 +413,11 @@ def report(paths: list[str], name: str = "two_dim") -> None:
                 if rs:
                     rows.append((method, comparison, rs))
         best = {
-            # NSGF++'s "NFE n" column means 5 + 1 + n network calls: not comparable, never bold
+            # NSGF++'s "NFE n" column means 5 (+ 1) + n network calls: not comparable, never bold
             n: min(
                 statistics.fmean(r["w2"][str(n)] for r in rs)
                 for m, c, rs in rows
-                if c == "steps" and m != "nsgf++"
+                if c == "steps" and not m.startswith("nsgf++")
             )
             for n in NFES
         }
@@ -429,7 +427,7 @@ def report(paths: list[str], name: str = "two_dim") -> None:
             cells = [
                 _fmt(
                     [r["w2"][str(n)] for r in rs],
-                    comparison == "steps" and method != "nsgf++" and means[n] == best[n],
+                    comparison == "steps" and not method.startswith("nsgf++") and means[n] == best[n],
                 )
                 for n in NFES
             ]

@@ -1,5 +1,7 @@
 """NSGF++: time predictor, phase-2 change of variable against closed forms and plain samplers, NFE against
-independent counters, checkpoint round trip, bad input."""
+independent counters, both phase-2 variants (paper, ot) on 2D and on MNIST-format images, phase-2 pairs from
+phase-1 end points (against POT's exact OT cost), one training interface for the 2D driver and the image
+method, checkpoint round trip, bad input."""
 
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from torchcfm_nsgf import SinkhornOptions
+from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions
 from torchcfm_nsgf.networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
 from torchcfm_nsgf.nsgfpp import (
     MAX_PHASE1_STEPS,
+    PHASE2_VARIANTS,
     NSGFPlusPlus,
+    NSGFPlusPlusObjective,
     nsgfpp_sample,
     predict_time,
     straight_flow_from,
@@ -86,8 +90,17 @@ def test_predictor_recovers_time_on_held_out_interpolations():
     torch.manual_seed(0)
     src = _randn(4096, 2, seed=1, dtype=torch.float32)
     tgt = 6.0 + 0.2 * _randn(4096, 2, seed=2, dtype=torch.float32)
-    model = NSGFPlusPlus(VelocityMLP(2), TimePredictorMLP(2), VelocityMLP(2), lr=3e-3, generator=_gen(3))
-    model.train_predictor(src, tgt, 400, batch_size=256)
+    model = NSGFPlusPlus(
+        VelocityMLP(2),
+        TimePredictorMLP(2),
+        VelocityMLP(2),
+        phase2="paper",
+        n_steps=1,
+        refresh_every=1000,
+        lr=3e-3,
+        generator=_gen(3),
+    )
+    model.fit(src, tgt, 400, batch_size=256)
     # held-out straight interpolations, built here by hand
     x0 = _randn(2000, 2, seed=11, dtype=torch.float32)
     x1 = 6.0 + 0.2 * _randn(2000, 2, seed=12, dtype=torch.float32)
@@ -235,13 +248,38 @@ def test_nfe_breakdown_equals_independent_counters(solver, steps):
     assert out.total_nfe == nsgf.calls + pred.calls + straight.calls
 
 
-# ---------------------------------------------------------------------------------------------- training + checkpoints
-def _small_model(seed: int) -> NSGFPlusPlus:
+def test_without_predictor_phase2_starts_at_zero_and_counts_no_predictor_call():
+    class Decay(nn.Module):
+        def forward(self, t, x, *args, **kwargs):
+            return -x
+
+    x0 = _randn(10, 2)
+    nsgf, straight = Counted(Decay()), Counted(Linear())
+    out = nsgfpp_sample(nsgf, None, straight, x0, n_steps=3, solver="rk4", straight_steps=40)
+    assert (
+        out.nfe
+        == {"nsgf": 3, "predictor": 0, "straight": 160}
+        == {
+            "nsgf": nsgf.calls,
+            "predictor": 0,
+            "straight": straight.calls,
+        }
+    )
+    assert bool((out.extras["tau"] == 0).all())
+    x_T = x0 * (1 - 1 / 3) ** 3  # Euler of dx/dt = -x, then the straight flow over its whole clock [0, 1]
+    torch.testing.assert_close(
+        out.samples, linear_solution(x_T, torch.zeros(10, dtype=x0.dtype)), atol=1e-6, rtol=0
+    )
+
+
+# ---------------------------------------------------------------------------------------------- variants (2D)
+def _small_model(seed: int, phase2: str = "ot", width: int = 32) -> NSGFPlusPlus:
     torch.manual_seed(seed)
     return NSGFPlusPlus(
+        VelocityMLP(2, width),
+        TimePredictorMLP(2, 32) if phase2 == "paper" else None,
         VelocityMLP(2, 32),
-        TimePredictorMLP(2, 32),
-        VelocityMLP(2, 32),
+        phase2=phase2,
         n_steps=3,
         step_size=0.3,
         sinkhorn=SinkhornOptions(blur=0.5, relative_blur=False, scaling=0.7),
@@ -256,41 +294,210 @@ def _data():
     )
 
 
-def test_checkpoint_round_trip_reproduces_samples_and_training(tmp_path):
+@pytest.mark.parametrize("phase2", PHASE2_VARIANTS)
+def test_each_variant_trains_on_2d_and_its_nfe_equals_network_calls(phase2):
     src, tgt = _data()
-    a = _small_model(0)
-    losses = a.fit(src, tgt, nsgf_iters=4, predictor_iters=5, straight_iters=5, batch_size=64)
-    assert all(len(v) > 0 and all(math.isfinite(x) for x in v) for v in losses.values())
+    model = _small_model(0, phase2)
+    before = {k: [p.detach().clone() for p in net.parameters()] for k, net in model.nets.items()}
+    history = model.fit(src, tgt, 4, batch_size=64)
+    names = ("nsgf", "predictor", "straight") if phase2 == "paper" else ("nsgf", "straight")
+    assert tuple(model.nets) == names and tuple(history) == names
+    assert all(len(v) == 4 and all(math.isfinite(x) for x in v) for v in history.values())
+    assert model.iterations == 4
+    for k, net in model.nets.items():  # every network was stepped
+        assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), before[k], strict=True)), k
+    nets = nn.ModuleDict({k: Counted(v) for k, v in model.nets.items()})
+    for solver, steps in (("euler", 4), ("rk4", 2), ("dopri5", None)):
+        for net in nets.values():
+            net.calls = 0
+        out = model.objective.sample(
+            nets, torch.randn(50, 2, generator=_gen(9)), solver=solver, straight_steps=steps
+        )
+        calls = {k: v.calls for k, v in nets.items()}
+        assert out.nfe == {
+            "nsgf": calls["nsgf"],
+            "predictor": calls.get("predictor", 0),
+            "straight": calls["straight"],
+        }
+        assert out.nfe["nsgf"] == 3 and out.nfe["predictor"] == (phase2 == "paper")
+        assert out.total_nfe == sum(calls.values())
+        if steps is not None:
+            assert out.nfe["straight"] == steps * {"euler": 1, "rk4": 4}[solver]
+
+
+@pytest.mark.parametrize("phase2", PHASE2_VARIANTS)
+def test_phase2_pairs_come_from_phase1_end_points(phase2, monkeypatch):
+    # one Sinkhorn step of size 1 moves the source (near 0) onto the target (near (20, 20)): X_T is far from x0
+    sink = SinkhornOptions(blur=0.3, relative_blur=False, scaling=0.7, tol=1e-6, max_iter=5000)
+    objective = NSGFPlusPlusObjective(
+        SinkhornFlowMatcher(flow_steps=1, step_size=1.0, path="grid", sinkhorn=sink, pool=None),
+        phase2=phase2,
+        generator=_gen(1),
+    )
+    x0 = _randn(64, 2, seed=2)
+    x1 = 20.0 + _randn(64, 2, seed=3)
+    seen = {}
+    original = objective.cfm.sample_location_and_conditional_flow
+
+    def spy(a, b, t=None, return_noise=False):  # what the straight-flow loss is built from
+        seen["a"], seen["b"] = a, b
+        return original(a, b, t=t, return_noise=return_noise)
+
+    monkeypatch.setattr(objective.cfm, "sample_location_and_conditional_flow", spy)
+    nets = {
+        "nsgf": VelocityMLP(2).double(),
+        "predictor": TimePredictorMLP(2).double(),
+        "straight": VelocityMLP(2).double(),
+    }
+    losses = objective.losses(nets, x0, x1)
+    assert set(losses) == set(objective.net_names)
+    a, b = seen["a"], seen["b"]
+    if phase2 == "paper":
+        assert torch.equal(a, x0) and torch.equal(b, x1)
+        return
+    # independent X_T: a fresh matcher of the same settings, one Sinkhorn step from x0
+    x_T = (
+        SinkhornFlowMatcher(flow_steps=1, step_size=1.0, path="grid", sinkhorn=sink, pool=None)
+        .simulate(x0, x1)
+        .xs[-1]
+    )
+    assert float(x_T.norm(dim=1).mean()) > 20  # the flow moved the particles far from the noise
+    # every end point is used once (a permutation of X_T's rows), every data point once
+    sort = lambda z: z[torch.argsort(z[:, 0] * 1e3 + z[:, 1])]  # noqa: E731
+    torch.testing.assert_close(sort(a), sort(x_T), atol=1e-12, rtol=0)
+    torch.testing.assert_close(sort(b), sort(x1), atol=0, rtol=0)
+    # and the pairing is an exact OT plan between X_T and x1: its cost equals POT's emd2
+    import ot
+
+    cost = float(((a - b) ** 2).sum(1).mean())
+    exact = float(ot.emd2(ot.unif(64), ot.unif(64), ot.dist(x_T.numpy(), x1.numpy())))
+    assert cost == pytest.approx(exact, rel=1e-9)
+
+
+def _ot_objective(refresh_every=None, endpoint_capacity=None, seed=1):
+    sink = SinkhornOptions(blur=0.5, relative_blur=False, scaling=0.7)
+    matcher = SinkhornFlowMatcher(flow_steps=2, step_size=0.5, path="grid", sinkhorn=sink, refresh_every=10)
+    return NSGFPlusPlusObjective(
+        matcher,
+        phase2="ot",
+        generator=_gen(seed),
+        refresh_every=refresh_every,
+        endpoint_capacity=endpoint_capacity,
+    )
+
+
+def test_ot_end_points_are_amortised_over_refresh_every_calls(monkeypatch):
+    objective = _ot_objective()  # refresh_every defaults to the matcher's (10)
+    assert objective.refresh_every == 10
+    sims = []
+    original = objective.simulate_endpoints
+
+    def spy(x0, x1):
+        sims.append(x0.shape[0])
+        return original(x0, x1)
+
+    monkeypatch.setattr(objective, "simulate_endpoints", spy)
+    nets = {"nsgf": VelocityMLP(2).double(), "straight": VelocityMLP(2).double()}
+    for k in range(20):
+        objective.losses(nets, _randn(32, 2, seed=100 + k), 3.0 + _randn(32, 2, seed=200 + k))
+    assert objective.n_flows == len(sims) == 2 and objective.n_calls == 20
+    assert objective.n_endpoints == 64 and objective.endpoint_capacity == 16 * 32
+    # a smaller refresh period simulates more flows; the buffer stays bounded, FIFO
+    objective = _ot_objective(refresh_every=3, endpoint_capacity=80)
+    for k in range(20):
+        objective.losses(nets, _randn(32, 2, seed=100 + k), 3.0 + _randn(32, 2, seed=200 + k))
+    assert objective.n_flows == 7 and objective.n_endpoints == 80
+
+
+def test_ot_end_points_drawn_without_replacement_from_the_buffer_fifo():
+    objective = _ot_objective(refresh_every=100, endpoint_capacity=48)
+    x1 = 3.0 + _randn(16, 2, seed=3)
+    flows = [_randn(16, 2, seed=s) for s in (10, 11, 12, 13)]
+    sims = [objective.simulate_endpoints(x0, x1) for x0 in flows]
+    # the first call simulates; the second draws from the buffer only (no new flow)
+    first = objective.phase1_endpoints(flows[0], x1)
+    second = objective.phase1_endpoints(flows[1], x1)
+    assert objective.n_flows == 1
+    sort = lambda z: z[torch.argsort(z[:, 0] * 1e3 + z[:, 1])]  # noqa: E731
+    torch.testing.assert_close(sort(first), sort(sims[0]), atol=1e-12, rtol=0)
+    torch.testing.assert_close(sort(second), sort(sims[0]), atol=1e-12, rtol=0)
+    # a batch larger than the buffer triggers a refresh
+    objective.phase1_endpoints(_randn(24, 2, seed=16), 3.0 + _randn(24, 2, seed=17))
+    assert objective.n_flows == 2 and objective.n_endpoints == 40
+    # FIFO eviction at the capacity; draws are distinct buffer rows
+    objective._add_endpoints(sims[1])
+    objective._add_endpoints(sims[2])
+    objective._add_endpoints(sims[3])  # capacity 48: the first flow is evicted
+    buffer = torch.cat(sims[1:])
+    torch.testing.assert_close(objective._endpoints, buffer, atol=0, rtol=0)
+    drawn = objective.phase1_endpoints(_randn(40, 2, seed=14), 3.0 + _randn(40, 2, seed=15))
+    rows = [int(torch.cdist(z[None], buffer).argmin()) for z in drawn]
+    assert len(set(rows)) == 40
+    torch.testing.assert_close(drawn, buffer[rows], atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"endpoint_capacity \(48\) must be at least the batch size \(64\)"):
+        objective.phase1_endpoints(_randn(64, 2), _randn(64, 2))
+    with pytest.raises(ValueError, match="endpoint_capacity must be"):
+        _ot_objective(endpoint_capacity=0)
+    with pytest.raises(ValueError, match="refresh_every must be"):
+        _ot_objective(refresh_every=-1)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("phase2", PHASE2_VARIANTS)
+def test_checkpoint_round_trip_reproduces_samples_and_training(tmp_path, phase2):
+    src, tgt = _data()
+    a = _small_model(0, phase2)
+    a.fit(src, tgt, 4, batch_size=64)
     path = tmp_path / "sub" / "nsgfpp.pt"
     a.save(path)
     assert os.listdir(tmp_path / "sub") == ["nsgfpp.pt"]  # no temp file left behind
 
-    b = _small_model(1)  # other initial weights, other generator
+    b = _small_model(1, phase2)  # other initial weights, other generator
     b.load(path)
-    assert b.iterations == a.iterations == {"nsgf": 4, "predictor": 5, "straight": 5}
+    assert b.iterations == a.iterations == 4 and b.phase2 == phase2
     x0 = torch.randn(100, 2, generator=_gen(7))
     for solver, steps in (("euler", 5), ("dopri5", None)):
         sa = a.sample(x0, solver=solver, straight_steps=steps)
         sb = b.sample(x0, solver=solver, straight_steps=steps)
         assert torch.equal(sa.samples, sb.samples) and torch.equal(sa.extras["tau"], sb.extras["tau"])
         assert sa.nfe == sb.nfe
-    # training resumes identically (optimiser state and generator restored)
-    assert a.train_predictor(src, tgt, 3, 64) == b.train_predictor(src, tgt, 3, 64)
-    assert a.train_straight(src, tgt, 3, 64) == b.train_straight(src, tgt, 3, 64)
-    # the NSGF phase too: the pool and the refresh counter travel with the checkpoint
+    # training resumes identically: optimiser state, generator, the pool and the refresh counter
     assert len(b.matcher.pool) == len(a.matcher.pool) > 0
-    assert a.train_nsgf(src, tgt, 3, 64) == b.train_nsgf(src, tgt, 3, 64)
-    for pa, pb in zip(a.nets["nsgf"].parameters(), b.nets["nsgf"].parameters(), strict=True):
-        assert torch.equal(pa, pb)
+    assert (b.objective.n_calls, b.objective.n_flows) == (a.objective.n_calls, a.objective.n_flows)
+    assert b.objective.n_endpoints == a.objective.n_endpoints == (128 if phase2 == "ot" else 0)  # 2 flows
+    if phase2 == "ot":
+        assert torch.equal(b.objective._endpoints, a.objective._endpoints)
+    assert a.fit(src, tgt, 3, 64) == b.fit(src, tgt, 3, 64)
+    for k in a.nets:
+        for pa, pb in zip(a.nets[k].parameters(), b.nets[k].parameters(), strict=True):
+            assert torch.equal(pa, pb)
+
+
+def test_format_1_checkpoint_loads_as_paper_variant(tmp_path):
+    a = _small_model(0, "paper")
+    src, tgt = _data()
+    a.fit(src, tgt, 2, batch_size=64)
+    state = a.state_dict()
+    # the earlier three-loop trainer's format: one counter per network, no variant
+    state["format"] = "torchcfm_nsgf.nsgfpp/1"
+    state["settings"] = {k: v for k, v in state["settings"].items() if k != "phase2"}
+    state["settings"]["iterations"] = {"nsgf": 2, "predictor": 5, "straight": 3}
+    torch.save(state, tmp_path / "v1.pt")
+    b = _small_model(1, "paper")
+    b.load(tmp_path / "v1.pt")
+    assert b.iterations == 5 and b.phase2 == "paper"
+    x0 = torch.randn(20, 2, generator=_gen(7))
+    assert torch.equal(a.sample(x0, straight_steps=3).samples, b.sample(x0, straight_steps=3).samples)
+    with pytest.raises(ValueError, match="variant 'paper', this model is 'ot'"):
+        _small_model(1, "ot").load(tmp_path / "v1.pt")
 
 
 def test_load_rejects_other_architecture_and_garbage(tmp_path):
     a = _small_model(0)
     path = tmp_path / "a.pt"
     a.save(path)
-    other = NSGFPlusPlus(VelocityMLP(2, 16), TimePredictorMLP(2, 32), VelocityMLP(2, 32), n_steps=3)
     with pytest.raises(ValueError, match="nsgf network does not fit"):
-        other.load(path)
+        _small_model(0, width=16).load(path)
     torch.save({"hello": 1}, tmp_path / "b.pt")
     with pytest.raises(ValueError, match="not an NSGF\\+\\+ checkpoint"):
         a.load(tmp_path / "b.pt")
@@ -304,11 +511,25 @@ def test_load_rejects_other_architecture_and_garbage(tmp_path):
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_input_messages():
     with pytest.raises(ValueError, match=f"n_steps must be at most {MAX_PHASE1_STEPS}"):
-        NSGFPlusPlus(VelocityMLP(2), TimePredictorMLP(2), VelocityMLP(2), n_steps=6)
+        NSGFPlusPlus(VelocityMLP(2), None, VelocityMLP(2), n_steps=6)
     with pytest.raises(ValueError, match="n_steps must be at most"):
         nsgfpp_sample(Zero(), Constant(0.5), Zero(), torch.randn(3, 2), n_steps=10)
     with pytest.raises(TypeError, match="predictor must be a torch.nn.Module"):
-        NSGFPlusPlus(VelocityMLP(2), lambda x: x, VelocityMLP(2))
+        NSGFPlusPlus(VelocityMLP(2), lambda x: x, VelocityMLP(2), phase2="paper")
+    with pytest.raises(ValueError, match="predictor is required for phase2='paper'"):
+        NSGFPlusPlus(VelocityMLP(2), None, VelocityMLP(2), phase2="paper")
+    with pytest.raises(ValueError, match="predictor must be None for phase2='ot'"):
+        NSGFPlusPlus(VelocityMLP(2), TimePredictorMLP(2), VelocityMLP(2), phase2="ot")
+    with pytest.raises(ValueError, match=r"phase2 must be one of \['paper', 'ot'\]"):
+        NSGFPlusPlus(VelocityMLP(2), None, VelocityMLP(2), phase2="noise")
+    with pytest.raises(TypeError, match="matcher must be a SinkhornFlowMatcher"):
+        NSGFPlusPlusObjective("matcher")
+    with pytest.raises(ValueError, match="matcher.flow_steps must be at most 5"):
+        NSGFPlusPlusObjective(SinkhornFlowMatcher(flow_steps=6))
+    with pytest.raises(ValueError, match=r"nets misses \['predictor'\]"):
+        NSGFPlusPlusObjective(SinkhornFlowMatcher(), phase2="paper").losses(
+            {"nsgf": VelocityMLP(2), "straight": VelocityMLP(2)}, torch.randn(4, 2), torch.randn(4, 2)
+        )
     with pytest.raises(ValueError, match=r"straight\(t, x\) must return"):
         straight_flow_from(lambda t, x: x[:, :1], torch.randn(3, 2), torch.zeros(3), n_steps=2)
     with pytest.raises(ValueError, match="tau must be a tensor of shape"):
@@ -325,30 +546,40 @@ def test_bad_input_messages():
     model = _small_model(0)
     src, tgt = _data()
     with pytest.raises(ValueError, match="source and target must have the same feature shape"):
-        model.train_straight(src, torch.randn(100, 3), 1, 8)
+        model.fit(src, torch.randn(100, 3), 1, 8)
     model = _small_model(0)
-    model.train_straight(src, tgt, 1, 8)
+    model.fit(src, tgt, 1, 8)
     with pytest.raises(ValueError, match=r"x0 has feature shape \(3,\)"):
         model.sample(torch.randn(4, 3))
     with pytest.raises(TypeError, match="source must be a tensor"):
-        model.train_predictor([1, 2], tgt, 1, 8)
+        model.fit([1, 2], tgt, 1, 8)
     with pytest.raises(ValueError, match=r"target\(8\) must return"):
-        model.train_predictor(src, lambda n: torch.randn(n + 1, 2), 1, 8)
+        model.fit(src, lambda n: torch.randn(n + 1, 2), 1, 8)
 
 
 # ---------------------------------------------------------------------------------------------- images
-def test_image_method_budget_and_nfe_equal_network_calls():
-    from torchcfm_nsgf.images import NSGFSettings, available_methods, make_method
+def _image_settings(phase2: str):
+    from torchcfm_nsgf.images import NSGFSettings
+
+    return NSGFSettings(
+        phase2=phase2,
+        phase1_steps=2,
+        pool_capacity=64,
+        refresh_every=2,
+        sinkhorn=SinkhornOptions(blur=5.0, relative_blur=False, scaling=0.5),
+    )
+
+
+@pytest.mark.parametrize("phase2", PHASE2_VARIANTS)
+def test_image_method_budget_and_nfe_equal_network_calls(phase2):
+    from torchcfm_nsgf.images import available_methods, make_method
 
     if "nsgf++" not in available_methods():
         pytest.skip("nsgf++ is not offered")
     torch.manual_seed(0)
-    method = make_method(
-        "nsgf++",
-        (1, 8, 8),
-        preset="tiny",
-        nsgf=NSGFSettings(phase1_steps=2, sinkhorn=SinkhornOptions(blur=5.0, relative_blur=False)),
-    )
+    method = make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=_image_settings(phase2))
+    paper = phase2 == "paper"
+    assert tuple(method.nets) == (("nsgf", "predictor", "straight") if paper else ("nsgf", "straight"))
     nets = nn.ModuleDict({k: Counted(v) for k, v in method.nets.items()})
     x1 = torch.randn(4, 1, 8, 8, generator=_gen(1))
     loss = method.loss(method.nets, torch.randn(4, 1, 8, 8, generator=_gen(2)), x1)
@@ -356,9 +587,91 @@ def test_image_method_budget_and_nfe_equal_network_calls():
     out = method.sample(nets, torch.randn(3, 1, 8, 8, generator=_gen(3)), nfe=9)
     assert out.samples.shape == (3, 1, 8, 8)
     calls = {k: v.calls for k, v in nets.items()}
-    assert out.nfe == calls == {"nsgf": 2, "predictor": 1, "straight": 6}
+    expected = (
+        {"nsgf": 2, "predictor": 1, "straight": 6} if paper else {"nsgf": 2, "predictor": 0, "straight": 7}
+    )
+    assert out.nfe == expected == {"predictor": 0, **calls}
     assert out.total_nfe == 9
-    with pytest.raises(ValueError, match="nfe must be at least T \\+ 2 = 4"):
-        method.sample(nets, torch.randn(3, 1, 8, 8), nfe=3)
+    least = 4 if paper else 3
+    with pytest.raises(ValueError, match=f"nfe must be at least {least} for nsgf\\+\\+"):
+        method.sample(nets, torch.randn(3, 1, 8, 8), nfe=least - 1)
+    from torchcfm_nsgf.images import NSGFSettings
+
     with pytest.raises(ValueError, match="phase1_steps must be at most 5"):
         make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=NSGFSettings(phase1_steps=6))
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    from _fake_datasets import write_fake_mnist
+
+    root = tmp_path_factory.mktemp("mnist")
+    write_fake_mnist(root, n_train=16, n_test=4, strokes=True)
+    return root
+
+
+def _image_config(root, phase2: str, **kw):
+    from torchcfm_nsgf.images import TrainConfig
+
+    return TrainConfig(
+        dataset="mnist",
+        data_root=str(root),
+        method="nsgf++",
+        total_steps=2,
+        batch_size=4,
+        preset="tiny",
+        warmup=1,
+        progress=False,
+        verify_checksums=False,
+        ema_decay=0.5,
+        sample_steps=3,
+        nsgf=_image_settings(phase2),
+        **kw,
+    )
+
+
+@pytest.mark.filterwarnings("ignore:ema_decay=0.5 averages:UserWarning")
+@pytest.mark.parametrize("phase2", PHASE2_VARIANTS)
+def test_each_variant_trains_on_mnist_format_and_its_nfe_equals_network_calls(mnist_root, phase2):
+    from torchcfm_nsgf.images import train
+
+    torch.manual_seed(0)
+    result = train(_image_config(mnist_root, phase2))
+    assert result.step == 2 and len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
+    method = result.method
+    assert method.objective.phase2 == phase2 and tuple(method.nets) == method.objective.net_names
+    nets = nn.ModuleDict({k: Counted(v) for k, v in result.ema.items()})
+    out = method.sample(nets, torch.randn(2, 1, 28, 28, generator=_gen(4)), nfe=6)
+    calls = {k: v.calls for k, v in nets.items()}
+    assert out.nfe == {"predictor": 0, **calls} and out.total_nfe == 6
+    assert out.nfe["predictor"] == (phase2 == "paper")
+
+
+# ---------------------------------------------------------------------------------------------- one code path
+@pytest.mark.filterwarnings("ignore:ema_decay=0.5 averages:UserWarning")
+def test_2d_driver_and_image_method_train_through_the_same_interface(mnist_root, monkeypatch):
+    from torchcfm_nsgf.images import train
+
+    calls = []
+    losses, sample = NSGFPlusPlusObjective.losses, NSGFPlusPlusObjective.sample
+
+    def spy_losses(self, nets, x0, x1):
+        calls.append(("losses", tuple(x0.shape[1:])))
+        return losses(self, nets, x0, x1)
+
+    def spy_sample(self, nets, x0, **kw):
+        calls.append(("sample", tuple(x0.shape[1:])))
+        return sample(self, nets, x0, **kw)
+
+    monkeypatch.setattr(NSGFPlusPlusObjective, "losses", spy_losses)
+    monkeypatch.setattr(NSGFPlusPlusObjective, "sample", spy_sample)
+    src, tgt = _data()
+    model = _small_model(0)
+    model.fit(src, tgt, 2, batch_size=16)
+    model.sample(src[:8], straight_steps=2)
+    assert calls == [("losses", (2,)), ("losses", (2,)), ("sample", (2,))]
+    calls.clear()
+    torch.manual_seed(0)
+    result = train(_image_config(mnist_root, "ot"))
+    result.method.sample(result.ema, torch.randn(2, 1, 28, 28), nfe=4)
+    assert calls == [("losses", (1, 28, 28)), ("losses", (1, 28, 28)), ("sample", (1, 28, 28))]

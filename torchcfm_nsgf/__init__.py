@@ -4,7 +4,7 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 
 * :mod:`torchcfm_nsgf.sinkhorn`: the Sinkhorn velocity engine (:func:`sinkhorn_velocity`);
 * :mod:`torchcfm_nsgf.matcher`: :class:`SinkhornFlowMatcher`, NSGF behind torchcfm's matcher interface;
-* :mod:`torchcfm_nsgf.nsgfpp`: NSGF++ (time predictor, straight flow, two-phase sampler);
+* :mod:`torchcfm_nsgf.nsgfpp`: NSGF++ (one training objective, two variants of phase 2, two-phase sampler);
 * :mod:`torchcfm_nsgf.pool`: the trajectory pool (experience replay);
 * :mod:`torchcfm_nsgf.sampling`: one sampler over a solver registry, with exact NFE accounting.
 """
@@ -12,8 +12,11 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 from .matcher import PATHS, SinkhornFlowMatcher, SinkhornTrajectory
 from .networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
 from .nsgfpp import (
+    DEFAULT_PHASE2,
     MAX_PHASE1_STEPS,
+    PHASE2_VARIANTS,
     NSGFPlusPlus,
+    NSGFPlusPlusObjective,
     nsgfpp_sample,
     predict_time,
     straight_flow_from,
@@ -31,8 +34,11 @@ from .sinkhorn import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_PHASE2",
     "MAX_PHASE1_STEPS",
+    "PHASE2_VARIANTS",
     "NSGFPlusPlus",
+    "NSGFPlusPlusObjective",
     "TimePredictorCNN",
     "TimePredictorMLP",
     "VelocityMLP",

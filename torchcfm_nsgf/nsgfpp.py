@@ -1,19 +1,42 @@
-r"""NSGF++ (Zhu et al., 2024, Algorithm 3): a short Sinkhorn flow, a time predictor and a neural straight flow.
+r"""NSGF++ (Zhu et al., 2024, Algorithm 3): a short Sinkhorn flow, then a neural straight flow.
 
-Three networks, trained separately on the same source :math:`\mu_0` and target :math:`\mu^*`:
+Networks, trained together on the same source :math:`\mu_0` and target :math:`\mu^*`:
 
 * the **NSGF field** :math:`v_\theta(t, x)`, regressed on a short simulated Sinkhorn flow (``T <= 5`` steps of
   a large step size η) by :class:`~torchcfm_nsgf.SinkhornFlowMatcher` with a trajectory pool;
-* the **phase-transition time predictor** :math:`t_\phi(x) \in [0, 1]`, regressed (MSE) on straight
-  interpolations :math:`X_t = (1 - t) X_0 + t X_1` with :math:`X_0 \sim \mu_0`, :math:`X_1 \sim \mu^*`,
-  :math:`t \sim U[0, 1]`: it says where on a straight source-to-data path a point sits;
-* the **neural straight flow** :math:`u_\delta(t, x)`, trained by torchcfm's
-  ``ConditionalFlowMatcher(sigma=0)`` on the same straight paths (target :math:`X_1 - X_0`).
+* the **neural straight flow** :math:`u_\delta(t, x)`, trained by flow matching on straight segments
+  (torchcfm's ``ConditionalFlowMatcher(sigma=0)``). Where the segments start is the variant (``phase2``):
+
+  - ``"paper"`` (Algorithm 3): noise-to-data interpolations :math:`X_t = (1 - t) X_0 + t X_1` with
+    :math:`X_0 \sim \mu_0`, :math:`X_1 \sim \mu^*`, target :math:`X_1 - X_0`; a third network, the
+    **phase-transition time predictor** :math:`t_\phi(x) \in [0, 1]`, regresses ``t`` from :math:`X_t` and
+    says where on such a path the NSGF output sits;
+  - ``"ot"`` (the first author's precursor of NSGF++, ``NSGF.md`` §3): the straight flow is trained on the
+    distribution it will see. Noise batches are moved by the NSGF phase's simulated Sinkhorn flow
+    (:meth:`SinkhornFlowMatcher.simulate`, ``T`` steps) into a bounded buffer of end points :math:`X_T`; each
+    step draws a batch of them, pairs it with the data batch by **exact minibatch OT** (torchcfm's
+    ``OTPlanSampler("exact")``), and the straight flow learns the segments :math:`X_T \to X_1` on its own
+    clock :math:`s \in [0, 1]`. No predictor.
+
+  The end points come from simulating the matcher's flow, not from the NSGF network: the simulation is what
+  the network is trained to reproduce (Euler with ``T`` steps of the served velocity lands on :math:`X_T`
+  exactly), needs no trained network (all parts train from the first step, in one loop) and carries no
+  network error into phase 2's training data. A flow costs ``T`` Sinkhorn solves of the batch, so, like
+  the matcher's pool, the buffer is refreshed with a new flow only every ``refresh_every`` steps. The other side of
+  the choice: at sampling, phase 2 starts from the *network's* :math:`X_T`, so the straight flow corrects the
+  NSGF field's error only where that error stays within what the simulated end points cover; and when the
+  simulated flow has already reached the data, the segments :math:`X_T \to X_1` are short and phase 2 does
+  little.
+
+:class:`NSGFPlusPlusObjective` is the one training interface: ``losses(nets, x0, x1) -> {name: loss}`` (one
+loss per network) and ``sample(nets, x0, ...) -> SampleResult``. :class:`NSGFPlusPlus` (vectors, 2D) and the
+image method (``torchcfm_nsgf.images``) both train through it.
 
 Sampling (:func:`nsgfpp_sample`): phase 1 takes ``T`` explicit-Euler steps of :math:`v_\theta` on the
-matcher's normalised clock (``dt = 1/T``); then :math:`\tau = t_\phi(X_T)` per sample; phase 2 integrates
-:math:`u_\delta` from each sample's own :math:`\tau` to 1. torchdyn integrates every sample over one shared
-time span, so phase 2 is solved on a shared clock :math:`s \in [0, 1]` through the change of variable
+matcher's normalised clock (``dt = 1/T``); then phase 2 integrates :math:`u_\delta` from a start time to 1:
+:math:`\tau = t_\phi(X_T)` per sample (``"paper"``) or 0 (``"ot"``, no predictor call). torchdyn integrates
+every sample over one shared time span, so phase 2 is solved on a shared clock :math:`s \in [0, 1]` through
+the change of variable
 
 .. math::
     t(s) = \tau + s (1 - \tau), \qquad
@@ -34,6 +57,7 @@ Conventions
   raises ``ValueError``.
 * Phase-1 length: ``n_steps`` (``T``) **must be at most 5** (:data:`MAX_PHASE1_STEPS`); a larger value raises
   ``ValueError`` — NSGF++ is designed around a few large steps; use plain NSGF for long flows.
+* NFE: ``{"nsgf": T, "predictor": 1 or 0, "straight": n}``, counted from real calls.
 """
 
 from __future__ import annotations
@@ -43,13 +67,14 @@ import os
 import pickle
 import warnings
 import zipfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
+from torchcfm.optimal_transport import OTPlanSampler
 from tqdm.auto import tqdm
 
 from ._io import atomic_save
@@ -60,8 +85,11 @@ from .sampling import NFECounter, SampleResult, odeint_sample, solver_spec
 from .sinkhorn import SinkhornOptions
 
 __all__ = [
+    "DEFAULT_PHASE2",
     "MAX_PHASE1_STEPS",
+    "PHASE2_VARIANTS",
     "NSGFPlusPlus",
+    "NSGFPlusPlusObjective",
     "nsgfpp_sample",
     "predict_time",
     "straight_flow_from",
@@ -69,8 +97,14 @@ __all__ = [
 
 #: Largest number of NSGF steps of phase 1 (paper: ``T <= 5``).
 MAX_PHASE1_STEPS = 5
+#: Where the straight flow's training segments start: noise (``"paper"``) or the phase-1 end points (``"ot"``).
+PHASE2_VARIANTS = ("paper", "ot")
+#: The variant used when none is given.
+DEFAULT_PHASE2 = "ot"
+Phase2 = Literal["paper", "ot"]
 
-_FORMAT = "torchcfm_nsgf.nsgfpp/1"
+_FORMAT = "torchcfm_nsgf.nsgfpp/2"
+_FORMAT_V1 = "torchcfm_nsgf.nsgfpp/1"  # three separately trained networks, variant "paper"
 Sampler = Callable[[int], Tensor]
 
 
@@ -241,7 +275,7 @@ def straight_flow_from(
 # ---------------------------------------------------------------------------------------------- sampler
 def nsgfpp_sample(
     nsgf: Callable[..., Tensor],
-    predictor: Callable[[Tensor], Tensor],
+    predictor: Callable[[Tensor], Tensor] | None,
     straight: Callable[..., Tensor],
     x0: Tensor,
     *,
@@ -255,12 +289,15 @@ def nsgfpp_sample(
 ) -> SampleResult:
     r"""NSGF++ sampling (Algorithm 3): ``T`` NSGF Euler steps, :math:`\tau = t_\phi(X_T)`, straight flow to 1.
 
+    Without a predictor (variant ``"ot"``) phase 2 starts every sample at :math:`\tau = 0`: the straight flow
+    is integrated over its whole clock [0, 1] from :math:`X_T`, and the predictor's NFE is 0.
+
     Parameters
     ----------
     nsgf : callable
         NSGF field ``nsgf(t, x)`` on the matcher's normalised clock (``t`` a 0-d tensor).
-    predictor : callable
-        ``predictor(x) -> (bs,)``; see :func:`predict_time` for the range convention.
+    predictor : callable or None
+        ``predictor(x) -> (bs,)``; see :func:`predict_time` for the range convention. None: :math:`\tau = 0`.
     straight : callable
         Straight flow ``straight(t, x)`` with per-sample ``t`` of shape ``(bs,)``.
     x0 : Tensor, shape (bs, *dim)
@@ -278,15 +315,16 @@ def nsgfpp_sample(
     Returns
     -------
     SampleResult
-        ``samples`` ``(bs, *dim)``; ``nfe == {"nsgf": T, "predictor": 1, "straight": n}``, counted;
-        ``extras["tau"]`` ``(bs,)``: the predicted phase-transition times :math:`t_\phi(X_T)` (clamped to
-        [0, 1]). With ``return_trajectory``: ``trajectory`` ``(T + n_s, bs, *dim)`` holds phase 1,
+        ``samples`` ``(bs, *dim)``; ``nfe == {"nsgf": T, "predictor": 1 (0 without one), "straight": n}``,
+        counted; ``extras["tau"]`` ``(bs,)``: the phase-2 start times, :math:`t_\phi(X_T)` (clamped to
+        [0, 1]) or zeros without a predictor. With ``return_trajectory``: ``trajectory`` ``(T + n_s, bs, *dim)`` holds phase 1,
         :math:`X_0, \dots, X_T` (``trajectory[: T + 1]``, NSGF clock ``k / T``), then phase 2 from
         :math:`X_T` (``trajectory[T:]``) at the shared clock values ``extras["phase2_clock"]`` ``(n_s,)``,
         sample ``i`` at time ``tau[i] + s * (1 - tau[i])``; ``times`` is None (two clocks).
     """
     _check_callable(nsgf, "nsgf")
-    _check_callable(predictor, "predictor")
+    if predictor is not None:
+        _check_callable(predictor, "predictor")
     _check_callable(straight, "straight")
     x0 = check_cloud(x0, "x0")
     n_steps = _check_phase1_steps(n_steps)
@@ -297,9 +335,14 @@ def nsgfpp_sample(
     phase1 = odeint_sample(
         nsgf, x0, solver="euler", n_steps=n_steps, return_trajectory=return_trajectory, progress=progress
     )
-    pred_counter = _CallCounter(predictor)
-    with torch.no_grad():
-        tau = predict_time(pred_counter, phase1.samples)
+    if predictor is None:
+        n_predictor = 0
+        tau = torch.zeros(x0.shape[0], dtype=phase1.samples.dtype, device=phase1.samples.device)
+    else:
+        pred_counter = _CallCounter(predictor)
+        with torch.no_grad():
+            tau = predict_time(pred_counter, phase1.samples)
+        n_predictor = pred_counter.nfe
     phase2 = straight_flow_from(
         straight,
         phase1.samples,
@@ -317,15 +360,304 @@ def nsgfpp_sample(
         extras["phase2_clock"] = phase2.times
     return SampleResult(
         samples=phase2.samples,
-        nfe={"nsgf": phase1.nfe["field"], "predictor": pred_counter.nfe, **phase2.nfe},
+        nfe={"nsgf": phase1.nfe["field"], "predictor": n_predictor, **phase2.nfe},
         trajectory=trajectory,
         extras=extras,
     )
 
 
+# ---------------------------------------------------------------------------------------------- objective
+def _check_phase2(phase2: object, name: str = "phase2") -> str:
+    if phase2 not in PHASE2_VARIANTS:
+        raise ValueError(f"{name} must be one of {list(PHASE2_VARIANTS)}, got {phase2!r}")
+    return phase2
+
+
+def _mse(pred: object, target: Tensor, name: str) -> Tensor:
+    if not isinstance(pred, Tensor) or pred.shape != target.shape:
+        shape = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
+        raise ValueError(f"{name}(t, x) must return x's shape {tuple(target.shape)}, got {shape}")
+    return torch.mean((pred - target) ** 2)
+
+
+class NSGFPlusPlusObjective:
+    r"""The NSGF++ training interface: one loss per network, and the matching two-phase sampler.
+
+    A training loop calls :meth:`losses` on a source batch and a data batch and optimises the sum (the losses
+    act on disjoint parameters, so one Adam on the sum equals one Adam per network); :meth:`sample` generates.
+
+    Parameters
+    ----------
+    matcher : SinkhornFlowMatcher
+        The NSGF phase: ``flow_steps`` (``T``, at most 5), ``step_size`` (η), Sinkhorn options and pool. Its
+        targets train the NSGF field; in the ``"ot"`` variant its :meth:`~SinkhornFlowMatcher.simulate` also
+        gives the phase-1 end points.
+    phase2 : {"paper", "ot"}
+        Where the straight flow's training segments start (module docstring): noise, with a time predictor
+        (``"paper"``), or the phase-1 end points paired with the data by exact minibatch OT (``"ot"``).
+    generator : torch.Generator, optional
+        CPU generator for the straight-flow times, the end-point draws and the OT pair order; None draws
+        from torch's global RNG.
+    refresh_every : int, optional
+        ``"ot"`` only: a newly simulated flow of the call's ``(x0, x1)`` is added to the end-point buffer on
+        the first call and every ``refresh_every`` calls (and whenever the buffer holds fewer end points
+        than the batch). Default: the matcher's ``refresh_every``.
+    endpoint_capacity : int, optional
+        ``"ot"`` only: the most end points the buffer keeps (FIFO: a new flow's end points replace the
+        oldest). Default: 16 batches, fixed at the first call. Must be at least the batch size.
+
+    Attributes
+    ----------
+    net_names : tuple of str
+        The networks :meth:`losses` and :meth:`sample` expect in ``nets``: ``("nsgf", "predictor",
+        "straight")`` or ``("nsgf", "straight")``.
+    n_calls : int
+        :meth:`phase1_endpoints` calls so far (decides the next refresh).
+    n_flows : int
+        Phase-1 flows simulated into the end-point buffer so far.
+
+    Notes
+    -----
+    The ``"ot"`` variant amortises phase 1 like the matcher's pool: simulating :math:`X_T` costs ``T``
+    Sinkhorn solves of the batch, so each call draws its end points uniformly without replacement from a
+    bounded buffer of simulated end points, which a new flow refreshes every ``refresh_every`` calls.
+    The buffer, its counters and the generator state are part of :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        matcher: SinkhornFlowMatcher,
+        *,
+        phase2: Phase2 = DEFAULT_PHASE2,
+        generator: torch.Generator | None = None,
+        refresh_every: int | None = None,
+        endpoint_capacity: int | None = None,
+    ) -> None:
+        if not isinstance(matcher, SinkhornFlowMatcher):
+            raise TypeError(f"matcher must be a SinkhornFlowMatcher, got {type(matcher).__name__}")
+        _check_phase1_steps(matcher.flow_steps, "matcher.flow_steps")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if refresh_every is not None:
+            check_positive(refresh_every, "refresh_every", integer=True)
+        if endpoint_capacity is not None:
+            check_positive(endpoint_capacity, "endpoint_capacity", integer=True)
+        self.matcher = matcher
+        self.phase2 = _check_phase2(phase2)
+        self.generator = generator
+        self.refresh_every: int = matcher.refresh_every if refresh_every is None else refresh_every
+        self.endpoint_capacity: int | None = endpoint_capacity
+        self.n_calls = 0
+        self.n_flows = 0
+        self._endpoints: Tensor | None = None
+        self.cfm = ConditionalFlowMatcher(sigma=0.0)
+        self.ot_sampler = OTPlanSampler(method="exact") if self.phase2 == "ot" else None
+        self.net_names: tuple[str, ...] = (
+            ("nsgf", "predictor", "straight") if self.phase2 == "paper" else ("nsgf", "straight")
+        )
+
+    @property
+    def n_steps(self) -> int:
+        """``T``, the NSGF steps of phase 1."""
+        return self.matcher.flow_steps
+
+    @property
+    def uses_predictor(self) -> bool:
+        """Whether phase 2 starts at a predicted time (variant ``"paper"``)."""
+        return self.phase2 == "paper"
+
+    def _check_nets(self, nets: Mapping[str, Any]) -> None:
+        missing = [k for k in self.net_names if k not in nets]
+        if missing:
+            raise ValueError(
+                f"nets misses {missing} for the {self.phase2!r} variant (needs {list(self.net_names)})"
+            )
+
+    def _uniform(self, n: int, like: Tensor) -> Tensor:
+        return torch.rand(n, generator=self.generator).to(device=like.device, dtype=like.dtype)
+
+    # ------------------------------------------------------------------ phase-2 training data
+    @property
+    def n_endpoints(self) -> int:
+        """End points held in the ``"ot"`` variant's buffer."""
+        return 0 if self._endpoints is None else self._endpoints.shape[0]
+
+    def simulate_endpoints(self, x0: Tensor, x1: Tensor) -> Tensor:
+        r""":math:`X_T` of the matcher's simulated Sinkhorn flow of ``x0`` (n, *dim) towards ``x1`` (m, *dim).
+
+        Returns shape ``(n, *dim)``, detached. ``T`` Sinkhorn solves; no network is called; the buffer is
+        not touched.
+        """
+        return self.matcher.simulate(x0, x1).xs[-1].detach()
+
+    def _add_endpoints(self, xT: Tensor) -> None:
+        if self.endpoint_capacity is None:
+            self.endpoint_capacity = 16 * xT.shape[0]
+        if self._endpoints is not None:
+            if self._endpoints.shape[1:] != xT.shape[1:]:
+                raise ValueError(
+                    f"x0 has feature shape {tuple(xT.shape[1:])}, but the end-point buffer holds "
+                    f"{tuple(self._endpoints.shape[1:])}"
+                )
+            xT = torch.cat([self._endpoints.to(device=xT.device, dtype=xT.dtype), xT])
+        self._endpoints = xT[-self.endpoint_capacity :]
+        self.n_flows += 1
+
+    def phase1_endpoints(self, x0: Tensor, x1: Tensor) -> Tensor:
+        r"""``n`` phase-1 end points :math:`X_T` for a source batch ``x0`` (n, *dim) and data ``x1`` (m, *dim).
+
+        Drawn uniformly without replacement (through ``generator``) from the end-point buffer, after
+        adding a newly simulated flow of ``(x0, x1)`` (:meth:`simulate_endpoints`) on the first call, every
+        ``refresh_every`` calls, and whenever the buffer holds fewer than ``n`` end points.
+
+        Returns
+        -------
+        Tensor, shape (n, *dim)
+            Detached, on ``x0``'s device and in the dtype of the simulation.
+
+        Raises
+        ------
+        ValueError
+            ``endpoint_capacity`` is smaller than the batch size ``n``, or ``x0`` has another feature
+            shape than the buffer.
+        """
+        n = x0.shape[0]
+        if self.endpoint_capacity is not None and self.endpoint_capacity < n:
+            raise ValueError(
+                f"endpoint_capacity ({self.endpoint_capacity}) must be at least the batch size ({n})"
+            )
+        if self.n_calls % self.refresh_every == 0 or self.n_endpoints < n:
+            self._add_endpoints(self.simulate_endpoints(x0, x1))
+        self.n_calls += 1
+        pick = torch.randperm(self.n_endpoints, generator=self.generator)[:n]
+        return self._endpoints[pick.to(self._endpoints.device)].to(device=x0.device)
+
+    def phase2_pairs(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Start and end points ``(a, b)``, each ``(n, *dim)``, of the straight flow's training segments.
+
+        ``"paper"``: ``(x0, x1)`` as given (independent noise and data). ``"ot"``: ``n`` phase-1 end points
+        :math:`X_T` from the buffer (:meth:`phase1_endpoints`) and the data points ``x1`` paired with them by the
+        exact OT plan of the minibatch (torchcfm's ``OTPlanSampler("exact").get_map``, squared Euclidean
+        cost). ``n`` pairs are drawn from the plan without replacement through ``generator`` (torchcfm's
+        ``sample_plan`` draws with NumPy's global RNG); for ``n == m`` the exact plan is a permutation, so
+        every end point is used once.
+        """
+        if self.phase2 == "paper":
+            return x0, x1
+        xT = self.phase1_endpoints(x0, x1)
+        x1 = x1.to(device=xT.device, dtype=xT.dtype)
+        plan = torch.from_numpy(self.ot_sampler.get_map(xT, x1)).flatten()
+        pick = torch.multinomial(plan, xT.shape[0], replacement=False, generator=self.generator)
+        i, j = (pick // x1.shape[0]).to(xT.device), (pick % x1.shape[0]).to(xT.device)
+        return xT[i], x1[j]
+
+    # ------------------------------------------------------------------ training
+    def losses(self, nets: Mapping[str, Any], x0: Tensor, x1: Tensor) -> dict[str, Tensor]:
+        r"""One scalar loss per network for a source batch ``x0`` (n, *dim) and a data batch ``x1`` (m, *dim).
+
+        * ``"nsgf"``: :math:`\lVert v_\theta(t, x_t) - u_t \rVert^2` on the matcher's targets
+          (``sample_location_and_conditional_flow``; Algorithm 1 with the pool);
+        * ``"straight"``: :math:`\lVert u_\delta(s, x_s) - (b - a) \rVert^2` with
+          :math:`x_s = (1 - s) a + s b`, :math:`s \sim U[0, 1)` and ``(a, b)`` from :meth:`phase2_pairs`
+          (torchcfm's ``ConditionalFlowMatcher(sigma=0)``);
+        * ``"predictor"`` (``"paper"`` only): :math:`(t_\phi(x_s) - s)^2` on the same interpolations.
+
+        Parameters
+        ----------
+        nets : mapping
+            ``nets[name]`` for every name in :attr:`net_names` (a ``ModuleDict``, possibly DDP-wrapped members).
+        x0, x1 : Tensor
+            Source and data batches.
+
+        Returns
+        -------
+        dict[str, Tensor]
+            0-d losses keyed by :attr:`net_names`.
+        """
+        self._check_nets(nets)
+        t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)
+        out = {"nsgf": _mse(nets["nsgf"](t, xt), ut, "nsgf")}
+        a, b = self.phase2_pairs(x0, x1)
+        b = b.to(device=a.device, dtype=a.dtype)
+        s, xs, us = self.cfm.sample_location_and_conditional_flow(a, b, t=self._uniform(a.shape[0], a))
+        if self.uses_predictor:
+            tau = nets["predictor"](xs)
+            n = xs.shape[0]
+            if not isinstance(tau, Tensor) or tau.shape not in ((n,), (n, 1)):
+                shape = tuple(tau.shape) if isinstance(tau, Tensor) else type(tau).__name__
+                raise ValueError(f"predictor(x) must return shape ({n},) or ({n}, 1), got {shape}")
+            out["predictor"] = torch.mean((tau.reshape(n) - s) ** 2)
+        out["straight"] = _mse(nets["straight"](s, xs), us, "straight")
+        return out
+
+    # ------------------------------------------------------------------ sampling
+    def sample(
+        self,
+        nets: Mapping[str, Any],
+        x0: Tensor,
+        *,
+        solver: str = "euler",
+        straight_steps: int | None = None,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ) -> SampleResult:
+        """:func:`nsgfpp_sample` with ``nets`` and this objective's ``T``; the predictor only for ``"paper"``.
+
+        ``nfe`` is ``{"nsgf": T, "predictor": 1 or 0, "straight": n}``, counted from real calls.
+        """
+        self._check_nets(nets)
+        return nsgfpp_sample(
+            nets["nsgf"],
+            nets["predictor"] if self.uses_predictor else None,
+            nets["straight"],
+            x0,
+            n_steps=self.n_steps,
+            solver=solver,
+            straight_steps=straight_steps,
+            atol=atol,
+            rtol=rtol,
+            return_trajectory=return_trajectory,
+            progress=progress,
+        )
+
+    def phase1_nfe(self) -> int:
+        """Network calls before phase 2: ``T`` NSGF steps plus the predictor call (``"paper"``)."""
+        return self.n_steps + int(self.uses_predictor)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The matcher's resumable state (pool, counters, generator) and, under ``"endpoints"``, the end-point
+        buffer, its counters and capacity, and this objective's generator state."""
+        state = self.matcher.state_dict()
+        state["endpoints"] = {
+            "calls": self.n_calls,
+            "flows": self.n_flows,
+            "capacity": self.endpoint_capacity,
+            "items": None if self._endpoints is None else self._endpoints.detach().cpu(),
+            "generator": None if self.generator is None else self.generator.get_state(),
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (states written before the end-point buffer restore the matcher only)."""
+        self.matcher.load_state_dict(state)
+        ep = state.get("endpoints")
+        if ep is None:
+            return
+        self.n_calls = int(ep["calls"])
+        self.n_flows = int(ep["flows"])
+        self.endpoint_capacity = None if ep["capacity"] is None else int(ep["capacity"])
+        self._endpoints = ep["items"]
+        if ep.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(ep["generator"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.matcher!r}, phase2={self.phase2!r})"
+
+
 # ---------------------------------------------------------------------------------------------- trainer
-
-
 @dataclass
 class _Settings:
     n_steps: int
@@ -334,22 +666,25 @@ class _Settings:
     pool_capacity: int
     refresh_every: int
     lr: float
+    phase2: str = DEFAULT_PHASE2
     feature_shape: tuple[int, ...] | None = None
-    iterations: dict[str, int] = field(default_factory=lambda: {"nsgf": 0, "predictor": 0, "straight": 0})
+    iterations: int = 0
 
 
 class NSGFPlusPlus:
-    r"""Train and sample NSGF++: the NSGF field, the time predictor and the straight flow.
+    r"""Train and sample NSGF++ on vectors: the networks of :class:`NSGFPlusPlusObjective`, one loop.
 
     Parameters
     ----------
     nsgf : nn.Module
         NSGF field ``nsgf(t, x)`` (``t`` of shape ``(bs,)`` in training, 0-d in sampling).
-    predictor : nn.Module
-        Time predictor ``predictor(x) -> (bs,)`` (for example :class:`~torchcfm_nsgf.networks.TimePredictorMLP`
-        or :class:`~torchcfm_nsgf.networks.TimePredictorCNN`).
+    predictor : nn.Module or None
+        Time predictor ``predictor(x) -> (bs,)`` (for example :class:`~torchcfm_nsgf.networks.TimePredictorMLP`)
+        for ``phase2="paper"``; must be None for ``phase2="ot"``, which has none.
     straight : nn.Module
         Straight flow ``straight(t, x)`` with ``t`` of shape ``(bs,)``.
+    phase2 : {"paper", "ot"}
+        The variant (:class:`NSGFPlusPlusObjective`); default :data:`DEFAULT_PHASE2`.
     n_steps : int
         ``T`` of the NSGF phase, ``1 .. 5`` (``> 5`` raises ``ValueError``). Paper (CIFAR-10): 5.
     step_size : float
@@ -359,29 +694,33 @@ class NSGFPlusPlus:
     pool_capacity : int
         Items of the trajectory pool of the NSGF phase.
     refresh_every : int
-        A new flow is simulated into the pool every ``refresh_every`` NSGF training batches.
+        A new flow is simulated into the pool every ``refresh_every`` training steps.
     lr : float
-        Adam learning rate of all three networks.
+        Adam learning rate of all networks.
     generator : torch.Generator, optional
-        CPU generator for all the trainer's randomness (data rows, times ``t``, pool draws, step indices).
+        CPU generator for all the trainer's randomness (data rows, times, pool draws, OT pair order).
     progress : bool
-        tqdm progress bars in the training loops.
+        tqdm progress bar in :meth:`fit`.
 
     Notes
     -----
-    ``source`` and ``target`` of the training methods are either a tensor ``(N, *dim)`` from which rows are
-    drawn with ``generator``, or a function ``n -> Tensor (n, *dim)``. Each network has its own Adam
-    optimiser. :meth:`save` writes the three networks, the optimisers, the settings, the iteration counters
-    the generator state and the NSGF phase's matcher (its trajectory pool and call counter, which decides
-    the next refresh) in one atomically written file, so that training resumes exactly.
+    ``source`` and ``target`` of :meth:`fit` are either a tensor ``(N, *dim)`` from which rows are drawn with
+    ``generator``, or a function ``n -> Tensor (n, *dim)``. Every step draws one batch pair, asks the
+    objective for one loss per network and steps one Adam per network (equal to one Adam on the summed
+    loss, which is what the image loop does). :meth:`save` writes the networks, the optimisers, the settings,
+    the step counter, the generator state and the NSGF phase's matcher (its trajectory pool and call counter,
+    which decides the next refresh) in one atomically written file, so that training resumes exactly.
+    Checkpoints of the earlier three-loop trainer (format ``nsgfpp/1``) load as variant ``"paper"``, with
+    the step counter set to the largest of their three counters.
     """
 
     def __init__(
         self,
         nsgf: nn.Module,
-        predictor: nn.Module,
+        predictor: nn.Module | None,
         straight: nn.Module,
         *,
+        phase2: Phase2 = DEFAULT_PHASE2,
         n_steps: int = 5,
         step_size: float = 0.2,
         sinkhorn: SinkhornOptions | None = None,
@@ -391,8 +730,14 @@ class NSGFPlusPlus:
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> None:
-        for name, net in (("nsgf", nsgf), ("predictor", predictor), ("straight", straight)):
-            if not isinstance(net, nn.Module):
+        _check_phase2(phase2)
+        if phase2 == "paper" and predictor is None:
+            raise ValueError("predictor is required for phase2='paper' (a time predictor network)")
+        if phase2 == "ot" and predictor is not None:
+            raise ValueError("predictor must be None for phase2='ot' (phase 2 starts at s = 0, no predictor)")
+        named = {"nsgf": nsgf, "predictor": predictor, "straight": straight}
+        for name, net in named.items():
+            if net is not None and not isinstance(net, nn.Module):
                 raise TypeError(f"{name} must be a torch.nn.Module, got {type(net).__name__}")
         _check_phase1_steps(n_steps)
         check_positive(step_size, "step_size")
@@ -405,7 +750,7 @@ class NSGFPlusPlus:
         check_positive(lr, "lr")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        self.nets = nn.ModuleDict({"nsgf": nsgf, "predictor": predictor, "straight": straight})
+        self.nets = nn.ModuleDict({k: net for k, net in named.items() if net is not None})
         self.settings = _Settings(
             n_steps=n_steps,
             step_size=float(step_size),
@@ -413,16 +758,16 @@ class NSGFPlusPlus:
             pool_capacity=pool_capacity,
             refresh_every=refresh_every,
             lr=float(lr),
+            phase2=phase2,
         )
         self.generator = generator
         self.progress = progress
-        self.cfm = ConditionalFlowMatcher(sigma=0.0)
         self.optimizers = {k: torch.optim.Adam(net.parameters(), lr=lr) for k, net in self.nets.items()}
-        self._build_matcher()
+        self._build_objective()
 
-    def _build_matcher(self) -> None:
+    def _build_objective(self) -> None:
         s = self.settings
-        self.matcher = SinkhornFlowMatcher(
+        matcher = SinkhornFlowMatcher(
             flow_steps=s.n_steps,
             step_size=s.step_size,
             path="grid",
@@ -431,6 +776,17 @@ class NSGFPlusPlus:
             refresh_every=s.refresh_every,
             generator=self.generator,
         )
+        self.objective = NSGFPlusPlusObjective(matcher, phase2=s.phase2, generator=self.generator)
+
+    @property
+    def matcher(self) -> SinkhornFlowMatcher:
+        """The NSGF phase's matcher (its pool and counters)."""
+        return self.objective.matcher
+
+    @property
+    def phase2(self) -> str:
+        """The variant, ``"paper"`` or ``"ot"``."""
+        return self.settings.phase2
 
     @property
     def n_steps(self) -> int:
@@ -438,9 +794,9 @@ class NSGFPlusPlus:
         return self.settings.n_steps
 
     @property
-    def iterations(self) -> dict[str, int]:
-        """Optimiser steps taken so far per network."""
-        return dict(self.settings.iterations)
+    def iterations(self) -> int:
+        """Training steps taken so far (each steps every network once)."""
+        return self.settings.iterations
 
     # ------------------------------------------------------------------ data
     def _draw(self, data: Tensor | Sampler, n: int, name: str) -> Tensor:
@@ -473,98 +829,37 @@ class NSGFPlusPlus:
             )
         return x0, x1.to(device=x0.device, dtype=x0.dtype)
 
-    def _loop(self, key: str, n_iters: int, batch_size: int, loss_fn: Callable[[int], Tensor]) -> list[float]:
+    # ------------------------------------------------------------------ training
+    def fit(
+        self, source: Tensor | Sampler, target: Tensor | Sampler, n_iters: int, batch_size: int = 256
+    ) -> dict[str, list[float]]:
+        """Train every network for ``n_iters`` steps on :meth:`NSGFPlusPlusObjective.losses`.
+
+        Returns the losses per network, one value per step.
+        """
         check_positive(n_iters, "n_iters", integer=True)
         check_positive(batch_size, "batch_size", integer=True)
-        net, opt = self.nets[key], self.optimizers[key]
-        net.train()
-        losses: list[float] = []
-        bar = tqdm(range(n_iters), desc=f"NSGF++ {key}", disable=not self.progress, leave=False)
+        self.nets.train()
+        history: dict[str, list[float]] = {k: [] for k in self.nets}
+        bar = tqdm(range(n_iters), desc=f"NSGF++ ({self.phase2})", disable=not self.progress, leave=False)
         for _ in bar:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(batch_size)
-            loss.backward()
-            opt.step()
-            self.settings.iterations[key] += 1
-            losses.append(float(loss.detach()))
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(
-                    f"the {key} loss became {losses[-1]} at iteration "
-                    f"{self.settings.iterations[key]}: lower lr"
-                )
-            bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-        return losses
-
-    def _uniform_t(self, n: int, like: Tensor) -> Tensor:
-        return torch.rand(n, generator=self.generator).to(device=like.device, dtype=like.dtype)
-
-    # ------------------------------------------------------------------ training
-    def train_nsgf(
-        self, source: Tensor | Sampler, target: Tensor | Sampler, n_iters: int, batch_size: int = 256
-    ) -> list[float]:
-        r"""Train :math:`v_\theta` on the pool of short simulated Sinkhorn flows (Algorithm 1, ``T`` steps).
-
-        Loss: :math:`\lVert v_\theta(t, x_t) - u_t \rVert^2` averaged over the batch. Returns the losses.
-        """
-
-        def loss(n: int) -> Tensor:
-            x0, x1 = self._pair(source, target, n)
-            t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)
-            return torch.mean((self.nets["nsgf"](t, xt) - ut) ** 2)
-
-        return self._loop("nsgf", n_iters, batch_size, loss)
-
-    def train_predictor(
-        self, source: Tensor | Sampler, target: Tensor | Sampler, n_iters: int, batch_size: int = 256
-    ) -> list[float]:
-        r"""Train :math:`t_\phi` to regress ``t`` from :math:`X_t = (1 - t) X_0 + t X_1` (MSE). Returns losses.
-
-        The straight interpolation comes from torchcfm's ``ConditionalFlowMatcher(sigma=0)`` with ``t`` drawn
-        from the trainer's generator.
-        """
-
-        def loss(n: int) -> Tensor:
-            x0, x1 = self._pair(source, target, n)
-            t, xt, _ = self.cfm.sample_location_and_conditional_flow(x0, x1, t=self._uniform_t(n, x0))
-            tau = self.nets["predictor"](xt)
-            if not isinstance(tau, Tensor) or tau.shape not in ((n,), (n, 1)):
-                shape = tuple(tau.shape) if isinstance(tau, Tensor) else type(tau).__name__
-                raise ValueError(f"predictor(x) must return shape ({n},) or ({n}, 1), got {shape}")
-            return torch.mean((tau.reshape(n) - t) ** 2)
-
-        return self._loop("predictor", n_iters, batch_size, loss)
-
-    def train_straight(
-        self, source: Tensor | Sampler, target: Tensor | Sampler, n_iters: int, batch_size: int = 256
-    ) -> list[float]:
-        r"""Train :math:`u_\delta` by flow matching on straight paths (``ConditionalFlowMatcher(sigma=0)``).
-
-        Loss: :math:`\lVert u_\delta(t, x_t) - (X_1 - X_0) \rVert^2`. Returns the losses.
-        """
-
-        def loss(n: int) -> Tensor:
-            x0, x1 = self._pair(source, target, n)
-            t, xt, ut = self.cfm.sample_location_and_conditional_flow(x0, x1, t=self._uniform_t(n, x0))
-            return torch.mean((self.nets["straight"](t, xt) - ut) ** 2)
-
-        return self._loop("straight", n_iters, batch_size, loss)
-
-    def fit(
-        self,
-        source: Tensor | Sampler,
-        target: Tensor | Sampler,
-        *,
-        nsgf_iters: int,
-        predictor_iters: int,
-        straight_iters: int,
-        batch_size: int = 256,
-    ) -> dict[str, list[float]]:
-        """Train the three parts in turn (NSGF field, predictor, straight flow); returns their losses."""
-        return {
-            "nsgf": self.train_nsgf(source, target, nsgf_iters, batch_size),
-            "predictor": self.train_predictor(source, target, predictor_iters, batch_size),
-            "straight": self.train_straight(source, target, straight_iters, batch_size),
-        }
+            x0, x1 = self._pair(source, target, batch_size)
+            losses = self.objective.losses(self.nets, x0, x1)
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            for opt in self.optimizers.values():
+                opt.step()
+            self.settings.iterations += 1
+            for k, loss in losses.items():
+                value = float(loss.detach())
+                history[k].append(value)
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"the {k} loss became {value} at step {self.settings.iterations}: lower lr"
+                    )
+            bar.set_postfix({k: f"{v[-1]:.3g}" for k, v in history.items()}, refresh=False)
+        return history
 
     # ------------------------------------------------------------------ sampling
     def sample(
@@ -577,7 +872,7 @@ class NSGFPlusPlus:
         rtol: float = 1e-5,
         return_trajectory: bool = False,
     ) -> SampleResult:
-        """:func:`nsgfpp_sample` with this model's networks (in eval mode) and ``T``; ``x0`` is ``(bs, *dim)``."""
+        """:meth:`NSGFPlusPlusObjective.sample` with this model's networks (in eval mode); ``x0`` ``(bs, *dim)``."""
         x0 = check_cloud(x0, "x0")
         shape = self.settings.feature_shape
         if shape is not None and tuple(x0.shape[1:]) != shape:
@@ -587,12 +882,9 @@ class NSGFPlusPlus:
         modes = {k: net.training for k, net in self.nets.items()}
         self.nets.eval()
         try:
-            return nsgfpp_sample(
-                self.nets["nsgf"],
-                self.nets["predictor"],
-                self.nets["straight"],
+            return self.objective.sample(
+                self.nets,
                 x0,
-                n_steps=self.settings.n_steps,
                 solver=solver,
                 straight_steps=straight_steps,
                 atol=atol,
@@ -606,7 +898,7 @@ class NSGFPlusPlus:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Networks, optimisers, settings, iteration counters, generator state and the NSGF matcher (pool)."""
+        """Networks, optimisers, settings, step counter, generator state and the NSGF matcher (pool)."""
         s = self.settings
         return {
             "format": _FORMAT,
@@ -617,18 +909,19 @@ class NSGFPlusPlus:
                 "pool_capacity": s.pool_capacity,
                 "refresh_every": s.refresh_every,
                 "lr": s.lr,
+                "phase2": s.phase2,
                 "feature_shape": None if s.feature_shape is None else list(s.feature_shape),
-                "iterations": dict(s.iterations),
+                "iterations": s.iterations,
             },
             "nets": {k: net.state_dict() for k, net in self.nets.items()},
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "generator_state": None if self.generator is None else self.generator.get_state(),
-            "matcher": self.matcher.state_dict(),
+            "matcher": self.objective.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` into these networks (same architectures); settings come from ``state``."""
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        if not isinstance(state, dict) or state.get("format") not in (_FORMAT, _FORMAT_V1):
             raise ValueError(f"state is not an NSGF++ checkpoint (expected format {_FORMAT!r})")
         missing = [k for k in ("settings", "nets", "optimizers") if k not in state]
         if missing:
@@ -643,6 +936,13 @@ class NSGFPlusPlus:
                 blur=st.pop("blur"), relative_blur=False, scaling=st.pop("scaling"), max_iter=5000
             )
         iterations = st.pop("iterations")
+        if isinstance(iterations, dict):  # format 1: one counter per separately trained network
+            iterations = max(iterations.values())
+        st.setdefault("phase2", "paper")
+        if st["phase2"] != self.settings.phase2:
+            raise ValueError(
+                f"the checkpoint is NSGF++ variant {st['phase2']!r}, this model is {self.settings.phase2!r}"
+            )
         for k, net in self.nets.items():
             try:
                 net.load_state_dict(state["nets"][k])
@@ -653,11 +953,11 @@ class NSGFPlusPlus:
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][k])
         self.settings = _Settings(
-            **st, feature_shape=None if shape is None else tuple(shape), iterations=dict(iterations)
+            **st, feature_shape=None if shape is None else tuple(shape), iterations=int(iterations)
         )
-        self._build_matcher()
+        self._build_objective()
         if state.get("matcher") is not None:  # absent in checkpoints written before the pool was saved
-            self.matcher.load_state_dict(state["matcher"])
+            self.objective.load_state_dict(state["matcher"])
         if state.get("generator_state") is not None and self.generator is not None:
             self.generator.set_state(state["generator_state"])
 
@@ -679,6 +979,6 @@ class NSGFPlusPlus:
     def __repr__(self) -> str:
         s = self.settings
         return (
-            f"{type(self).__name__}(n_steps={s.n_steps}, step_size={s.step_size:g}, sinkhorn={s.sinkhorn}, "
-            f"iterations={s.iterations})"
+            f"{type(self).__name__}(phase2={s.phase2!r}, n_steps={s.n_steps}, step_size={s.step_size:g}, "
+            f"sinkhorn={s.sinkhorn}, iterations={s.iterations})"
         )

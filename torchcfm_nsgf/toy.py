@@ -12,6 +12,8 @@ Metric: the exact 2-Wasserstein distance between two point clouds with uniform w
 Training: :func:`train_flow_matching` is torchcfm's loop, ``t, xt, ut = FM.sample_location_and_conditional_flow
 (x0, x1); loss = mean((v(t, xt) - ut)^2)``, for any matcher, NSGF's :class:`~torchcfm_nsgf.SinkhornFlowMatcher`
 included; :func:`train_nsgf` runs that loop with NSGF's matcher (Algorithm 1: flows into a trajectory pool).
+:func:`train_nsgfpp` builds and trains NSGF++ (:class:`~torchcfm_nsgf.NSGFPlusPlus`, either variant) on a task
+with the same MLP width: the one 2D NSGF++ setup of the benchmarks.
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ from torchcfm.models import MLP
 from torchcfm.utils import sample_8gaussians, sample_moons, torch_wrapper
 from tqdm.auto import tqdm
 
+from ._validation import check_positive
 from .matcher import SinkhornFlowMatcher
+from .networks import TimePredictorMLP, VelocityMLP
+from .nsgfpp import DEFAULT_PHASE2, NSGFPlusPlus
 from .sampling import odeint_sample
+from .sinkhorn import SinkhornOptions
 
 __all__ = [
     "TASKS",
@@ -45,6 +51,7 @@ __all__ = [
     "sample_scurve",
     "train_flow_matching",
     "train_nsgf",
+    "train_nsgfpp",
     "w2",
 ]
 
@@ -307,6 +314,50 @@ def train_nsgf(
         progress=progress,
         desc="NSGF",
     )
+
+
+def train_nsgfpp(
+    task: Task,
+    *,
+    phase2: str = DEFAULT_PHASE2,
+    train_steps: int,
+    generator: torch.Generator,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    width: int = 64,
+    n_steps: int = 5,
+    step_size: float = 0.6,
+    sinkhorn: SinkhornOptions | None = None,
+    refresh_every: int | None = None,
+    progress: bool = False,
+) -> NSGFPlusPlus:
+    """Build NSGF++ for ``task`` (MLPs of ``width``) and train it for ``train_steps`` steps; returns the model.
+
+    Networks: :class:`~torchcfm_nsgf.networks.VelocityMLP` for the NSGF field and the straight flow,
+    :class:`~torchcfm_nsgf.networks.TimePredictorMLP` for the predictor of ``phase2="paper"``; initialised
+    from torch's global RNG (seed it before). Every step draws fresh task batches from ``generator``. The
+    NSGF phase: ``n_steps`` Sinkhorn steps of ``step_size`` (T = 5, η = 0.6: run C of
+    ``benchmarks/results/nsgfpp_two_dim.md``), a new flow into the pool every ``refresh_every`` steps
+    (default: about 6 flows in all).
+    """
+    check_positive(train_steps, "train_steps", integer=True)
+    model = NSGFPlusPlus(
+        VelocityMLP(2, width),
+        TimePredictorMLP(2, width) if phase2 == "paper" else None,
+        VelocityMLP(2, width),
+        phase2=phase2,
+        n_steps=n_steps,
+        step_size=step_size,
+        sinkhorn=sinkhorn,
+        refresh_every=refresh_every if refresh_every is not None else max(1, train_steps // 6),
+        lr=lr,
+        generator=generator,
+        progress=progress,
+    )
+    model.fit(
+        lambda n: task.source(n, generator), lambda n: task.target(n, generator), train_steps, batch_size
+    )
+    return model
 
 
 def _child_seed(generator: torch.Generator) -> int:

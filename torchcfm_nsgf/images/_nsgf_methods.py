@@ -9,13 +9,16 @@ every ``refresh_every`` training batches and serves the regression batches from 
 regresses them; sampling integrates from 0 to 1 with ``T`` Euler steps by default (the matcher's grid,
 exact for the served velocity; any NFE for ``path="straight"`` and ``"polyline"``).
 
-NSGF++ on images (paper Algorithm 3, :mod:`torchcfm_nsgf.nsgfpp`): three networks trained together by the
-shared loop (one optimiser; the loss is the sum of three losses on disjoint parameters): the UNet NSGF field
-on a short flow (``phase1_steps`` <= 5, ``phase1_step_size``) served by the pool, the CNN time predictor
-(:class:`~torchcfm_nsgf.networks.TimePredictorCNN`) and the UNet straight flow on straight interpolations
-(torchcfm's ``ConditionalFlowMatcher(sigma=0)``, ``t`` from the global generator, saved in checkpoints).
-Sampling: :func:`~torchcfm_nsgf.nsgfpp.nsgfpp_sample`; a budget ``nfe`` counts all calls, so phase 2 gets
-``nfe - T - 1`` Euler steps (default 50).
+NSGF++ on images (:mod:`torchcfm_nsgf.nsgfpp`): the networks are trained together by the shared loop (one
+optimiser; the loss is the sum of :meth:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective.losses`, one loss per
+network on disjoint parameters), the same objective that :class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlus` trains on
+vectors: the UNet NSGF field on a short flow (``phase1_steps`` <= 5, ``phase1_step_size``) served by the pool,
+and the UNet straight flow, on noise→data interpolations with the CNN time predictor
+(:class:`~torchcfm_nsgf.networks.TimePredictorCNN`) for ``phase2="paper"``, or on the phase-1 end points
+paired with the data by exact minibatch OT for ``phase2="ot"`` (no predictor). Times and pair orders come from
+the global generator (saved in checkpoints). Sampling: :meth:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective.sample`;
+a budget ``nfe`` counts all calls, so phase 2 gets ``nfe - T - 1`` (``"paper"``) or ``nfe - T`` (``"ot"``)
+Euler steps (default 50).
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ except ImportError:  # pragma: no cover - only while the NSGF modules are absent
 
 try:
     from ..networks import TimePredictorCNN
-    from ..nsgfpp import MAX_PHASE1_STEPS, nsgfpp_sample
+    from ..nsgfpp import MAX_PHASE1_STEPS, NSGFPlusPlusObjective
 except ImportError:  # pragma: no cover - only while the NSGF++ modules are absent
-    nsgfpp_sample = None
+    NSGFPlusPlusObjective = None
 
 #: Phase-2 Euler steps of ``nsgf++`` when no budget is given.
 NSGFPP_STRAIGHT_STEPS = 50
@@ -54,7 +57,7 @@ def available() -> list[str]:
     """NSGF method names whose building blocks import in this installation."""
     if SinkhornFlowMatcher is None:
         return []
-    return ["nsgf"] if nsgfpp_sample is None else ["nsgf", "nsgf++"]
+    return ["nsgf"] if NSGFPlusPlusObjective is None else ["nsgf", "nsgf++"]
 
 
 def make_pool(settings: NSGFSettings, rank: int) -> Any:
@@ -103,53 +106,46 @@ class NSGFMethod(FlowMatchingMethod):
 
 
 class NSGFPlusPlusMethod(NSGFMethod):
-    """NSGF++: NSGF field (UNet, pool), time predictor (CNN) and straight flow (UNet), trained together.
+    """NSGF++ through :class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`: NSGF field (UNet, pool), straight
+    flow (UNet) and, for ``phase2="paper"``, the time predictor (CNN), trained together.
 
-    ``nets`` holds ``nsgf``, ``predictor`` and ``straight``. The pool, its warm-up and its checkpoint state
-    are NSGF's (:class:`NSGFMethod`).
+    ``nets`` holds the objective's ``net_names``. The pool and its warm-up are NSGF's (:class:`NSGFMethod`);
+    the checkpoint state is the objective's (the pool, and the ``"ot"`` variant's end-point buffer).
     """
 
-    def __init__(
-        self, matcher: Any, nsgf: torch.nn.Module, predictor: torch.nn.Module, straight: torch.nn.Module
-    ) -> None:
-        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
-
+    def __init__(self, objective: Any, nets: dict[str, torch.nn.Module]) -> None:
         self.name = "nsgf++"
-        self.matcher = matcher
-        self.cfm = ConditionalFlowMatcher(sigma=0.0)
-        self.nets = torch.nn.ModuleDict({"nsgf": nsgf, "predictor": predictor, "straight": straight})
-        self.default_steps = matcher.flow_steps + 1 + NSGFPP_STRAIGHT_STEPS
+        self.objective = objective
+        self.matcher = objective.matcher
+        self.nets = torch.nn.ModuleDict({k: nets[k] for k in objective.net_names})
+        self.default_steps = objective.phase1_nfe() + NSGFPP_STRAIGHT_STEPS
+
+    def state_dict(self) -> dict[str, Any]:
+        """The objective's resumable state: the matcher's pool and counters, and the phase-1 end points."""
+        return self.objective.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.objective.load_state_dict(state)
 
     def loss(self, nets: torch.nn.ModuleDict, x0: Tensor, x1: Tensor) -> Tensor:
-        t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)
-        loss_nsgf = torch.mean((nets["nsgf"](t, xt) - ut) ** 2)
-        s = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
-        _, xs, us = self.cfm.sample_location_and_conditional_flow(x0, x1, t=s)
-        loss_predictor = torch.mean((nets["predictor"](xs) - s) ** 2)
-        loss_straight = torch.mean((nets["straight"](s, xs) - us) ** 2)
-        return loss_nsgf + loss_predictor + loss_straight
+        """Sum of the objective's per-network losses (disjoint parameters: one optimiser serves all)."""
+        return sum(self.objective.losses(nets, x0, x1).values())
 
     def sample(
         self, nets: torch.nn.ModuleDict, x0: Tensor, *, nfe: int | None = None, solver: str = "euler"
     ) -> SampleResult:
-        """``nfe`` is the whole budget (T NSGF steps + 1 predictor call + phase-2 steps; ignored by adaptive
-        solvers, whose phase 2 runs to their tolerance)."""
-        T = self.matcher.flow_steps
+        """``nfe`` is the whole budget (T NSGF steps + the predictor call of ``"paper"`` + phase-2 steps;
+        ignored by adaptive solvers, whose phase 2 runs to their tolerance)."""
+        before = self.objective.phase1_nfe()
         budget = self.default_steps if nfe is None else nfe
         adaptive = solver_spec(solver).adaptive
-        if not adaptive and budget < T + 2:
+        if not adaptive and budget < before + 1:
             raise ValueError(
-                f"nfe must be at least T + 2 = {T + 2} for nsgf++ (T NSGF steps, the predictor, "
-                f"one straight-flow step), got {budget}"
+                f"nfe must be at least {before + 1} for nsgf++ ({self.objective.phase2!r}: {before} network "
+                f"calls before phase 2, then one straight-flow step), got {budget}"
             )
-        return nsgfpp_sample(
-            nets["nsgf"],
-            nets["predictor"],
-            nets["straight"],
-            x0,
-            n_steps=T,
-            solver=solver,
-            straight_steps=None if adaptive else budget - T - 1,
+        return self.objective.sample(
+            nets, x0, solver=solver, straight_steps=None if adaptive else budget - before
         )
 
 
@@ -177,6 +173,9 @@ def make(
     )
     if name == "nsgf":
         return NSGFMethod(matcher, build_unet(shape, preset))
-    return NSGFPlusPlusMethod(
-        matcher, build_unet(shape, preset), TimePredictorCNN(shape[0]), build_unet(shape, preset)
-    )
+    objective = NSGFPlusPlusObjective(matcher, phase2=s.phase2)
+    nets = {"nsgf": build_unet(shape, preset)}
+    if objective.uses_predictor:
+        nets["predictor"] = TimePredictorCNN(shape[0])
+    nets["straight"] = build_unet(shape, preset)
+    return NSGFPlusPlusMethod(objective, nets)

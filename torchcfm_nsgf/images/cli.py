@@ -257,6 +257,13 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     g.add_argument(
         "--phase1-step-size", type=float, default=nsgf.phase1_step_size, help="eta of nsgf++'s NSGF phase"
     )
+    g.add_argument(
+        "--phase2",
+        default=nsgf.phase2,
+        choices=["paper", "ot"],
+        help="nsgf++'s straight flow: from noise with a time predictor (paper), or from the NSGF end points "
+        "paired with the data by exact OT (ot)",
+    )
     g.add_argument("--pool-capacity", type=int, default=nsgf.pool_capacity, help="items per process")
     g.add_argument("--pool-max-bytes", type=int, default=None, help="byte bound per process (default: none)")
     g.add_argument(
@@ -326,6 +333,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         path=args.path,
         phase1_steps=args.phase1_steps,
         phase1_step_size=args.phase1_step_size,
+        phase2=args.phase2,
         pool_capacity=args.pool_capacity,
         pool_max_bytes=args.pool_max_bytes,
         pool_dtype=args.pool_dtype,

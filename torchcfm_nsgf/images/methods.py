@@ -213,6 +213,9 @@ class NSGFSettings:
         T, η and served path of the simulated flow for ``nsgf`` (``SinkhornFlowMatcher``'s defaults).
     phase1_steps, phase1_step_size : int, float
         T and η of the NSGF phase of ``nsgf++`` (5, 0.2).
+    phase2 : {"paper", "ot"}
+        Where ``nsgf++``'s straight flow is trained from (:class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`):
+        noise, with a time predictor, or the phase-1 end points paired with the data by exact OT.
     pool_capacity : int
         Items of the trajectory pool, per process (each DDP rank holds its own shard).
     pool_max_bytes : int, optional
@@ -232,6 +235,7 @@ class NSGFSettings:
     path: str = "straight"
     phase1_steps: int = 5
     phase1_step_size: float = 0.2
+    phase2: str = "ot"
     pool_capacity: int = 200_000
     pool_max_bytes: int | None = None
     pool_dtype: str = "float16"

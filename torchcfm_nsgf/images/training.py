@@ -354,6 +354,8 @@ def _fixed_settings(config: TrainConfig) -> dict[str, Any]:
         "seed": config.seed,
         "hflip": config.resolved_hflip,
         "ema_decay": config.ema_decay,
+        # nsgf++'s networks depend on it; checkpoints written before the variant existed are "paper"
+        "phase2": config.nsgf.phase2 if config.method == "nsgf++" else None,
     }
 
 
@@ -430,7 +432,8 @@ def _load(
             f"number (got {world})"
         )
     wanted = _fixed_settings(config)
-    changed = {k: (main["settings"].get(k), v) for k, v in wanted.items() if main["settings"].get(k) != v}
+    saved = {"phase2": "paper" if config.method == "nsgf++" else None, **main["settings"]}
+    changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if changed:
         diff = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
         raise ConfigError(f"cannot resume {path!r} with different settings ({diff})")
