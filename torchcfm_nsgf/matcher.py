@@ -388,9 +388,10 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
             self._warn_if_slow()
             if t is None:
                 segs = self.segments(traj)
-                pick = torch.randint(0, segs[0].shape[0], (bs,), generator=self.generator).to(x0.device)
                 if self.path == "straight":  # every particle is served once, in its own row
                     pick = torch.arange(bs, device=x0.device)
+                else:
+                    pick = torch.randint(0, segs[0].shape[0], (bs,), generator=self.generator).to(x0.device)
                 t_out, xt, ut = self._serve(*(s[pick] for s in segs))
             else:
                 t_out = self._check_t(t, bs, x0)
