@@ -1,24 +1,37 @@
-"""MNIST on CPU: NSGF++ against OT-CFM and I-CFM at an equal training wall-time budget.
+"""MNIST on CPU: NSGF, NSGF++ variants, OT-CFM and I-CFM at equal training time and at equal steps.
 
 Every method is trained by the shared loop (``torchcfm_nsgf.images.training.train``) with the same UNet,
-batch, optimiser and data, for the same wall-clock budget (``--budget-s`` per method; NSGF++'s budget
-includes its Sinkhorn-flow simulation and pool). Samples are scored by **classifier FID**: the Fréchet
-distance between Gaussians fitted to the penultimate-layer features (128-d) of a small CNN classifier trained
-here on MNIST (cached in ``--classifier``), generated images against the MNIST test set. It is *not* FID
-(no Inception network) and its values are not comparable with published FIDs.
+batch, optimiser and data. Each run is scored twice: at ``--equal-steps`` optimiser steps, and at the end of
+its time budget (``--budget-s``, pool warm-up and Sinkhorn simulation included; ``--budget-clock cpu``
+counts this process's CPU time, so that runs sharing a machine one thread each get equal budgets). The run
+continues from its own checkpoint between the two scores (resuming is exact), so both come from one run.
 
-Writes a markdown table (``--out``), a JSON file next to it, and one sample grid per method.
+Samples are scored by **classifier FID**: the Fréchet distance between Gaussians fitted to the
+penultimate-layer features (128-d) of a small CNN classifier trained here on MNIST (cached in
+``--classifier``), generated images against the first ``--n-eval`` MNIST test images. It is *not* FID (no
+Inception network) and its values are not comparable with published FIDs. The floor is the same distance
+for ``--n-eval`` training images.
 
-    python benchmarks/mnist.py --data-root ../shared/data --budget-s 600
+A method is a name with optional :class:`~torchcfm_nsgf.images.NSGFSettings` fields, e.g.
+``nsgf++:phase2=paper:phase1_steps=3:phase1_step_size=0.5``. One JSON file per method goes to ``--out-dir``
+(run methods in separate processes to use both cores), with sample grids; ``--report`` merges a folder's
+JSON files into a markdown table.
+
+    python benchmarks/mnist.py --methods otcfm --budget-s 1200 --budget-clock cpu --threads 1 \
+        --equal-steps 3000 --out-dir benchmarks/results/mnist
+    python benchmarks/mnist.py --report benchmarks/results/mnist
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import glob
 import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -26,11 +39,13 @@ import torch
 from torch import nn
 
 from torchcfm_nsgf.images import (
+    NSGFSettings,
     TrainConfig,
     available_methods,
     feature_frechet_distance,
     generate,
     load_images,
+    train,
 )
 from torchcfm_nsgf.images.data import to_unit_range
 from torchcfm_nsgf.images.generation import save_grid
@@ -89,41 +104,67 @@ def get_classifier(path: str, root: str, epochs: int = 2) -> tuple[Classifier, f
     return net, acc
 
 
+NAMES = {"nsgf++": "NSGF++", "otcfm": "OT-CFM", "icfm": "I-CFM", "nsgf": "NSGF", "fm": "FM", "rf": "RF"}
+
+
+def parse_method(spec: str, base: NSGFSettings) -> tuple[str, NSGFSettings, str]:
+    """``name[:field=value...]`` -> (method name, settings, label)."""
+    name, *pairs = spec.split(":")
+    if name not in available_methods():
+        raise SystemExit(f"method {name!r} is not available here (available: {available_methods()})")
+    changes = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in {f.name for f in dataclasses.fields(NSGFSettings)} or key == "sinkhorn":
+            raise SystemExit(f"{spec!r}: {key!r} is not an NSGFSettings field")
+        current = getattr(base, key)
+        changes[key] = value if isinstance(current, str) or current is None else type(current)(value)
+    settings = dataclasses.replace(base, **changes)
+    label = NAMES.get(name, name)
+    if name == "nsgf++":
+        s = settings
+        label += f" `{s.phase2}` (T={s.phase1_steps}, η={s.phase1_step_size:g})"
+    elif name == "nsgf":
+        label += f" (T={settings.flow_steps}, η={settings.step_size:g}, {settings.path})"
+    return name, settings, label
+
+
+def slug(spec: str) -> str:
+    return spec.replace("+", "p").replace(":", "_").replace("=", "")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=os.path.join(HERE, "..", "..", "shared", "data"))
-    p.add_argument("--methods", default="nsgf++,otcfm,icfm")
-    p.add_argument("--budget-s", type=float, default=600.0, help="training wall time per method")
-    p.add_argument("--nfe", default="10,20,60")
+    p.add_argument("--methods", default="nsgf++,nsgf,otcfm,icfm", help="comma-separated method specs")
+    p.add_argument("--budget-s", type=float, default=1200.0, help="training time per method")
+    p.add_argument("--budget-clock", choices=("wall", "cpu"), default="cpu")
+    p.add_argument("--equal-steps", type=int, default=None, help="also score every method at this step")
+    p.add_argument("--nfe", default="5,10,20,60")
     p.add_argument("--n-eval", type=int, default=2000, help="generated and test images per score")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema-decay", type=float, default=0.99, help="short runs: a short EMA window")
-    p.add_argument("--nsgf-steps", type=int, default=20, help="T of plain NSGF")
-    p.add_argument("--nsgf-step-size", type=float, default=0.15, help="eta of plain NSGF")
-    p.add_argument("--phase1-steps", type=int, default=5)
-    p.add_argument("--phase1-step-size", type=float, default=0.2)
-    p.add_argument("--blur", type=float, default=2.0)
-    p.add_argument("--scaling", type=float, default=0.8)
     p.add_argument("--pool-capacity", type=int, default=50_000)
-    p.add_argument("--refresh-every", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier", default=os.path.join(HERE, "results", "mnist_classifier.pt"))
-    p.add_argument("--out", default=os.path.join(HERE, "results", "mnist.md"))
+    p.add_argument("--out-dir", default=os.path.join(HERE, "results", "mnist"))
+    p.add_argument(
+        "--run-dir",
+        default=os.path.join(HERE, "..", "runs", "mnist_benchmark"),
+        help="checkpoints (deleted after each method)",
+    )
+    p.add_argument("--report", default=None, metavar="DIR", help="merge DIR's JSON files into a table")
     args = p.parse_args(argv)
+    if args.report:
+        return report(args.report)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from torchcfm_nsgf.images.methods import NSGFSettings
-    from torchcfm_nsgf.images.training import train
-
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in available_methods()]
-    if unknown:
-        raise SystemExit(f"methods {unknown} are not available here (available: {available_methods()})")
+    torch.set_num_threads(args.threads)
+    base = NSGFSettings(pool_capacity=args.pool_capacity)
+    methods = [parse_method(spec, base) + (spec,) for spec in args.methods.split(",")]
     nfes = [int(n) for n in args.nfe.split(",")]
 
     t0 = time.perf_counter()
@@ -140,95 +181,162 @@ def main(argv: list[str] | None = None) -> None:
 
     floor = score(to_unit_range(train_imgs.images[: args.n_eval]))
     print(f"floor (train vs test images): classifier FID {floor:.3f}")
+    os.makedirs(args.out_dir, exist_ok=True)
 
-    rows = []
-    for method in methods:
-        config = TrainConfig(
+    for name, settings, label, spec in methods:
+        row = run_method(args, name, settings, label, spec, train_imgs, score, nfes)
+        out = {
+            "args": vars(args),
+            "command": "python benchmarks/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": f"{platform.machine()} {platform.processor()}".strip(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "classifier_accuracy": acc,
+            "floor": floor,
+            "row": row,
+        }
+        with open(os.path.join(args.out_dir, slug(spec) + ".json"), "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def run_method(args, name, settings, label, spec, train_imgs, score, nfes) -> dict:
+    """Train one method (to ``--equal-steps``, scored, then on to the budget, scored) and return its row."""
+    run_dir = os.path.join(args.run_dir, slug(spec))
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+    def config(total_steps: int, budget: float, resume: bool) -> TrainConfig:
+        return TrainConfig(
             dataset="mnist",
             data_root=args.data_root,
-            method=method,
-            total_steps=10**9,
+            method=name,
+            total_steps=total_steps,
             batch_size=args.batch_size,
             lr=args.lr,
             warmup=args.warmup,
             ema_decay=args.ema_decay,
             preset=args.preset,
             seed=args.seed,
-            time_budget_s=args.budget_s,
+            ckpt_dir=run_dir,
+            ckpt_every=10**9,
+            resume=resume,
+            time_budget_s=budget,
+            budget_clock=args.budget_clock,
             progress=False,
-            log_every=100,
-            nsgf=NSGFSettings(
-                blur=args.blur,
-                scaling=args.scaling,
-                n_steps=args.nsgf_steps,
-                step_size=args.nsgf_step_size,
-                phase1_steps=args.phase1_steps,
-                phase1_step_size=args.phase1_step_size,
-                pool_capacity=args.pool_capacity,
-                refresh_every=args.refresh_every,
-            ),
+            log_every=500,
+            nsgf=settings,
         )
-        result = train(config, data=train_imgs)
-        row = {"method": method, "steps": result.step, "train_s": result.wall_time_s, "scores": {}}
+
+    def evaluate(result, tag: str) -> dict:
+        scores = {}
         for nfe in nfes:
             t1 = time.perf_counter()
-            gen = generate(
-                result.method,
-                result.ema,
-                args.n_eval,
-                result.shape,
-                nfe=nfe,
-                batch_size=500,
-                seed=args.seed + 1,
-            )
+            try:
+                gen = generate(
+                    result.method,
+                    result.ema,
+                    args.n_eval,
+                    result.shape,
+                    nfe=nfe,
+                    batch_size=500,
+                    seed=args.seed + 1,
+                )
+            except ValueError as err:  # a budget below the method's minimum (NSGF++ phase 1)
+                print(f"{label} {tag}: NFE {nfe} skipped: {err}")
+                continue
             fid = score(gen.samples)
-            row["scores"][nfe] = {
+            scores[nfe] = {
                 "classifier_fid": fid,
                 "nfe": gen.total_nfe,
                 "breakdown": gen.nfe,
                 "sample_s": time.perf_counter() - t1,
             }
-            print(f"{method}: NFE {gen.total_nfe} {gen.nfe} classifier FID {fid:.3f}")
-            if nfe == max(nfes):
-                save_grid(
-                    gen.samples[:64], os.path.join(os.path.dirname(args.out), f"mnist_{method}_nfe{nfe}.png")
-                )
-        rows.append(row)
+            grid = os.path.join(args.out_dir, f"{slug(spec)}_{tag}_nfe{nfe}.png")
+            save_grid(gen.samples[:64], grid, nrow=8)
+            print(f"{label} {tag}: NFE {gen.total_nfe} {gen.nfe} classifier FID {fid:.3f}")
+        return scores
 
-    name = {"nsgf++": "NSGF++", "otcfm": "OT-CFM", "icfm": "I-CFM", "nsgf": "NSGF", "fm": "FM", "rf": "RF"}
+    row = {"spec": spec, "method": name, "label": label, "settings": dataclasses.asdict(settings)}
+    used = {"wall": 0.0, "cpu": 0.0}
+    first_total = args.equal_steps if args.equal_steps else 10**9
+    result = train(config(first_total, args.budget_s, False), data=train_imgs)
+    used["wall"] += result.wall_time_s
+    used["cpu"] += result.cpu_time_s
+    if args.equal_steps:
+        row["equal_steps"] = {
+            "step": result.step,
+            "reached": result.step == args.equal_steps,
+            "scores": evaluate(result, f"step{result.step}"),
+        }
+        left = args.budget_s - used[args.budget_clock]
+        if result.step == args.equal_steps and left > 0:
+            result = train(config(10**9, left, True), data=train_imgs)
+            used["wall"] += result.wall_time_s
+            used["cpu"] += result.cpu_time_s
+    row["equal_time"] = {
+        "step": result.step,
+        "train_wall_s": used["wall"],
+        "train_cpu_s": used["cpu"],
+        "scores": evaluate(result, "budget"),
+    }
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return row
+
+
+def report(folder: str) -> None:
+    """Print the markdown tables of every JSON file in ``folder`` (and write ``folder/README.md``)."""
+    runs = [json.load(open(path)) for path in sorted(glob.glob(os.path.join(folder, "*.json")))]
+    if not runs:
+        raise SystemExit(f"no JSON results in {folder}")
+    nfes = [int(n) for n in runs[0]["args"]["nfe"].split(",")]
+    a = runs[0]["args"]
     lines = [
-        f"MNIST, classifier FID (penultimate 128-d features of a CNN with test accuracy {acc:.4f}; not FID) "
-        f"between {args.n_eval} generated and {args.n_eval} test images; lower is better. Floor (train vs "
-        f"test images): {floor:.2f}.",
-        "",
-        f"Equal training wall time: {args.budget_s:.0f} s per method on {platform.processor() or 'CPU'} "
-        f"({torch.get_num_threads()} threads), UNet preset `{args.preset}`, batch {args.batch_size}, Adam "
-        f"{args.lr:g}, warm-up {args.warmup}, EMA {args.ema_decay}; EMA weights, Euler sampling.",
-        "",
-        "| method | steps in budget | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-        "|---|---|" + "---|" * len(nfes),
+        f"MNIST, classifier FID (128-d penultimate features of a CNN with test accuracy "
+        f"{runs[0]['classifier_accuracy']:.4f}; not FID) between {a['n_eval']} generated and {a['n_eval']} "
+        f"test images; lower is better. Floor (train vs test images): {runs[0]['floor']:.2f}. UNet preset "
+        f"`{a['preset']}`, batch {a['batch_size']}, Adam {a['lr']:g}, warm-up {a['warmup']}, EMA "
+        f"{a['ema_decay']}, seed {a['seed']}; EMA weights, Euler sampling; {runs[0]['threads']} thread(s) per "
+        f"run on {runs[0]['machine']}, torch {runs[0]['torch']}. A cell reads FID (NFE breakdown).",
     ]
-    for row in rows:
-        cells = []
-        for n in nfes:
-            s = row["scores"][n]
-            detail = (
-                ""
-                if len(s["breakdown"]) == 1
-                else " (" + "+".join(str(v) for v in s["breakdown"].values()) + ")"
-            )
-            cells.append(f"{s['classifier_fid']:.2f}{detail}")
-        lines.append(
-            f"| {name.get(row['method'], row['method'])} | {row['steps']} | " + " | ".join(cells) + " |"
+
+    def cell(scores: dict, n: int) -> str:
+        s = scores.get(str(n))
+        if s is None:
+            return "—"
+        parts = list(s["breakdown"].values())
+        detail = "" if len(parts) == 1 else " (" + "+".join(str(v) for v in parts) + ")"
+        return f"{s['classifier_fid']:.2f}{detail}"
+
+    for key, title in (("equal_time", "Equal training time"), ("equal_steps", "Equal optimiser steps")):
+        rows = [r for r in runs if key in r["row"]]
+        if not rows:
+            continue
+        budget = (
+            f"{a['budget_s']:.0f} s of {a['budget_clock']} time per method" if key == "equal_time" else ""
         )
-    command = "python benchmarks/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines += ["", f"Command: `{command}`"]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"args": vars(args), "classifier_accuracy": acc, "floor": floor, "rows": rows}, f, indent=1)
-    print("\n".join(lines))
+        lines += [
+            "",
+            f"{title}{': ' + budget if budget else ''}",
+            "",
+            "| method | steps | train time (wall / cpu) | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+            "|---|---|---|" + "---|" * len(nfes),
+        ]
+        for r in rows:
+            part = r["row"][key]
+            times = (
+                f"{part['train_wall_s']:.0f} / {part['train_cpu_s']:.0f} s"
+                if key == "equal_time"
+                else ("" if part["reached"] else "not reached in budget")
+            )
+            lines.append(
+                f"| {r['row']['label']} | {part['step']} | {times} | "
+                + " | ".join(cell(part["scores"], n) for n in nfes)
+                + " |"
+            )
+    lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in runs]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,120 +1,208 @@
-"""NSGF++ on 2D tasks: the paper's phase 2 against the ``"ot"`` variant, at matched total NFE.
+"""NSGF++ on the 2D tasks: its phase-2 variants and phase-1 lengths next to NSGF and torchcfm's baselines.
 
-For each task, trains NSGF++ twice with the same phase 1 (``torchcfm_nsgf.toy.train_nsgfpp``, one seed):
-``phase2="paper"`` (straight flow on noise→data interpolations, time predictor) and ``phase2="ot"``
-(straight flow on the phase-1 end points paired with the data by exact minibatch OT, no predictor). Then
-reports the exact 2-Wasserstein distance (``torchcfm_nsgf.toy.w2``) between generated points and fresh target
-points at each total NFE of ``--totals`` (Euler in both phases; NFE counted from network calls:
-NSGF + predictor + straight), for: each variant, each variant's straight flow alone from noise, and the NSGF
-phase alone (``T`` steps). Writes a markdown table.
+For each task and seed, trains with the same optimiser steps, batch and MLP width (``torchcfm_nsgf.toy``):
 
-    python benchmarks/nsgfpp_two_dim.py --out benchmarks/results/nsgfpp_two_dim.md
+* NSGF++ (``toy.train_nsgfpp``) for every ``--phase1`` setting ``T:eta`` in the ``"ot"`` variant, and the
+  other ``--variants`` (``"ot-predictor"``, ``"paper"``) at the first ``--phase1`` setting;
+* NSGF (``SinkhornFlowMatcher()`` with its defaults in torchcfm's loop, ``toy.train_nsgf``), OT-CFM and I-CFM
+  (torchcfm's matchers, σ = ``--sigma``).
+
+Then reports the exact 2-Wasserstein distance (``toy.w2``) between generated points and fresh target points at
+each total NFE of ``--totals`` (Euler everywhere; NSGF++'s NFE counted from network calls as NSGF + predictor +
+straight flow), mean ± std over seeds, with two extra rows per task: the ``"paper"`` variant's straight flow
+alone from noise (NSGF++'s "own straight flow") and the NSGF phase of the first ``"ot"`` model alone (NFE T).
+A cell is "—" where the total is below a variant's phase-1 cost plus one straight-flow step.
+
+    python benchmarks/nsgfpp_two_dim.py --seeds 3 --out benchmarks/results/nsgfpp_two_dim.md
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import statistics
 import sys
 import time
 
 import torch
+from torchcfm.conditional_flow_matching import (
+    ConditionalFlowMatcher,
+    ExactOptimalTransportConditionalFlowMatcher,
+)
 
 from torchcfm_nsgf import odeint_sample
-from torchcfm_nsgf.toy import get_task, train_nsgfpp, w2
+from torchcfm_nsgf.toy import TASKS, get_task, make_model, train_flow_matching, train_nsgf, train_nsgfpp, w2
 
-VARIANTS = ("paper", "ot")
+BASELINES = {
+    "NSGF (`SinkhornFlowMatcher()`)": None,
+    "OT-CFM": ExactOptimalTransportConditionalFlowMatcher,
+    "I-CFM": ConditionalFlowMatcher,
+}
+
+
+def parse_phase1(text: str) -> list[tuple[int, float]]:
+    out = []
+    for item in text.split(","):
+        steps, _, eta = item.partition(":")
+        out.append((int(steps), float(eta)))
+    return out
+
+
+def run_seed(task, seed: int, args, phase1: list[tuple[int, float]], totals: list[int]) -> dict:
+    """W2 of every row at every total NFE (None where the total is too small), and training seconds."""
+    models, train_s = {}, {}
+    variants = [("ot", T, eta) for T, eta in phase1]
+    variants += [(v, *phase1[0]) for v in args.variants.split(",") if v and v != "ot"]
+    for variant, T, eta in variants:
+        label = f"NSGF++ `{variant}` (T={T}, η={eta:g})"
+        torch.manual_seed(seed)  # network initialisation
+        start = time.perf_counter()
+        models[label] = train_nsgfpp(
+            task,
+            phase2=variant,
+            train_steps=args.train_steps,
+            generator=torch.Generator().manual_seed(seed),
+            batch_size=args.batch_size,
+            width=args.width,
+            n_steps=T,
+            step_size=eta,
+            refresh_every=args.refresh_every,
+        )
+        train_s[label] = time.perf_counter() - start
+    fields = {}
+    for label, matcher_cls in BASELINES.items():
+        if not args.baselines:
+            break
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        if matcher_cls is None:
+            trained = train_nsgf(
+                task,
+                train_steps=args.train_steps,
+                generator=gen,
+                batch_size=args.batch_size,
+                width=args.width,
+            )
+        else:
+            trained = train_flow_matching(
+                make_model(args.width),
+                matcher_cls(sigma=args.sigma),
+                lambda bs, gen=gen: (task.source(bs, gen), task.target(bs, gen)),
+                train_steps=args.train_steps,
+                batch_size=args.batch_size,
+            )
+        fields[label] = trained.field
+        train_s[label] = trained.train_time_s
+
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    x0, ref = task.source(args.n_eval, gen), task.target(args.n_eval, gen)
+    rows: dict[str, list[float | None]] = {}
+    for label, model in models.items():
+        first_cost = model.n_steps + int(model.objective.uses_predictor)
+        cells = []
+        for total in totals:
+            if total < first_cost + 1:
+                cells.append(None)
+                continue
+            out = model.sample(x0, solver="euler", straight_steps=total - first_cost)
+            assert out.total_nfe == total, (out.nfe, total)
+            cells.append(w2(out.samples, ref))
+        rows[label] = cells
+    for label, model in models.items():
+        if "`paper`" in label:
+            straight = model.nets["straight"].eval()
+            rows["straight flow of `paper` alone, from noise"] = [
+                w2(odeint_sample(straight, x0, n_steps=n).samples, ref) for n in totals
+            ]
+    for label, field in fields.items():
+        rows[label] = [w2(odeint_sample(field, x0, n_steps=n).samples, ref) for n in totals]
+    first = models[f"NSGF++ `ot` (T={phase1[0][0]}, η={phase1[0][1]:g})"]
+    nsgf_phase = w2(odeint_sample(first.nets["nsgf"].eval(), x0, n_steps=first.n_steps).samples, ref)
+    floor = w2(task.target(args.n_eval, gen), ref)
+    return {"rows": rows, "train_s": train_s, "nsgf_phase": nsgf_phase, "floor": floor}
+
+
+def fmt(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", default="8gaussians-moons,gaussian-moons")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-steps", type=int, default=1000, help="steps of every network (one loop)")
-    p.add_argument("--phase1-steps", type=int, default=5, help="T, NSGF steps of phase 1")
-    p.add_argument("--step-size", type=float, default=0.6, help="eta of phase 1")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--train-steps", type=int, default=1000, help="optimiser steps of every network")
+    p.add_argument("--phase1", default="2:1.0,1:1.0,3:0.5", help="NSGF++ phase-1 settings T:eta")
+    p.add_argument("--variants", default="ot,ot-predictor,paper", help="NSGF++ variants besides `ot`")
+    p.add_argument("--baselines", type=int, default=1, help="1: also train NSGF, OT-CFM and I-CFM; 0: not")
+    p.add_argument(
+        "--refresh-every", type=int, default=50, help="NSGF++: a new Sinkhorn flow every this many"
+    )
+    p.add_argument("--sigma", type=float, default=0.1, help="σ of OT-CFM and I-CFM")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--width", type=int, default=64)
-    p.add_argument("--n-eval", type=int, default=2000)
-    p.add_argument("--totals", default="7,10,16", help="total NFEs to compare at (each > T + 1)")
+    p.add_argument("--n-eval", type=int, default=1000)
+    p.add_argument("--totals", default="3,4,6,10", help="total NFEs to compare at")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--out", default=None, help="markdown file to write")
+    p.add_argument("--out", default=None, help="markdown file to write (and a .json next to it)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     totals = [int(n) for n in args.totals.split(",")]
-    T = args.phase1_steps
-    if min(totals) < T + 2:
-        p.error(f"every total NFE must be at least T + 2 = {T + 2}")
+    phase1 = parse_phase1(args.phase1)
 
     cmd = "python benchmarks/nsgfpp_two_dim.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
-        "# NSGF++ on 2D: paper phase 2 against the `ot` variant at matched total NFE",
+        "# NSGF++ on 2D: phase-2 variants and phase-1 lengths, next to NSGF and the baselines",
         "",
         f"Command: `{cmd.strip()}`",
         "",
         f"Machine: {platform.machine()}, CPU, {args.threads} thread(s), torch {torch.__version__}. "
-        f"Phase 1: T = {T}, η = {args.step_size}, default Sinkhorn options; {args.train_steps} steps of every "
-        f"network, batch {args.batch_size}, MLP width {args.width}, Adam 1e-3, seed {args.seed}. W2: exact "
-        f"(POT `emd2`) between {args.n_eval} generated and {args.n_eval} fresh target points; Euler in both "
-        "phases, the total NFE split as NSGF + predictor + straight.",
+        f"{args.train_steps} optimiser steps of every network, batch {args.batch_size}, MLP width {args.width}, "
+        f"Adam 1e-3; NSGF++ refreshes its pool and end points every {args.refresh_every} steps, default "
+        f"Sinkhorn options; OT-CFM and I-CFM σ = {args.sigma:g}. W2: exact (POT `emd2`) between "
+        f"{args.n_eval} generated and {args.n_eval} fresh target points, mean ± std over {args.seeds} seeds; "
+        "Euler everywhere, NSGF++'s total NFE split as NSGF + predictor + straight.",
         "",
     ]
+    results = {}
     for name in args.tasks.split(","):
         task = get_task(name)
-        models, train_s = {}, {}
-        for variant in VARIANTS:
-            torch.manual_seed(args.seed)  # network initialisation
-            start = time.perf_counter()
-            models[variant] = train_nsgfpp(
-                task,
-                phase2=variant,
-                train_steps=args.train_steps,
-                generator=torch.Generator().manual_seed(args.seed),
-                batch_size=args.batch_size,
-                width=args.width,
-                n_steps=T,
-                step_size=args.step_size,
-                progress=args.progress,
-            )
-            train_s[variant] = time.perf_counter() - start
-        gen = torch.Generator().manual_seed(args.seed + 1)
-        x0, ref = task.source(args.n_eval, gen), task.target(args.n_eval, gen)
-        floor = w2(task.target(args.n_eval, gen), ref)
-        rows: list[tuple[str, list[str]]] = []
-        for variant, model in models.items():
-            cells = []
-            for total in totals:
-                out = model.sample(x0, solver="euler", straight_steps=total - T - (variant == "paper"))
-                nfe = out.nfe
-                assert out.total_nfe == total, (out.nfe, total)
-                cells.append(
-                    f"{w2(out.samples, ref):.3f} ({nfe['nsgf']}+{nfe['predictor']}+{nfe['straight']})"
-                )
-            rows.append((f"NSGF++ `{variant}`", cells))
-        for variant, model in models.items():
-            straight = model.nets["straight"].eval()
-            cells = [f"{w2(odeint_sample(straight, x0, n_steps=n).samples, ref):.3f}" for n in totals]
-            rows.append((f"straight flow of `{variant}` alone, from noise", cells))
-        nsgf = models["ot"].nets["nsgf"].eval()
-        phase1 = w2(odeint_sample(nsgf, x0, n_steps=T).samples, ref)
+        start = time.perf_counter()
+        runs = [run_seed(task, seed, args, phase1, totals) for seed in range(args.seeds)]
+        results[name] = runs
+        labels = list(runs[0]["rows"])
+        train_s = {k: statistics.mean(r["train_s"][k] for r in runs) for k in runs[0]["train_s"]}
         lines += [
             f"## {task.label}",
             "",
-            f"Floor W2(target, target) = {floor:.3f}. NSGF phase alone (NFE {T}): {phase1:.3f}. Training: "
-            + ", ".join(f"`{v}` {s:.0f} s" for v, s in train_s.items())
-            + ".",
+            f"Floor W2(target, target) = {fmt([r['floor'] for r in runs])}. NSGF phase of the first `ot` model "
+            f"alone (NFE {phase1[0][0]}): {fmt([r['nsgf_phase'] for r in runs])}. Mean training seconds: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in train_s.items())
+            + f". Task wall time {time.perf_counter() - start:.0f} s.",
             "",
             "| sampler | " + " | ".join(f"NFE {n}" for n in totals) + " |",
             "|---|" + "---|" * len(totals),
         ]
-        lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+        for label in labels:
+            cells = [fmt([r["rows"][label][i] for r in runs]) for i in range(len(totals))]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+        sys.stdout.write("\n".join(lines[-(len(labels) + 6) :]) + "\n")
+        sys.stdout.flush()
     text = "\n".join(lines)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
-    sys.stdout.write(text)
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+    else:
+        sys.stdout.write(text)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,18 @@ def test_resume_with_other_settings_is_refused(data_root, tmp_path):
         train(_config(data_root, "icfm", total_steps=3, batch_size=2, ckpt_dir=str(tmp_path), resume=True))
 
 
+def test_time_budget_follows_the_chosen_clock(data_root, monkeypatch):
+    from torchcfm_nsgf.images import training
+
+    ticks = iter(range(1000))  # a clock that advances one second per reading
+    monkeypatch.setitem(training._CLOCKS, "cpu", lambda: float(next(ticks)))
+    # read once at the start, then once per step: step k reads k seconds, over 2.5 s at step 3
+    result = train(_config(data_root, "icfm", total_steps=50, time_budget_s=2.5, budget_clock="cpu"))
+    assert result.step == 3 and result.cpu_time_s > 0 and result.wall_time_s > 0
+    with pytest.raises(ValueError, match="budget_clock must be one of"):
+        _config(data_root, "icfm", budget_clock="gpu")
+
+
 # --------------------------------------------------------------------------- errors, nothing overwritten
 
 

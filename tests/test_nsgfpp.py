@@ -277,7 +277,7 @@ def _small_model(seed: int, phase2: str = "ot", width: int = 32) -> NSGFPlusPlus
     torch.manual_seed(seed)
     return NSGFPlusPlus(
         VelocityMLP(2, width),
-        TimePredictorMLP(2, 32) if phase2 == "paper" else None,
+        TimePredictorMLP(2, 32) if phase2 != "ot" else None,
         VelocityMLP(2, 32),
         phase2=phase2,
         n_steps=3,
@@ -300,7 +300,7 @@ def test_each_variant_trains_on_2d_and_its_nfe_equals_network_calls(phase2):
     model = _small_model(0, phase2)
     before = {k: [p.detach().clone() for p in net.parameters()] for k, net in model.nets.items()}
     history = model.fit(src, tgt, 4, batch_size=64)
-    names = ("nsgf", "predictor", "straight") if phase2 == "paper" else ("nsgf", "straight")
+    names = ("nsgf", "straight") if phase2 == "ot" else ("nsgf", "predictor", "straight")
     assert tuple(model.nets) == names and tuple(history) == names
     assert all(len(v) == 4 and all(math.isfinite(x) for x in v) for v in history.values())
     assert model.iterations == 4
@@ -319,7 +319,7 @@ def test_each_variant_trains_on_2d_and_its_nfe_equals_network_calls(phase2):
             "predictor": calls.get("predictor", 0),
             "straight": calls["straight"],
         }
-        assert out.nfe["nsgf"] == 3 and out.nfe["predictor"] == (phase2 == "paper")
+        assert out.nfe["nsgf"] == 3 and out.nfe["predictor"] == (phase2 != "ot")
         assert out.total_nfe == sum(calls.values())
         if steps is not None:
             assert out.nfe["straight"] == steps * {"euler": 1, "rk4": 4}[solver]
@@ -464,8 +464,8 @@ def test_checkpoint_round_trip_reproduces_samples_and_training(tmp_path, phase2)
     # training resumes identically: optimiser state, generator, the pool and the refresh counter
     assert len(b.matcher.pool) == len(a.matcher.pool) > 0
     assert (b.objective.n_calls, b.objective.n_flows) == (a.objective.n_calls, a.objective.n_flows)
-    assert b.objective.n_endpoints == a.objective.n_endpoints == (128 if phase2 == "ot" else 0)  # 2 flows
-    if phase2 == "ot":
+    assert b.objective.n_endpoints == a.objective.n_endpoints == (0 if phase2 == "paper" else 128)  # 2 flows
+    if phase2 != "paper":
         assert torch.equal(b.objective._endpoints, a.objective._endpoints)
     assert a.fit(src, tgt, 3, 64) == b.fit(src, tgt, 3, 64)
     for k in a.nets:
@@ -520,7 +520,7 @@ def test_bad_input_messages():
         NSGFPlusPlus(VelocityMLP(2), None, VelocityMLP(2), phase2="paper")
     with pytest.raises(ValueError, match="predictor must be None for phase2='ot'"):
         NSGFPlusPlus(VelocityMLP(2), TimePredictorMLP(2), VelocityMLP(2), phase2="ot")
-    with pytest.raises(ValueError, match=r"phase2 must be one of \['paper', 'ot'\]"):
+    with pytest.raises(ValueError, match=r"phase2 must be one of \['paper', 'ot', 'ot-predictor'\]"):
         NSGFPlusPlus(VelocityMLP(2), None, VelocityMLP(2), phase2="noise")
     with pytest.raises(TypeError, match="matcher must be a SinkhornFlowMatcher"):
         NSGFPlusPlusObjective("matcher")
@@ -578,7 +578,7 @@ def test_image_method_budget_and_nfe_equal_network_calls(phase2):
         pytest.skip("nsgf++ is not offered")
     torch.manual_seed(0)
     method = make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=_image_settings(phase2))
-    paper = phase2 == "paper"
+    paper = phase2 != "ot"  # a predictor call
     assert tuple(method.nets) == (("nsgf", "predictor", "straight") if paper else ("nsgf", "straight"))
     nets = nn.ModuleDict({k: Counted(v) for k, v in method.nets.items()})
     x1 = torch.randn(4, 1, 8, 8, generator=_gen(1))
@@ -644,7 +644,7 @@ def test_each_variant_trains_on_mnist_format_and_its_nfe_equals_network_calls(mn
     out = method.sample(nets, torch.randn(2, 1, 28, 28, generator=_gen(4)), nfe=6)
     calls = {k: v.calls for k, v in nets.items()}
     assert out.nfe == {"predictor": 0, **calls} and out.total_nfe == 6
-    assert out.nfe["predictor"] == (phase2 == "paper")
+    assert out.nfe["predictor"] == (phase2 != "ot")
 
 
 # ---------------------------------------------------------------------------------------------- one code path

@@ -17,6 +17,10 @@ Networks, trained together on the same source :math:`\mu_0` and target :math:`\m
     step draws a batch of them, pairs it with the data batch by **exact minibatch OT** (torchcfm's
     ``OTPlanSampler("exact")``), and the straight flow learns the segments :math:`X_T \to X_1` on its own
     clock :math:`s \in [0, 1]`. No predictor.
+  - ``"ot-predictor"``: the ``"ot"`` segments, plus a time predictor trained on them (:math:`t_\phi(x_s)
+    \approx s` on :math:`x_s = (1 - s) X_T + s X_1`); sampling starts phase 2 at :math:`\tau = t_\phi(\hat X_T)`
+    of the network's end point, which helps where the NSGF network stops short of (or beyond) the simulated
+    :math:`X_T`.
 
   The end points come from simulating the matcher's flow, not from the NSGF network: the simulation is what
   the network is trained to reproduce (Euler with ``T`` steps of the served velocity lands on :math:`X_T`
@@ -98,10 +102,10 @@ __all__ = [
 #: Largest number of NSGF steps of phase 1 (paper: ``T <= 5``).
 MAX_PHASE1_STEPS = 5
 #: Where the straight flow's training segments start: noise (``"paper"``) or the phase-1 end points (``"ot"``).
-PHASE2_VARIANTS = ("paper", "ot")
+PHASE2_VARIANTS = ("paper", "ot", "ot-predictor")
 #: The variant used when none is given.
 DEFAULT_PHASE2 = "ot"
-Phase2 = Literal["paper", "ot"]
+Phase2 = Literal["paper", "ot", "ot-predictor"]
 
 _FORMAT = "torchcfm_nsgf.nsgfpp/2"
 _FORMAT_V1 = "torchcfm_nsgf.nsgfpp/1"  # three separately trained networks, variant "paper"
@@ -392,9 +396,10 @@ class NSGFPlusPlusObjective:
         The NSGF phase: ``flow_steps`` (``T``, at most 5), ``step_size`` (η), Sinkhorn options and pool. Its
         targets train the NSGF field; in the ``"ot"`` variant its :meth:`~SinkhornFlowMatcher.simulate` also
         gives the phase-1 end points.
-    phase2 : {"paper", "ot"}
+    phase2 : {"paper", "ot", "ot-predictor"}
         Where the straight flow's training segments start (module docstring): noise, with a time predictor
-        (``"paper"``), or the phase-1 end points paired with the data by exact minibatch OT (``"ot"``).
+        (``"paper"``), or the phase-1 end points paired with the data by exact minibatch OT (``"ot"``; with a
+        time predictor on those segments: ``"ot-predictor"``).
     generator : torch.Generator, optional
         CPU generator for the straight-flow times, the end-point draws and the OT pair order; None draws
         from torch's global RNG.
@@ -451,9 +456,9 @@ class NSGFPlusPlusObjective:
         self.n_flows = 0
         self._endpoints: Tensor | None = None
         self.cfm = ConditionalFlowMatcher(sigma=0.0)
-        self.ot_sampler = OTPlanSampler(method="exact") if self.phase2 == "ot" else None
+        self.ot_sampler = OTPlanSampler(method="exact") if self.phase2 != "paper" else None
         self.net_names: tuple[str, ...] = (
-            ("nsgf", "predictor", "straight") if self.phase2 == "paper" else ("nsgf", "straight")
+            ("nsgf", "predictor", "straight") if self.uses_predictor else ("nsgf", "straight")
         )
 
     @property
@@ -463,8 +468,8 @@ class NSGFPlusPlusObjective:
 
     @property
     def uses_predictor(self) -> bool:
-        """Whether phase 2 starts at a predicted time (variant ``"paper"``)."""
-        return self.phase2 == "paper"
+        """Whether phase 2 starts at a predicted time (variants ``"paper"`` and ``"ot-predictor"``)."""
+        return self.phase2 in ("paper", "ot-predictor")
 
     def _check_nets(self, nets: Mapping[str, Any]) -> None:
         missing = [k for k in self.net_names if k not in nets]
@@ -731,8 +736,8 @@ class NSGFPlusPlus:
         progress: bool = False,
     ) -> None:
         _check_phase2(phase2)
-        if phase2 == "paper" and predictor is None:
-            raise ValueError("predictor is required for phase2='paper' (a time predictor network)")
+        if phase2 != "ot" and predictor is None:
+            raise ValueError(f"predictor is required for phase2={phase2!r} (a time predictor network)")
         if phase2 == "ot" and predictor is not None:
             raise ValueError("predictor must be None for phase2='ot' (phase 2 starts at s = 0, no predictor)")
         named = {"nsgf": nsgf, "predictor": predictor, "straight": straight}

@@ -343,7 +343,7 @@ def train_nsgfpp(
     check_positive(train_steps, "train_steps", integer=True)
     model = NSGFPlusPlus(
         VelocityMLP(2, width),
-        TimePredictorMLP(2, width) if phase2 == "paper" else None,
+        TimePredictorMLP(2, width) if phase2 != "ot" else None,
         VelocityMLP(2, width),
         phase2=phase2,
         n_steps=n_steps,

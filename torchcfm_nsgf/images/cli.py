@@ -24,6 +24,7 @@ import torch
 from .._cli import add_option_flags, options_from_args
 from .._io import check_writable_dir
 from ..matcher import PATHS
+from ..nsgfpp import PHASE2_VARIANTS
 from ..sinkhorn import SinkhornOptions
 from .checkpoint import CheckpointError
 from .data import load_images, to_uint8
@@ -225,6 +226,13 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         default=None,
         help="stop (and checkpoint) after this many seconds of training (default: no limit)",
     )
+    g.add_argument(
+        "--budget-clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="clock of --time-budget: wall time, or this process's CPU time (fair budgets for runs sharing "
+        "a machine, one thread each) (default: wall)",
+    )
     g = p.add_argument_group("checkpoints")
     g.add_argument(
         "--ckpt-dir",
@@ -260,9 +268,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     g.add_argument(
         "--phase2",
         default=nsgf.phase2,
-        choices=["paper", "ot"],
+        choices=list(PHASE2_VARIANTS),
         help="nsgf++'s straight flow: from noise with a time predictor (paper), or from the NSGF end points "
-        "paired with the data by exact OT (ot)",
+        "paired with the data by exact OT (ot; with a time predictor on those segments: ot-predictor)",
     )
     g.add_argument("--pool-capacity", type=int, default=nsgf.pool_capacity, help="items per process")
     g.add_argument("--pool-max-bytes", type=int, default=None, help="byte bound per process (default: none)")
@@ -360,6 +368,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         resume=args.resume,
         stop_after=args.stop_after,
         time_budget_s=args.time_budget,
+        budget_clock=args.budget_clock,
         device=args.device,
         progress=args.progress,
         log_every=args.log_every,

@@ -213,7 +213,7 @@ class NSGFSettings:
         T, η and served path of the simulated flow for ``nsgf`` (``SinkhornFlowMatcher``'s defaults).
     phase1_steps, phase1_step_size : int, float
         T and η of the NSGF phase of ``nsgf++`` (5, 0.2).
-    phase2 : {"paper", "ot"}
+    phase2 : {"paper", "ot", "ot-predictor"}
         Where ``nsgf++``'s straight flow is trained from (:class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`):
         noise, with a time predictor, or the phase-1 end points paired with the data by exact OT.
     pool_capacity : int
