@@ -668,9 +668,7 @@ def _train(
         if config.stop_after is not None and step - start_step >= config.stop_after:
             stopped = True  # as if killed: no final checkpoint
             break
-        over_budget = (
-            config.time_budget_s is not None and clock() - clock_start > config.time_budget_s
-        )
+        over_budget = config.time_budget_s is not None and clock() - clock_start > config.time_budget_s
         if world > 1 and config.time_budget_s is not None:  # every rank must stop at the same step
             flag = torch.tensor([float(over_budget)], device=device if device.type == "cuda" else "cpu")
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
