@@ -49,7 +49,7 @@ def _model(phase2: str, seed: int = 0) -> NSGFPlusPlus:
     torch.manual_seed(seed)
     return NSGFPlusPlus(
         VelocityMLP(2, 16, num_classes=2),
-        TimePredictorMLP(2, 16, num_classes=2) if phase2 == "paper" else None,
+        None if phase2 == "ot" else TimePredictorMLP(2, 16, num_classes=2),  # every other variant has one
         VelocityMLP(2, 16, num_classes=2),
         phase2=phase2,
         n_steps=2,
