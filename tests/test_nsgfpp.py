@@ -655,9 +655,9 @@ def test_2d_driver_and_image_method_train_through_the_same_interface(mnist_root,
     calls = []
     losses, sample = NSGFPlusPlusObjective.losses, NSGFPlusPlusObjective.sample
 
-    def spy_losses(self, nets, x0, x1):
+    def spy_losses(self, nets, x0, x1, y1=None):
         calls.append(("losses", tuple(x0.shape[1:])))
-        return losses(self, nets, x0, x1)
+        return losses(self, nets, x0, x1, y1)
 
     def spy_sample(self, nets, x0, **kw):
         calls.append(("sample", tuple(x0.shape[1:])))

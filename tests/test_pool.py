@@ -411,3 +411,106 @@ def test_disk_pool_recovers_an_interrupted_growth_and_rejects_short_files(tmp_pa
     os.truncate(path / "ut.bin", 39 * 64 * 64 * 4)  # fewer slots than the 40 items held
     with pytest.raises(ValueError, match="ut.bin"):
         TrajectoryPool.open(path)
+
+
+# --------------------------------------------------------------------------- class labels
+N_CLASSES = 7
+
+
+def _labelled(ids: list[int], dim: tuple[int, ...] = (3,)):
+    """Items of :func:`_batch` with the label ``id % N_CLASSES``, so that a misaligned label is detected."""
+    return (*_batch(ids, dim), torch.tensor(ids) % N_CLASSES)
+
+
+def _check_labels_aligned(pool: TrajectoryPool) -> list[int]:
+    t, xt, ut, y = pool.sample(len(pool), dtype=torch.float64)
+    ids = torch.round(t * N_IDS).long()
+    assert y.dtype == torch.int64
+    assert torch.equal(y, ids % N_CLASSES)
+    assert torch.equal(xt.reshape(len(pool), -1)[:, 0].long(), ids)
+    return sorted(ids.tolist())
+
+
+def test_labels_stay_aligned_through_eviction_growth_and_wrap_around():
+    pool = TrajectoryPool(50, generator=torch.Generator().manual_seed(0))
+    reference: collections.deque[int] = collections.deque(maxlen=50)
+    start = 0
+    for k in (3, 20, 1, 40, 17, 9):
+        ids = list(range(start, start + k))
+        start += k
+        pool.add(*_labelled(ids))
+        reference.extend(ids)
+        assert _check_labels_aligned(pool) == sorted(reference)
+    assert pool.labelled is True
+
+
+def test_labels_count_in_the_bytes_and_the_byte_bound():
+    plain, labelled = TrajectoryPool(100), TrajectoryPool(100)
+    plain.add(*_batch(list(range(100))))
+    labelled.add(*_labelled(list(range(100))))
+    assert labelled.nbytes - plain.nbytes == 100 * 8  # one int64 per item
+    per_item = 4 + 2 * 3 * 4 + 8
+    bounded = TrajectoryPool(1000, max_bytes=10 * per_item + per_item - 1)
+    bounded.add(*_labelled(list(range(30))))
+    assert bounded.capacity == 10 and len(bounded) == 10
+    assert bounded.nbytes <= 10 * per_item + per_item - 1
+    assert _check_labels_aligned(bounded) == list(range(20, 30))
+
+
+def test_labelled_state_dict_and_disk_round_trips(tmp_path):
+    pool = TrajectoryPool(40, generator=torch.Generator().manual_seed(1))
+    pool.add(*_labelled(list(range(60))))
+    copy = TrajectoryPool(40, generator=torch.Generator())
+    copy.load_state_dict(pool.state_dict())
+    for a, b in zip(pool.sample(16, balanced=True), copy.sample(16, balanced=True), strict=True):
+        assert torch.equal(a, b)
+    assert _check_labels_aligned(copy) == list(range(20, 60))
+
+    disk = TrajectoryPool(40, storage="disk", path=tmp_path / "p")
+    disk.add(*_labelled(list(range(25))))
+    disk.add(*_labelled(list(range(25, 55))))
+    assert os.path.getsize(tmp_path / "p" / "y.bin") == disk._slots * 8
+    reopened = TrajectoryPool.open(tmp_path / "p")
+    assert reopened.labelled is True
+    assert _check_labels_aligned(reopened) == list(range(15, 55))
+    again = TrajectoryPool(40, storage="disk", path=tmp_path / "p")
+    again.load_state_dict(disk.state_dict())
+    assert _check_labels_aligned(again) == list(range(15, 55))
+
+
+def test_balanced_batches_hold_equal_counts_per_class():
+    pool = TrajectoryPool(1000, generator=torch.Generator().manual_seed(2))
+    t, xt, ut, _ = _labelled(list(range(700)))
+    y = torch.zeros(700, dtype=torch.long)  # 600 items of class 0, 70 of class 3, 30 of class 5
+    y[600:670], y[670:] = 3, 5
+    pool.add(t, xt, ut, y)
+    *_, served = pool.sample(60, balanced=True)
+    assert torch.bincount(served, minlength=6).tolist() == [20, 0, 0, 20, 0, 20]
+    *_, served = pool.sample(61, balanced=True)
+    counts = torch.bincount(served, minlength=6)[[0, 3, 5]]
+    assert sorted(counts.tolist()) == [20, 20, 21]
+    # class 5 holds only 30 items: it gives them all and the others fill in, without repeats
+    t_served, *_, served = pool.sample(150, balanced=True)
+    assert torch.bincount(served, minlength=6)[5] == 30
+    assert len(set(t_served.tolist())) == 150
+    *_, uniform = pool.sample(350)
+    assert torch.bincount(uniform, minlength=6)[0] > 200  # uniform serving follows the frequencies
+
+
+def test_labelled_and_unlabelled_adds_do_not_mix():
+    pool = TrajectoryPool(10)
+    pool.add(*_labelled([0, 1]))
+    with pytest.raises(ValueError, match="y must be given"):
+        pool.add(*_batch([2]))
+    plain = TrajectoryPool(10)
+    plain.add(*_batch([0]))
+    with pytest.raises(ValueError, match="y must be None"):
+        plain.add(*_labelled([1]))
+    with pytest.raises(ValueError, match="balanced=True needs a labelled pool"):
+        plain.sample(1, balanced=True)
+    with pytest.raises(ValueError, match=r"y must have shape \(2,\)"):
+        pool.add(*_batch([3, 4]), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="y must hold integer class labels"):
+        pool.add(*_batch([3]), torch.zeros(1))
+    with pytest.raises(ValueError, match="y must hold non-negative"):
+        pool.add(*_batch([3]), torch.tensor([-1]))

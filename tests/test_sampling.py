@@ -9,6 +9,7 @@ import torch
 from torchcfm.models import MLP
 from torchcfm.utils import torch_wrapper
 
+from torchcfm_nsgf.guidance import CFGField, drop_labels
 from torchcfm_nsgf.sampling import SOLVERS, NFECounter, SampleResult, euler_sample, odeint_sample
 
 torch.set_num_threads(1)
@@ -321,3 +322,73 @@ def test_bad_input_names_the_argument():
         with pytest.raises(ValueError, match=r"field\(t, x\) must return"):
             odeint_sample(lambda t, x: x[:, :1], x0, solver=solver, n_steps=n_steps)
     assert field.calls == 0
+
+
+# ---------------------------------------------------------------------------------------------- guidance
+class LabelField(torch.nn.Module):
+    """A toy class-conditional field v(t, x, y) = a[y] - x (null label 3: a[3] = 0), counting its calls
+    independently of the package's counters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, -1.0], [0.0, 0.0]], dtype=torch.float64)
+        self.calls = 0
+        self.labels_seen: list[torch.Tensor] = []
+
+    def forward(self, t, x, y=None):
+        self.calls += 1
+        self.labels_seen.append(y)
+        return self.a[y] - x
+
+
+@pytest.mark.parametrize(("solver", "n_steps"), [("euler", 5), ("midpoint", 3), ("dopri5", None)])
+@pytest.mark.parametrize("w", [0.0, 1.0, 2.5])
+def test_guided_sampling_counts_real_network_calls(solver, n_steps, w):
+    model = LabelField()
+    y = torch.tensor([0, 1, 2])
+    out = odeint_sample(
+        CFGField(model, w, null_label=3), _x0(3, 2), solver=solver, n_steps=n_steps, extra_args={"y": y}
+    )
+    assert out.total_nfe == model.calls > 0
+    steps = model.calls if w in (0.0, 1.0) else model.calls // 2
+    if not SOLVERS[solver].adaptive:
+        assert steps == n_steps * SOLVERS[solver].stages
+    assert all(seen is not None for seen in model.labels_seen)
+
+
+def test_guidance_scale_zero_one_and_the_closed_form():
+    model = LabelField()
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor(0.3, dtype=torch.float64), torch.tensor([0, 1, 2])
+    v_c, v_u = model.a[y] - x, model.a[3] - x  # written out from the toy model's definition
+    torch.testing.assert_close(CFGField(model, 0.0, 3)(t, x, y=y), v_u, rtol=0, atol=0)
+    torch.testing.assert_close(CFGField(model, 1.0, 3)(t, x, y=y), v_c, rtol=0, atol=0)
+    for w in (0.5, 3.0):
+        torch.testing.assert_close(CFGField(model, w, 3)(t, x, y=y), v_u + w * (v_c - v_u))
+    # the guided flow of dx/dt = (w a[y] + (1 - w) a[null]) - x from x0 = 0 is that point times (1 - e^{-1})
+    out = odeint_sample(
+        CFGField(model, 2.0, 3),
+        torch.zeros(3, 2, dtype=torch.float64),
+        solver="dopri5",
+        atol=1e-9,
+        rtol=1e-9,
+        extra_args={"y": y},
+    )
+    torch.testing.assert_close(out.samples, 2.0 * model.a[y] * (1 - math.exp(-1)), atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="y must be a tensor of shape"):
+        CFGField(model, 2.0, 3)(t, x)
+
+
+def test_label_dropout_rate_and_determinism():
+    y = torch.arange(10).repeat(1000)
+    dropped = drop_labels(y, 0.1, null_label=10, generator=torch.Generator().manual_seed(0))
+    again = drop_labels(y, 0.1, null_label=10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(dropped, again)
+    is_null = dropped == 10
+    assert 0.08 < float(is_null.float().mean()) < 0.12  # 10000 Bernoulli(0.1): std 0.003
+    assert torch.equal(dropped[~is_null], y[~is_null])
+    assert drop_labels(y, 0.0, 10) is y
+    with pytest.raises(ValueError, match="p must lie in"):
+        drop_labels(y, 1.5, 10)
+    with pytest.raises(ValueError, match="null_label"):
+        drop_labels(y, 0.1, -1)

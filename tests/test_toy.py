@@ -116,3 +116,47 @@ def test_moons_prefix_is_a_fair_sample() -> None:
     # torchdyn's generate_moons returns the upper moon first; the task's target must be shuffled.
     y = get_task("gaussian-moons").target(2000, torch.Generator().manual_seed(0))
     assert (y[:200].mean(0) - y.mean(0)).norm() < 0.3
+
+
+# --------------------------------------------------------------------------- class-conditional task
+def test_labelled_8gaussians_is_torchcfms_distribution_with_its_modes() -> None:
+    from torchcfm.utils import sample_8gaussians
+
+    from torchcfm_nsgf.toy import sample_8gaussians_labelled
+
+    x, y = sample_8gaussians_labelled(4000, torch.Generator().manual_seed(0))
+    assert x.shape == (4000, 2) and y.dtype == torch.int64
+    assert torch.bincount(y, minlength=8).min() > 400  # uniform over the 8 modes (500 expected)
+    torch.manual_seed(1)
+    ref = sample_8gaussians(4000)
+    # the label is the mode the point was drawn from: torchcfm's mode order, its noise (covariance sqrt(0.1) I)
+    assert float((_nearest(x) == y).float().mean()) > 0.99
+    for cloud in (x, ref):
+        noise = cloud - _centres()[_nearest(cloud)]
+        cov = torch.cov(noise.T)
+        torch.testing.assert_close(cov, math.sqrt(0.1) * torch.eye(2), atol=0.03, rtol=0)
+
+
+def _centres() -> torch.Tensor:
+    s = 1 / math.sqrt(2)
+    return 5 * torch.tensor([[1, 0], [-1, 0], [0, 1], [0, -1], [s, s], [s, -s], [-s, s], [-s, -s]])
+
+
+def _nearest(x: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of torchcfm's 8 centres (its list order), written out independently."""
+    return torch.cdist(x, _centres().float()).argmin(1)
+
+
+def test_conditional_nsgf_on_the_2d_task_samples_each_class_at_its_mode() -> None:
+    torch.manual_seed(0)
+    task = get_task("gaussian-8gaussians-conditional")
+    g = torch.Generator().manual_seed(1)
+    field = train_nsgf(task, train_steps=150, generator=g, batch_size=128, width=32)
+    y = torch.arange(8).repeat_interleave(25)
+    for nfe in (1, 2):
+        samples, used = field.sample(torch.randn(200, 2, generator=g), nfe, y=y)
+        assert used == nfe
+        # a field that ignored the labels would land at the asked mode for about 1 sample in 8
+        assert float((_nearest(samples) == y).float().mean()) > 0.75
+    with pytest.raises(ValueError, match="y must be integer labels"):
+        field.sample(torch.randn(4, 2), 1)

@@ -6,9 +6,11 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 * :mod:`torchcfm_nsgf.matcher`: :class:`SinkhornFlowMatcher`, NSGF behind torchcfm's matcher interface;
 * :mod:`torchcfm_nsgf.nsgfpp`: NSGF++ (one training objective, two variants of phase 2, two-phase sampler);
 * :mod:`torchcfm_nsgf.pool`: the trajectory pool (experience replay);
-* :mod:`torchcfm_nsgf.sampling`: one sampler over a solver registry, with exact NFE accounting.
+* :mod:`torchcfm_nsgf.sampling`: one sampler over a solver registry, with exact NFE accounting;
+* :mod:`torchcfm_nsgf.guidance`: classifier-free guidance for class-conditional fields.
 """
 
+from .guidance import CFGField, drop_labels
 from .matcher import PATHS, SinkhornFlowMatcher, SinkhornTrajectory
 from .networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
 from .nsgfpp import (
@@ -34,6 +36,8 @@ from .sinkhorn import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CFGField",
+    "drop_labels",
     "DEFAULT_PHASE2",
     "MAX_PHASE1_STEPS",
     "PHASE2_VARIANTS",

@@ -96,3 +96,16 @@ def check_non_negative(value: object, name: str) -> float:
     ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def check_labels(y: object, k: int, name: str, like: str) -> Tensor:
+    """``y`` as an integer tensor of shape ``(k,)`` with non-negative entries, or a ``ValueError`` naming it."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer class labels, got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if y.shape != (k,):
+        raise ValueError(f"{name} must have shape ({k},) to match {like}, got {tuple(y.shape)}")
+    if k and int(y.min()) < 0:
+        raise ValueError(f"{name} must hold non-negative class labels, got {int(y.min())}")
+    return y

@@ -61,7 +61,13 @@ Conventions
   raises ``ValueError``.
 * Phase-1 length: ``n_steps`` (``T``) **must be at most 5** (:data:`MAX_PHASE1_STEPS`); a larger value raises
   ``ValueError`` — NSGF++ is designed around a few large steps; use plain NSGF for long flows.
-* NFE: ``{"nsgf": T, "predictor": 1 or 0, "straight": n}``, counted from real calls.
+* NFE: ``{"nsgf": T, "predictor": 1 or 0, "straight": n}``, counted from real calls (a classifier-free-guided
+  field counts its two network calls per evaluation).
+* Class conditioning: ``losses(nets, x0, x1, y1)`` trains every network on the labels of ``x1`` (the NSGF field on
+  guided targets, :meth:`~torchcfm_nsgf.SinkhornFlowMatcher.guided_sample_location_and_conditional_flow`; the
+  ``"ot"`` variant's end points carry labels and are paired with data of their own class), and
+  ``sample(nets, x0, y=labels)`` passes the labels to every network: ``nsgf(t, x, y=y)``,
+  ``predictor(x, y=y)``, ``straight(t, x, y=y)``.
 """
 
 from __future__ import annotations
@@ -82,7 +88,8 @@ from torchcfm.optimal_transport import OTPlanSampler
 from tqdm.auto import tqdm
 
 from ._io import atomic_save
-from ._validation import check_cloud, check_positive, check_same_features
+from ._validation import check_cloud, check_labels, check_non_negative, check_positive, check_same_features
+from .guidance import CFGField, drop_labels
 from .matcher import SinkhornFlowMatcher
 from .pool import TrajectoryPool
 from .sampling import NFECounter, SampleResult, odeint_sample, solver_spec
@@ -136,13 +143,15 @@ class _CallCounter(nn.Module):
         self.net = net
         self.nfe = 0
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, **extra_args: Any) -> Tensor:
         self.nfe += 1
-        return self.net(x)
+        return self.net(x, **extra_args)
 
 
 # ---------------------------------------------------------------------------------------------- predictor
-def predict_time(predictor: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+def predict_time(
+    predictor: Callable[..., Tensor], x: Tensor, extra_args: Mapping[str, Any] | None = None
+) -> Tensor:
     r"""Phase-transition times :math:`\tau = t_\phi(x)`, validated and clamped to [0, 1].
 
     Parameters
@@ -150,6 +159,8 @@ def predict_time(predictor: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     predictor : callable
         ``predictor(x)`` returning shape ``(bs,)`` or ``(bs, 1)``.
     x : Tensor, shape (bs, *dim)
+    extra_args : dict, optional
+        Keyword arguments of the predictor, e.g. ``{"y": labels}``.
 
     Returns
     -------
@@ -162,7 +173,7 @@ def predict_time(predictor: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         The output has another shape or contains NaN.
     """
     _check_callable(predictor, "predictor")
-    tau = predictor(x)
+    tau = predictor(x, **(extra_args or {}))
     bs = x.shape[0]
     if not isinstance(tau, Tensor) or tau.shape not in ((bs,), (bs, 1)):
         shape = tuple(tau.shape) if isinstance(tau, Tensor) else type(tau).__name__
@@ -226,6 +237,7 @@ def straight_flow_from(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     return_trajectory: bool = False,
+    extra_args: Mapping[str, Any] | None = None,
 ) -> SampleResult:
     r"""Integrate :math:`dx/dt = u_\delta(t, x)` from each sample's own time :math:`\tau_i` to 1 (phase 2).
 
@@ -249,6 +261,8 @@ def straight_flow_from(
         Tolerances of an adaptive solver.
     return_trajectory : bool
         Also return the states on the s-grid.
+    extra_args : dict, optional
+        Keyword arguments passed to ``straight`` on every call (class labels ``{"y": y}``).
 
     Returns
     -------
@@ -266,7 +280,7 @@ def straight_flow_from(
     tau = tau.to(device=x.device, dtype=x.dtype)
     if not bool(((tau >= 0) & (tau <= 1)).all()):
         raise ValueError("tau must lie in [0, 1] (and not be NaN)")
-    counter = NFECounter(straight)
+    counter = NFECounter(straight, extra_args)
     g = _SharedClockField(counter, tau, x.dim() - 1)
     out = odeint_sample(
         g, x, solver=solver, n_steps=n_steps, atol=atol, rtol=rtol, return_trajectory=return_trajectory
@@ -290,6 +304,7 @@ def nsgfpp_sample(
     rtol: float = 1e-5,
     return_trajectory: bool = False,
     progress: bool = False,
+    extra_args: Mapping[str, Any] | None = None,
 ) -> SampleResult:
     r"""NSGF++ sampling (Algorithm 3): ``T`` NSGF Euler steps, :math:`\tau = t_\phi(X_T)`, straight flow to 1.
 
@@ -315,6 +330,9 @@ def nsgfpp_sample(
         Also return both phases' states.
     progress : bool
         Progress bar over the phase-1 steps.
+    extra_args : dict, optional
+        Keyword arguments passed to all three networks on every call, e.g. class labels ``{"y": y}``:
+        ``nsgf(t, x, y=y)``, ``predictor(x, y=y)``, ``straight(t, x, y=y)``.
 
     Returns
     -------
@@ -337,7 +355,13 @@ def nsgfpp_sample(
     _check_solver(solver, straight_steps)
 
     phase1 = odeint_sample(
-        nsgf, x0, solver="euler", n_steps=n_steps, return_trajectory=return_trajectory, progress=progress
+        nsgf,
+        x0,
+        solver="euler",
+        n_steps=n_steps,
+        return_trajectory=return_trajectory,
+        progress=progress,
+        extra_args=extra_args,
     )
     if predictor is None:
         n_predictor = 0
@@ -345,7 +369,7 @@ def nsgfpp_sample(
     else:
         pred_counter = _CallCounter(predictor)
         with torch.no_grad():
-            tau = predict_time(pred_counter, phase1.samples)
+            tau = predict_time(pred_counter, phase1.samples, extra_args)
         n_predictor = pred_counter.nfe
     phase2 = straight_flow_from(
         straight,
@@ -356,6 +380,7 @@ def nsgfpp_sample(
         atol=atol,
         rtol=rtol,
         return_trajectory=return_trajectory,
+        extra_args=extra_args,
     )
     extras = {"tau": tau}
     trajectory = None
@@ -410,6 +435,13 @@ class NSGFPlusPlusObjective:
     endpoint_capacity : int, optional
         ``"ot"`` only: the most end points the buffer keeps (FIFO: a new flow's end points replace the
         oldest). Default: 16 batches, fixed at the first call. Must be at least the batch size.
+    label_dropout : float
+        Classifier-free guidance: in class-conditional training, the probability that the label given to the
+        NSGF field and the straight flow is replaced by ``null_label`` (drawn with ``generator``). The labels
+        that choose the targets are never dropped, and the predictor always gets the true label.
+    null_label : int, optional
+        The "no class" label (``K`` for ``K`` classes; the networks then have ``K + 1``); required with
+        ``label_dropout > 0`` and for :meth:`sample` with a ``guidance_scale``.
 
     Attributes
     ----------
@@ -437,6 +469,8 @@ class NSGFPlusPlusObjective:
         generator: torch.Generator | None = None,
         refresh_every: int | None = None,
         endpoint_capacity: int | None = None,
+        label_dropout: float = 0.0,
+        null_label: int | None = None,
     ) -> None:
         if not isinstance(matcher, SinkhornFlowMatcher):
             raise TypeError(f"matcher must be a SinkhornFlowMatcher, got {type(matcher).__name__}")
@@ -447,6 +481,13 @@ class NSGFPlusPlusObjective:
             check_positive(refresh_every, "refresh_every", integer=True)
         if endpoint_capacity is not None:
             check_positive(endpoint_capacity, "endpoint_capacity", integer=True)
+        label_dropout = check_non_negative(label_dropout, "label_dropout")
+        if label_dropout > 1:
+            raise ValueError(f"label_dropout must lie in [0, 1], got {label_dropout}")
+        if label_dropout > 0 and null_label is None:
+            raise ValueError("null_label is required with label_dropout > 0 (the extra 'no class' label)")
+        self.label_dropout = label_dropout
+        self.null_label = null_label
         self.matcher = matcher
         self.phase2 = _check_phase2(phase2)
         self.generator = generator
@@ -455,6 +496,7 @@ class NSGFPlusPlusObjective:
         self.n_calls = 0
         self.n_flows = 0
         self._endpoints: Tensor | None = None
+        self._endpoint_labels: Tensor | None = None
         self.cfm = ConditionalFlowMatcher(sigma=0.0)
         self.ot_sampler = OTPlanSampler(method="exact") if self.phase2 != "paper" else None
         self.net_names: tuple[str, ...] = (
@@ -495,7 +537,7 @@ class NSGFPlusPlusObjective:
         """
         return self.matcher.simulate(x0, x1).xs[-1].detach()
 
-    def _add_endpoints(self, xT: Tensor) -> None:
+    def _add_endpoints(self, xT: Tensor, labels: Tensor | None = None) -> None:
         if self.endpoint_capacity is None:
             self.endpoint_capacity = 16 * xT.shape[0]
         if self._endpoints is not None:
@@ -505,8 +547,71 @@ class NSGFPlusPlusObjective:
                     f"{tuple(self._endpoints.shape[1:])}"
                 )
             xT = torch.cat([self._endpoints.to(device=xT.device, dtype=xT.dtype), xT])
+            if labels is not None:
+                labels = torch.cat([self._endpoint_labels.to(labels.device), labels])
         self._endpoints = xT[-self.endpoint_capacity :]
+        self._endpoint_labels = None if labels is None else labels[-self.endpoint_capacity :]
         self.n_flows += 1
+
+    def _check_buffer_labels(self, guided: bool) -> None:
+        if self._endpoints is not None and (self._endpoint_labels is not None) != guided:
+            raise ValueError(
+                "y1 must be given: the end-point buffer holds class-labelled end points"
+                if self._endpoint_labels is not None
+                else "y1 must be None: the end-point buffer holds end points without class labels"
+            )
+
+    def _short_classes(self, y1: Tensor) -> bool:
+        """Whether the buffer holds fewer end points of some class than ``y1`` asks for."""
+        if self._endpoint_labels is None:
+            return True
+        classes, counts = torch.unique(y1, return_counts=True)
+        held = self._endpoint_labels.to(y1.device)
+        return any(int((held == c).sum()) < k for c, k in zip(classes, counts.tolist(), strict=True))
+
+    def guided_phase1_endpoints(self, x0: Tensor, x1: Tensor, y1: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Class-conditional :meth:`phase1_endpoints`: for data labels ``y1`` (m,), ``m`` end points with exactly
+        the class counts of ``y1``, drawn without replacement within each class from the labelled buffer.
+
+        The buffer is refreshed with a guided flow of ``(x0, x1, y1)``
+        (:meth:`SinkhornFlowMatcher.simulate_guided`) on the first call, every ``refresh_every`` calls, and
+        whenever it holds too few end points of a class of ``y1``.
+
+        Returns
+        -------
+        xT : Tensor, shape (m, *dim)
+            End points grouped by class (in increasing class order), detached, on ``x0``'s device.
+        labels : Tensor, shape (m,)
+            Their classes (``y1``'s dtype).
+        """
+        y1 = check_labels(y1, x1.shape[0], "y1", "x1")
+        m = x1.shape[0]
+        if self.endpoint_capacity is not None and self.endpoint_capacity < max(m, x0.shape[0]):
+            raise ValueError(
+                f"endpoint_capacity ({self.endpoint_capacity}) must be at least the batch size "
+                f"({max(m, x0.shape[0])})"
+            )
+        self._check_buffer_labels(True)
+        if self.n_calls % self.refresh_every == 0 or self._short_classes(y1):
+            traj, labels = self.matcher.simulate_guided(x0, x1, y1)
+            self._add_endpoints(traj.xs[-1].detach(), labels)
+        if self._short_classes(y1):
+            raise ValueError(
+                "y1 asks for more end points of a class than the buffer holds after a new flow: give x0 and x1 "
+                "the same batch size (the guided flow then has exactly the class counts of y1)"
+            )
+        self.n_calls += 1
+        held = self._endpoint_labels.to(y1.device)
+        classes, counts = torch.unique(y1, return_counts=True)
+        parts = []
+        for c, k in zip(classes, counts.tolist(), strict=True):
+            members = torch.nonzero(held == c).flatten()
+            parts.append(
+                members[torch.randperm(len(members), generator=self.generator)[:k].to(members.device)]
+            )
+        pick = torch.cat(parts)
+        xT = self._endpoints[pick.to(self._endpoints.device)].to(device=x0.device)
+        return xT, held[pick].to(dtype=y1.dtype)
 
     def phase1_endpoints(self, x0: Tensor, x1: Tensor) -> Tensor:
         r"""``n`` phase-1 end points :math:`X_T` for a source batch ``x0`` (n, *dim) and data ``x1`` (m, *dim).
@@ -531,14 +636,18 @@ class NSGFPlusPlusObjective:
             raise ValueError(
                 f"endpoint_capacity ({self.endpoint_capacity}) must be at least the batch size ({n})"
             )
+        self._check_buffer_labels(False)
         if self.n_calls % self.refresh_every == 0 or self.n_endpoints < n:
             self._add_endpoints(self.simulate_endpoints(x0, x1))
         self.n_calls += 1
         pick = torch.randperm(self.n_endpoints, generator=self.generator)[:n]
         return self._endpoints[pick.to(self._endpoints.device)].to(device=x0.device)
 
-    def phase2_pairs(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Start and end points ``(a, b)``, each ``(n, *dim)``, of the straight flow's training segments.
+    def phase2_pairs(
+        self, x0: Tensor, x1: Tensor, y1: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        r"""Start and end points ``(a, b)``, each ``(n, *dim)``, of the straight flow's training segments, and
+        their class labels ``(n,)`` (None without ``y1``).
 
         ``"paper"``: ``(x0, x1)`` as given (independent noise and data). ``"ot"``: ``n`` phase-1 end points
         :math:`X_T` from the buffer (:meth:`phase1_endpoints`) and the data points ``x1`` paired with them by the
@@ -546,18 +655,47 @@ class NSGFPlusPlusObjective:
         cost). ``n`` pairs are drawn from the plan without replacement through ``generator`` (torchcfm's
         ``sample_plan`` draws with NumPy's global RNG); for ``n == m`` the exact plan is a permutation, so
         every end point is used once.
+
+        With labels ``y1`` of ``x1``: ``"paper"`` labels each segment with its data point's class; ``"ot"``
+        draws end points with the class counts of ``y1`` (:meth:`guided_phase1_endpoints`) and solves the
+        exact OT plan within each class (a block-diagonal plan), so no segment joins two classes.
         """
         if self.phase2 == "paper":
-            return x0, x1
-        xT = self.phase1_endpoints(x0, x1)
-        x1 = x1.to(device=xT.device, dtype=xT.dtype)
-        plan = torch.from_numpy(self.ot_sampler.get_map(xT, x1)).flatten()
+            return x0, x1, y1
+        if y1 is None:
+            xT = self.phase1_endpoints(x0, x1)
+            x1 = x1.to(device=xT.device, dtype=xT.dtype)
+            plan = torch.from_numpy(self.ot_sampler.get_map(xT, x1)).flatten()
+            labels = None
+        else:
+            xT, labels = self.guided_phase1_endpoints(x0, x1, y1)
+            x1 = x1.to(device=xT.device, dtype=xT.dtype)
+            y1 = y1.to(labels.device)
+            block = torch.zeros(xT.shape[0], x1.shape[0], dtype=torch.float64)
+            for c in labels.unique():
+                rows = torch.nonzero(labels == c).flatten().cpu()
+                cols = torch.nonzero(y1 == c).flatten().cpu()
+                sub = torch.from_numpy(self.ot_sampler.get_map(xT[rows], x1[cols])).to(torch.float64)
+                block[rows[:, None], cols[None, :]] = sub * (len(rows) / xT.shape[0])
+            plan = block.flatten()
         pick = torch.multinomial(plan, xT.shape[0], replacement=False, generator=self.generator)
         i, j = (pick // x1.shape[0]).to(xT.device), (pick % x1.shape[0]).to(xT.device)
-        return xT[i], x1[j]
+        return xT[i], x1[j], None if labels is None else labels[i]
 
     # ------------------------------------------------------------------ training
-    def losses(self, nets: Mapping[str, Any], x0: Tensor, x1: Tensor) -> dict[str, Tensor]:
+    def _net_labels(self, y: Tensor | None) -> Tensor | None:
+        """The labels a field is trained on: ``y`` with label dropout (classifier-free guidance)."""
+        if y is None or self.label_dropout == 0:
+            return y
+        return drop_labels(y, self.label_dropout, self.null_label, self.generator)
+
+    @staticmethod
+    def _field(net: Any, t: Tensor, x: Tensor, y: Tensor | None) -> Tensor:
+        return net(t, x) if y is None else net(t, x, y=y)
+
+    def losses(
+        self, nets: Mapping[str, Any], x0: Tensor, x1: Tensor, y1: Tensor | None = None
+    ) -> dict[str, Tensor]:
         r"""One scalar loss per network for a source batch ``x0`` (n, *dim) and a data batch ``x1`` (m, *dim).
 
         * ``"nsgf"``: :math:`\lVert v_\theta(t, x_t) - u_t \rVert^2` on the matcher's targets
@@ -573,6 +711,10 @@ class NSGFPlusPlusObjective:
             ``nets[name]`` for every name in :attr:`net_names` (a ``ModuleDict``, possibly DDP-wrapped members).
         x0, x1 : Tensor
             Source and data batches.
+        y1 : Tensor, shape (m,), optional
+            Integer class labels of ``x1``: class-conditional training. Every network gets the class of its
+            training item (``nsgf(t, x, y=...)``, ``predictor(x, y=...)``, ``straight(t, x, y=...)``), the
+            two fields through label dropout when ``label_dropout > 0``.
 
         Returns
         -------
@@ -580,19 +722,23 @@ class NSGFPlusPlusObjective:
             0-d losses keyed by :attr:`net_names`.
         """
         self._check_nets(nets)
-        t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)
-        out = {"nsgf": _mse(nets["nsgf"](t, xt), ut, "nsgf")}
-        a, b = self.phase2_pairs(x0, x1)
+        if y1 is None:
+            t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)
+            y_nsgf = None
+        else:
+            t, xt, ut, _, y_nsgf = self.matcher.guided_sample_location_and_conditional_flow(x0, x1, y1=y1)
+        out = {"nsgf": _mse(self._field(nets["nsgf"], t, xt, self._net_labels(y_nsgf)), ut, "nsgf")}
+        a, b, y = self.phase2_pairs(x0, x1, y1)
         b = b.to(device=a.device, dtype=a.dtype)
         s, xs, us = self.cfm.sample_location_and_conditional_flow(a, b, t=self._uniform(a.shape[0], a))
         if self.uses_predictor:
-            tau = nets["predictor"](xs)
+            tau = nets["predictor"](xs) if y is None else nets["predictor"](xs, y=y)
             n = xs.shape[0]
             if not isinstance(tau, Tensor) or tau.shape not in ((n,), (n, 1)):
                 shape = tuple(tau.shape) if isinstance(tau, Tensor) else type(tau).__name__
                 raise ValueError(f"predictor(x) must return shape ({n},) or ({n}, 1), got {shape}")
             out["predictor"] = torch.mean((tau.reshape(n) - s) ** 2)
-        out["straight"] = _mse(nets["straight"](s, xs), us, "straight")
+        out["straight"] = _mse(self._field(nets["straight"], s, xs, self._net_labels(y)), us, "straight")
         return out
 
     # ------------------------------------------------------------------ sampling
@@ -607,16 +753,33 @@ class NSGFPlusPlusObjective:
         rtol: float = 1e-5,
         return_trajectory: bool = False,
         progress: bool = False,
+        y: Tensor | None = None,
+        guidance_scale: float | None = None,
     ) -> SampleResult:
         """:func:`nsgfpp_sample` with ``nets`` and this objective's ``T``; the predictor only for ``"paper"``.
 
-        ``nfe`` is ``{"nsgf": T, "predictor": 1 or 0, "straight": n}``, counted from real calls.
+        ``y`` (shape ``(bs,)``): class labels passed to every network. ``guidance_scale`` ``w``: the NSGF field
+        and the straight flow are classifier-free guided (:class:`~torchcfm_nsgf.guidance.CFGField` with
+        :attr:`null_label`); the predictor gets the labels as they are.
+
+        ``nfe`` is ``{"nsgf": T, "predictor": 1 or 0, "straight": n}``, counted from real network calls (a
+        guided evaluation is two).
         """
         self._check_nets(nets)
+        nsgf, straight = nets["nsgf"], nets["straight"]
+        if y is not None:
+            y = check_labels(y, x0.shape[0], "y", "x0")
+        if guidance_scale is not None:
+            if y is None:
+                raise ValueError("guidance_scale needs class labels y")
+            if self.null_label is None:
+                raise ValueError("guidance_scale needs the objective's null_label (a model trained with it)")
+            nsgf = CFGField(nsgf, guidance_scale, self.null_label)
+            straight = CFGField(straight, guidance_scale, self.null_label)
         return nsgfpp_sample(
-            nets["nsgf"],
+            nsgf,
             nets["predictor"] if self.uses_predictor else None,
-            nets["straight"],
+            straight,
             x0,
             n_steps=self.n_steps,
             solver=solver,
@@ -625,6 +788,7 @@ class NSGFPlusPlusObjective:
             rtol=rtol,
             return_trajectory=return_trajectory,
             progress=progress,
+            extra_args=None if y is None else {"y": y},
         )
 
     def phase1_nfe(self) -> int:
@@ -641,6 +805,7 @@ class NSGFPlusPlusObjective:
             "flows": self.n_flows,
             "capacity": self.endpoint_capacity,
             "items": None if self._endpoints is None else self._endpoints.detach().cpu(),
+            "labels": None if self._endpoint_labels is None else self._endpoint_labels.detach().cpu(),
             "generator": None if self.generator is None else self.generator.get_state(),
         }
         return state
@@ -655,6 +820,7 @@ class NSGFPlusPlusObjective:
         self.n_flows = int(ep["flows"])
         self.endpoint_capacity = None if ep["capacity"] is None else int(ep["capacity"])
         self._endpoints = ep["items"]
+        self._endpoint_labels = ep.get("labels")
         if ep.get("generator") is not None and self.generator is not None:
             self.generator.set_state(ep["generator"])
 
@@ -710,7 +876,10 @@ class NSGFPlusPlus:
     Notes
     -----
     ``source`` and ``target`` of :meth:`fit` are either a tensor ``(N, *dim)`` from which rows are drawn with
-    ``generator``, or a function ``n -> Tensor (n, *dim)``. Every step draws one batch pair, asks the
+    ``generator``, or a function ``n -> Tensor (n, *dim)``. Class-conditional training: ``target_labels``
+    ``(N,)`` next to a target tensor, or a target function returning ``(x1, y1)``; the networks must then take
+    labels (e.g. :class:`~torchcfm_nsgf.networks.VelocityMLP` with ``num_classes``), and :meth:`sample` takes
+    ``y``. Every step draws one batch pair, asks the
     objective for one loss per network and steps one Adam per network (equal to one Adam on the summed
     loss, which is what the image loop does). :meth:`save` writes the networks, the optimisers, the settings,
     the step counter, the generator state and the NSGF phase's matcher (its trajectory pool and call counter,
@@ -804,25 +973,37 @@ class NSGFPlusPlus:
         return self.settings.iterations
 
     # ------------------------------------------------------------------ data
-    def _draw(self, data: Tensor | Sampler, n: int, name: str) -> Tensor:
+    def _draw(
+        self, data: Tensor | Sampler, n: int, name: str, labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         if isinstance(data, Tensor):
             check_cloud(data, name)
             idx = torch.randint(data.shape[0], (n,), generator=self.generator).to(data.device)
-            return data[idx]
+            return data[idx], None if labels is None else labels[idx.to(labels.device)]
+        if labels is not None:
+            raise ValueError(
+                f"{name}_labels goes with a {name} tensor; a {name} function returns (x, y) itself"
+            )
         if callable(data):
             batch = data(n)
+            y = None
+            if isinstance(batch, tuple) and len(batch) == 2:
+                batch, y = batch
+                y = check_labels(y, n, f"the labels of {name}({n})", f"{name}({n})")
             if not isinstance(batch, Tensor) or batch.dim() < 2 or batch.shape[0] != n:
                 shape = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
                 raise ValueError(f"{name}({n}) must return a tensor of shape ({n}, *dim), got {shape}")
-            return check_cloud(batch, f"{name}({n})")
+            return check_cloud(batch, f"{name}({n})"), y
         raise TypeError(
             f"{name} must be a tensor (N, *dim) or a function n -> tensor, got {type(data).__name__}"
         )
 
-    def _pair(self, source: Tensor | Sampler, target: Tensor | Sampler, n: int) -> tuple[Tensor, Tensor]:
-        """A source and a target batch ``(n, *dim)``, on the source's device and dtype."""
-        x0 = self._draw(source, n, "source")
-        x1 = self._draw(target, n, "target")
+    def _pair(
+        self, source: Tensor | Sampler, target: Tensor | Sampler, n: int, target_labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A source and a target batch ``(n, *dim)``, on the source's device and dtype, and the target's labels."""
+        x0, _ = self._draw(source, n, "source")
+        x1, y1 = self._draw(target, n, "target", target_labels)
         check_same_features(x0, x1, "source", "target")
         shape = tuple(x0.shape[1:])
         if self.settings.feature_shape is None:
@@ -832,24 +1013,34 @@ class NSGFPlusPlus:
                 f"source and target have feature shape {shape}, but this model was trained on "
                 f"{self.settings.feature_shape}"
             )
-        return x0, x1.to(device=x0.device, dtype=x0.dtype)
+        return x0, x1.to(device=x0.device, dtype=x0.dtype), None if y1 is None else y1.to(x0.device)
 
     # ------------------------------------------------------------------ training
     def fit(
-        self, source: Tensor | Sampler, target: Tensor | Sampler, n_iters: int, batch_size: int = 256
+        self,
+        source: Tensor | Sampler,
+        target: Tensor | Sampler,
+        n_iters: int,
+        batch_size: int = 256,
+        target_labels: Tensor | None = None,
     ) -> dict[str, list[float]]:
         """Train every network for ``n_iters`` steps on :meth:`NSGFPlusPlusObjective.losses`.
 
-        Returns the losses per network, one value per step.
+        ``target_labels`` ``(N,)``: class labels of a target tensor (class-conditional training); a target
+        function may return ``(x1, y1)`` instead. Returns the losses per network, one value per step.
         """
         check_positive(n_iters, "n_iters", integer=True)
         check_positive(batch_size, "batch_size", integer=True)
+        if target_labels is not None:
+            if not isinstance(target, Tensor):
+                raise ValueError("target_labels goes with a target tensor; a target function returns (x, y)")
+            target_labels = check_labels(target_labels, target.shape[0], "target_labels", "target")
         self.nets.train()
         history: dict[str, list[float]] = {k: [] for k in self.nets}
         bar = tqdm(range(n_iters), desc=f"NSGF++ ({self.phase2})", disable=not self.progress, leave=False)
         for _ in bar:
-            x0, x1 = self._pair(source, target, batch_size)
-            losses = self.objective.losses(self.nets, x0, x1)
+            x0, x1, y1 = self._pair(source, target, batch_size, target_labels)
+            losses = self.objective.losses(self.nets, x0, x1, y1)
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
@@ -876,8 +1067,10 @@ class NSGFPlusPlus:
         atol: float = 1e-5,
         rtol: float = 1e-5,
         return_trajectory: bool = False,
+        y: Tensor | None = None,
     ) -> SampleResult:
-        """:meth:`NSGFPlusPlusObjective.sample` with this model's networks (in eval mode); ``x0`` ``(bs, *dim)``."""
+        """:meth:`NSGFPlusPlusObjective.sample` with this model's networks (in eval mode); ``x0`` ``(bs, *dim)``,
+        class labels ``y`` ``(bs,)`` for a class-conditional model."""
         x0 = check_cloud(x0, "x0")
         shape = self.settings.feature_shape
         if shape is not None and tuple(x0.shape[1:]) != shape:
@@ -896,6 +1089,7 @@ class NSGFPlusPlus:
                 rtol=rtol,
                 return_trajectory=return_trajectory,
                 progress=self.progress,
+                y=y,
             )
         finally:
             for k, net in self.nets.items():

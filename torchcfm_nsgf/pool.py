@@ -4,6 +4,9 @@ The simulation phase stores the particles ``X_k``, their empirical Sinkhorn velo
 the matching phase draws minibatches ``(t, x_t, u_t)`` from the pool to regress ``v_θ(x_t, t) ≈ u_t``.
 The paper's CIFAR-10 pool reportedly took about 45 GB, so storage precision, device and medium
 (RAM or memory-mapped files) are chosen by the user, and the size can be bounded in bytes.
+
+For class-conditional (guided) training each item can carry an integer class label ``y``, stored next to it
+and served with it (optionally in class-balanced batches).
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._validation import check_cloud, check_positive
+from ._validation import check_cloud, check_labels, check_positive
 
 __all__ = ["TrajectoryPool"]
 
 _STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in _STORAGE_DTYPES}
-_FILES = {"t": "t.bin", "xt": "xt.bin", "ut": "ut.bin"}
+_FILES = {"t": "t.bin", "xt": "xt.bin", "ut": "ut.bin", "y": "y.bin"}
+_LABEL_DTYPE = torch.int64  # labels are stored as int64, the dtype torch indexes embeddings with
 _META = "pool.json"
 _MIN_ALLOCATION_BYTES = 2**20  # the first allocation holds about 1 MiB of items, or the capacity
 
@@ -45,6 +49,11 @@ class TrajectoryPool:
     **Eviction is FIFO**: the pool is a ring buffer; once it holds ``capacity`` items, each new item
     overwrites the oldest one.
 
+    **Labels** (optional): a pool whose first :meth:`add` passes ``y`` stores one int64 class label per item
+    (8 bytes, counted in :attr:`nbytes` and ``max_bytes``; a disk pool keeps them in ``y.bin``), keeps them
+    aligned with their items through eviction, growth, :meth:`state_dict` and :meth:`open`, and
+    :meth:`sample` returns them as a fourth tensor. A labelled pool refuses unlabelled adds and vice versa.
+
     **Memory follows the contents**: the buffers are allocated at the first :meth:`add`, with room for
     that add and at least about 1 MiB of items, and grow geometrically (doubling, capped at
     ``capacity``) when an add needs more room, keeping every item in its slot. Until :meth:`clear`, they
@@ -60,7 +69,8 @@ class TrajectoryPool:
     max_bytes : int, optional
         Upper bound on the bytes of the buffers. The effective capacity is
         ``min(capacity, max_bytes // bytes_per_item)`` with
-        ``bytes_per_item = 4 + 2 * prod(dim) * dtype.itemsize`` (``t`` is stored as float32). It is known
+        ``bytes_per_item = 4 + 2 * prod(dim) * dtype.itemsize`` (``t`` is stored as float32), plus 8 for a
+        labelled pool. It is known
         at the first :meth:`add`, which raises ``ValueError`` if not even one item fits. The buffers only
         reach this size once the pool is full.
     dtype : torch.dtype, optional
@@ -69,7 +79,8 @@ class TrajectoryPool:
     device : torch.device or str
         Storage device (for example ``"cpu"`` while training on a GPU). Must be the CPU for a disk pool.
     storage : {"memory", "disk"}
-        ``"disk"`` keeps the buffers in memory-mapped files ``t.bin``, ``xt.bin``, ``ut.bin`` (raw,
+        ``"disk"`` keeps the buffers in memory-mapped files ``t.bin``, ``xt.bin``, ``ut.bin`` (and ``y.bin``
+        for labels) (raw,
         native byte order) under ``path`` plus a ``pool.json`` with the shape, dtype and counters, so that
         a large pool lives in the page cache rather than in process memory. The files grow with the
         buffers; their number of slots is read from their sizes when the pool is reopened. Items read
@@ -140,6 +151,8 @@ class TrajectoryPool:
         self._t: Tensor | None = None
         self._xt: Tensor | None = None
         self._ut: Tensor | None = None
+        self._y: Tensor | None = None
+        self._labelled: bool | None = None  # fixed by the first add
         self._slots = 0  # allocated items of each buffer, <= capacity
         self._min_slots = 1  # slots of the first allocation, set with the feature shape
         self._head = 0  # next slot to write
@@ -161,7 +174,7 @@ class TrajectoryPool:
         """
         if self._t is None:
             return 0
-        return sum(buf.untyped_storage().nbytes() for buf in (self._t, self._xt, self._ut))
+        return sum(buf.untyped_storage().nbytes() for buf in self._buffers().values())
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -179,6 +192,11 @@ class TrajectoryPool:
         return self._feature_shape
 
     @property
+    def labelled(self) -> bool | None:
+        """Whether the items carry class labels (None until the first add)."""
+        return self._labelled
+
+    @property
     def n_added(self) -> int:
         """Number of items ever added (evicted ones included)."""
         return self._n_added
@@ -194,13 +212,19 @@ class TrajectoryPool:
 
     # ------------------------------------------------------------------ allocation
 
-    def _bytes_per_item(self, feature_shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        return 4 + 2 * math.prod(feature_shape) * dtype.itemsize
+    def _bytes_per_item(self, feature_shape: tuple[int, ...], dtype: torch.dtype, labelled: bool) -> int:
+        label_bytes = _LABEL_DTYPE.itemsize if labelled else 0
+        return 4 + 2 * math.prod(feature_shape) * dtype.itemsize + label_bytes
 
-    def _configure(self, feature_shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """Set the feature shape and dtype and compute the effective capacity (no allocation)."""
+    def _buffers(self) -> dict[str, Tensor]:
+        """The allocated buffers by name (``y`` only for a labelled pool)."""
+        names = ("t", "xt", "ut", "y") if self._labelled else ("t", "xt", "ut")
+        return {name: getattr(self, f"_{name}") for name in names}
+
+    def _configure(self, feature_shape: tuple[int, ...], dtype: torch.dtype, labelled: bool) -> None:
+        """Set the feature shape, dtype and labelling and compute the effective capacity (no allocation)."""
         capacity = self._requested_capacity
-        per_item = self._bytes_per_item(feature_shape, dtype)
+        per_item = self._bytes_per_item(feature_shape, dtype, labelled)
         if self._max_bytes is not None:
             fitting = self._max_bytes // per_item
             if fitting < 1:
@@ -211,16 +235,20 @@ class TrajectoryPool:
             capacity = min(capacity, fitting)
         self._feature_shape = feature_shape
         self._dtype = dtype
+        self._labelled = bool(labelled)
         self._capacity = capacity
         self._min_slots = min(capacity, max(1, _MIN_ALLOCATION_BYTES // per_item))
 
     def _slot_shapes(self, slots: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each buffer with ``slots`` slots."""
-        return {
+        shapes = {
             "t": ((slots,), torch.float32),
             "xt": ((slots, *self._feature_shape), self._dtype),
             "ut": ((slots, *self._feature_shape), self._dtype),
         }
+        if self._labelled:
+            shapes["y"] = ((slots,), _LABEL_DTYPE)
+        return shapes
 
     def _resize(self, slots: int) -> None:
         """Give the buffers ``slots >= len(self)`` slots, keeping the items in slots ``[0, len(self))``.
@@ -230,19 +258,20 @@ class TrajectoryPool:
         """
         buffers = {}
         if self._storage == "memory":
-            old = {"t": self._t, "xt": self._xt, "ut": self._ut}
+            old = {"t": self._t, "xt": self._xt, "ut": self._ut, "y": self._y}
             for name, (shape, dtype) in self._slot_shapes(slots).items():
                 buffers[name] = torch.empty(shape, dtype=dtype, device=self._device)
                 if old[name] is not None:
                     buffers[name][: self._size] = old[name][: self._size]
         else:
-            self._t = self._xt = self._ut = None  # unmap before resizing the files
+            self._t = self._xt = self._ut = self._y = None  # unmap before resizing the files
             for name, (shape, dtype) in self._slot_shapes(slots).items():
                 filename = os.path.join(self._path, _FILES[name])
                 numel = math.prod(shape)
                 os.truncate(filename, numel * dtype.itemsize)  # new bytes read as zeros
                 buffers[name] = torch.from_file(filename, shared=True, size=numel, dtype=dtype).view(shape)
         self._t, self._xt, self._ut = buffers["t"], buffers["xt"], buffers["ut"]
+        self._y = buffers.get("y")
         self._slots = slots
 
     def _create_files(self) -> None:
@@ -254,9 +283,14 @@ class TrajectoryPool:
                 "use TrajectoryPool.open or load_state_dict to resume it",
                 stacklevel=3,
             )
-        for name in _FILES.values():
-            with open(os.path.join(self._path, name), "wb"):  # truncate: a new pool starts empty
-                pass
+        used = self._slot_shapes(1)
+        for name, filename in _FILES.items():
+            filename = os.path.join(self._path, filename)
+            if name in used:
+                with open(filename, "wb"):  # truncate: a new pool starts empty
+                    pass
+            elif os.path.exists(filename):  # the labels of an old labelled pool
+                os.unlink(filename)
 
     def _map_files(self, size: int) -> None:
         """Map the files of a reopened disk pool; their slots are read from their sizes.
@@ -284,6 +318,7 @@ class TrajectoryPool:
             "capacity": self._capacity,
             "dtype": _DTYPE_NAMES[self._dtype],
             "feature_shape": list(self._feature_shape),
+            "labelled": self._labelled,
             "head": self._head,
             "size": self._size,
             "n_added": self._n_added,
@@ -295,7 +330,7 @@ class TrajectoryPool:
 
     # ------------------------------------------------------------------ add / sample
 
-    def add(self, t: Tensor | float, xt: Tensor, ut: Tensor) -> None:
+    def add(self, t: Tensor | float, xt: Tensor, ut: Tensor, y: Tensor | None = None) -> None:
         """Store a batch of ``k`` items, evicting the oldest ones once the pool is full.
 
         Parameters
@@ -306,6 +341,9 @@ class TrajectoryPool:
             Particle positions, shape ``(k, *dim)``.
         ut : Tensor
             Target velocities, shape ``(k, *dim)``.
+        y : Tensor, optional
+            Integer class labels, shape ``(k,)``, non-negative. The first add decides whether the pool is
+            labelled; later adds must agree.
 
         Notes
         -----
@@ -318,6 +356,15 @@ class TrajectoryPool:
             raise ValueError(f"ut must have the shape of xt {tuple(xt.shape)}, got {tuple(ut.shape)}")
         k = xt.shape[0]
         t = self._check_times(t, k)
+        labelled = y is not None
+        if labelled:
+            y = check_labels(y, k, "y", "xt")
+        if self._labelled is not None and labelled != self._labelled:
+            raise ValueError(
+                "y must be given: this pool stores class labels with its items"
+                if self._labelled
+                else "y must be None: this pool stores no class labels (its first add had none)"
+            )
         feature_shape = tuple(xt.shape[1:])
         if self._feature_shape is not None and feature_shape != self._feature_shape:
             raise ValueError(
@@ -327,7 +374,7 @@ class TrajectoryPool:
             dtype = self._dtype if self._dtype is not None else xt.dtype
             if dtype not in _STORAGE_DTYPES:
                 raise ValueError(f"xt has dtype {xt.dtype}, which the pool cannot store; pass dtype=...")
-            self._configure(feature_shape, dtype)
+            self._configure(feature_shape, dtype, labelled)
             if self._storage == "disk":
                 self._create_files()
 
@@ -338,6 +385,8 @@ class TrajectoryPool:
                 "xt": xt[k - keep :].detach().to(device=self._device, dtype=self._dtype),
                 "ut": ut[k - keep :].detach().to(device=self._device, dtype=self._dtype),
             }
+            if labelled:
+                new["y"] = y[k - keep :].to(device=self._device, dtype=_LABEL_DTYPE)
             for name in ("xt", "ut"):
                 if not bool(torch.isfinite(new[name]).all()):
                     raise ValueError(f"{name} overflows the storage dtype {self._dtype}: use a wider dtype")
@@ -345,7 +394,7 @@ class TrajectoryPool:
             if needed > self._slots:  # not full yet: the items fill slots [0, size) and head == size
                 self._resize(min(self._capacity, max(2 * self._slots, needed, self._min_slots)))
             first = min(keep, self._capacity - self._head)
-            for name, buf in (("t", self._t), ("xt", self._xt), ("ut", self._ut)):
+            for name, buf in self._buffers().items():
                 buf[self._head : self._head + first] = new[name][:first]
                 buf[: keep - first] = new[name][first:]
         self._head = (self._head + keep) % self._capacity
@@ -377,8 +426,9 @@ class TrajectoryPool:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Draw ``batch_size`` distinct items uniformly at random.
+        balanced: bool = False,
+    ) -> tuple[Tensor, ...]:
+        """Draw ``batch_size`` distinct items uniformly at random (or class-balanced).
 
         Parameters
         ----------
@@ -389,6 +439,11 @@ class TrajectoryPool:
         dtype : torch.dtype, optional
             Floating dtype of all three returned tensors (``t`` included, so that ``model(t, xt)`` works).
             Default: the storage dtype, except float32 for a float16/bfloat16 pool.
+        balanced : bool
+            Labelled pools only: draw equal numbers of items of every class the pool holds (the remainder
+            of ``batch_size / n_classes`` going to classes drawn at random; a class with too few items gives
+            all it has and the others fill in), uniformly without replacement within each class, returned in
+            random order. Costs a pass over the labels.
 
         Returns
         -------
@@ -396,6 +451,8 @@ class TrajectoryPool:
             Shape ``(batch_size,)``.
         xt, ut : Tensor
             Shape ``(batch_size, *dim)``.
+        y : Tensor, only for a labelled pool
+            int64 labels, shape ``(batch_size,)``, of the items in the rows of ``xt``.
         """
         check_positive(batch_size, "batch_size", integer=True)
         if batch_size > self._size:
@@ -408,14 +465,52 @@ class TrajectoryPool:
         out_device = self._device if device is None else torch.device(device)
         if dtype is None:
             dtype = torch.float32 if self._dtype in (torch.float16, torch.bfloat16) else self._dtype
+        if balanced and not self._labelled:
+            raise ValueError("balanced=True needs a labelled pool (items added with y)")
 
-        idx = self._draw_indices(batch_size).to(self._device)
+        if balanced:
+            idx = self._draw_balanced(batch_size).to(self._device)
+        else:
+            idx = self._draw_indices(batch_size).to(self._device)
         t, xt, ut = self._t[idx], self._xt[idx], self._ut[idx]
-        return (
+        out = (
             t.to(device=out_device, dtype=dtype),
             xt.to(device=out_device, dtype=dtype),
             ut.to(device=out_device, dtype=dtype),
         )
+        if self._labelled:
+            return (*out, self._y[idx].to(out_device))
+        return out
+
+    def _draw_balanced(self, batch_size: int) -> Tensor:
+        """Indices of ``batch_size`` distinct items with equal counts per class (as far as the classes hold
+        items), in random order; every draw goes through the generator."""
+        gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
+        labels = self._y[: self._size].to(gen_device)
+        classes, counts = torch.unique(labels, return_counts=True)
+        k = len(classes)
+        quota = torch.full((k,), batch_size // k, dtype=torch.long, device=gen_device)
+        extra = torch.randperm(k, generator=self.generator, device=gen_device)[: batch_size % k]
+        quota[extra] += 1
+        # a class short of items gives what it has; the missing ones go to classes with room, one by one
+        while bool((quota > counts).any()):
+            missing = int((quota - counts).clamp(min=0).sum())
+            quota = torch.minimum(quota, counts)
+            room = (counts - quota).clamp(min=0)
+            for _ in range(missing):
+                has_room = torch.nonzero(room > 0).flatten()
+                pick = has_room[
+                    torch.randint(len(has_room), (1,), generator=self.generator, device=gen_device)
+                ]
+                quota[pick] += 1
+                room[pick] -= 1
+        parts = []
+        for c, q in zip(classes.tolist(), quota.tolist(), strict=True):
+            members = torch.nonzero(labels == c).flatten()
+            order = torch.randperm(len(members), generator=self.generator, device=gen_device)[:q]
+            parts.append(members[order])
+        idx = torch.cat(parts)
+        return idx[torch.randperm(batch_size, generator=self.generator, device=gen_device)]
 
     def _draw_indices(self, batch_size: int) -> Tensor:
         """Uniform ``batch_size``-subset of ``range(len(self))``, in uniformly random order.
@@ -447,8 +542,8 @@ class TrajectoryPool:
     def flush(self) -> None:
         """Ask the OS to write a disk pool's files (a no-op for a memory pool); closing needs no flush."""
         if self._storage == "disk" and self._t is not None:
-            for name in _FILES.values():
-                fd = os.open(os.path.join(self._path, name), os.O_RDONLY)
+            for name in self._buffers():
+                fd = os.open(os.path.join(self._path, _FILES[name]), os.O_RDONLY)
                 try:
                     os.fsync(fd)
                 finally:
@@ -459,7 +554,7 @@ class TrajectoryPool:
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint of the pool.
 
-        For a memory pool it holds the stored items (``t``, ``xt``, ``ut`` in buffer order, on the storage
+        For a memory pool it holds the stored items (``t``, ``xt``, ``ut``, and ``y`` if labelled, in buffer order, on the storage
         device) and the counters, so that a loaded pool samples exactly as the saved one. For a disk pool it
         holds the path and the counters only: the items stay in the files, and later adds overwrite them.
         Both include the generator state when the pool has a generator.
@@ -469,6 +564,7 @@ class TrajectoryPool:
             "capacity": self._capacity,
             "dtype": None if self._dtype is None else _DTYPE_NAMES[self._dtype],
             "feature_shape": None if self._feature_shape is None else list(self._feature_shape),
+            "labelled": self._labelled,
             "head": self._head,
             "size": self._size,
             "n_added": self._n_added,
@@ -480,6 +576,8 @@ class TrajectoryPool:
             state["t"] = self._t[: self._size].clone()
             state["xt"] = self._xt[: self._size].clone()
             state["ut"] = self._ut[: self._size].clone()
+            if self._labelled:
+                state["y"] = self._y[: self._size].clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -499,12 +597,14 @@ class TrajectoryPool:
                 f"state holds a {state.get('storage')!r} pool but this pool is {self._storage!r}"
             )
         self._head, self._size, self._n_added = 0, 0, 0
-        self._t = self._xt = self._ut = None
+        self._t = self._xt = self._ut = self._y = None
         self._slots = 0
         self._feature_shape = None
+        self._labelled = None
         if state["feature_shape"] is not None:
             self._requested_capacity, self._max_bytes = state["capacity"], None
-            self._configure(tuple(state["feature_shape"]), _dtype_from_name(state["dtype"]))
+            labelled = bool(state.get("labelled", False))  # states written before labels: unlabelled
+            self._configure(tuple(state["feature_shape"]), _dtype_from_name(state["dtype"]), labelled)
             size = state["size"]
             if self._storage == "disk":
                 self._map_files(size)
@@ -513,6 +613,8 @@ class TrajectoryPool:
                 self._t[:size] = state["t"].to(self._device)
                 self._xt[:size] = state["xt"].to(self._device)
                 self._ut[:size] = state["ut"].to(self._device)
+                if labelled:
+                    self._y[:size] = state["y"].to(self._device)
             self._head, self._size, self._n_added = state["head"], state["size"], state["n_added"]
         if state.get("generator_state") is not None and self.generator is not None:
             self.generator.set_state(state["generator_state"])

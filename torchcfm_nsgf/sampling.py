@@ -7,7 +7,8 @@ convention), and returns a :class:`SampleResult` whose ``nfe`` is counted from r
 Fields follow torchcfm's convention: ``field(t, x, **extra_args) -> dx/dt`` with ``x`` of shape
 ``(bs, *dim)`` and ``t`` a 0-d tensor of ``x``'s dtype (what ``torchcfm.utils.torch_wrapper`` expects) or,
 inside torchdyn's adaptive solvers, a ``(1,)`` tensor. ``extra_args`` are passed on every call (k-diffusion's
-convention: class labels ``y=`` for torchcfm's ``UNetModelWrapper``).
+convention: class labels ``y=`` for torchcfm's ``UNetModelWrapper``); classifier-free guidance is the field
+:class:`~torchcfm_nsgf.guidance.CFGField`, whose two network calls per evaluation are counted.
 
 Solvers: the fixed-step ones (``euler``, ``midpoint``, ``rk4``) run in one loop here, with a per-step
 callback and a switchable progress bar; ``euler`` is written by hand, ``midpoint`` and ``rk4`` are
@@ -76,6 +77,10 @@ class NFECounter(nn.Module):
     lambdas and ``torch_wrapper``-ed MLPs, do not accept) and the fixed ``extra_args`` are passed instead.
     A bare function therefore becomes a module that torchdyn can call.
 
+    A field that counts its own network calls in an integer attribute ``nfe`` (another
+    :class:`NFECounter`, a :class:`~torchcfm_nsgf.guidance.CFGField`, whose guided evaluation is two network
+    calls) adds the calls it reports; any other field counts one per call.
+
     Parameters
     ----------
     field : callable
@@ -94,12 +99,20 @@ class NFECounter(nn.Module):
         self.nfe = 0
 
     def forward(self, t: Tensor, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        self.nfe += 1
-        return self.field(t, x, *args, **self.extra_args)
+        before = _reported_calls(self.field)
+        out = self.field(t, x, *args, **self.extra_args)
+        self.nfe += 1 if before is None else _reported_calls(self.field) - before
+        return out
 
     def reset(self) -> None:
         """Set the count back to zero."""
         self.nfe = 0
+
+
+def _reported_calls(field: object) -> int | None:
+    """The network calls a field reports in its integer ``nfe`` attribute, or None when it has none."""
+    n = getattr(field, "nfe", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 # ---------------------------------------------------------------------------------------------- solvers

@@ -14,6 +14,11 @@ Training: :func:`train_flow_matching` is torchcfm's loop, ``t, xt, ut = FM.sampl
 included; :func:`train_nsgf` runs that loop with NSGF's matcher (Algorithm 1: flows into a trajectory pool).
 :func:`train_nsgfpp` builds and trains NSGF++ (:class:`~torchcfm_nsgf.NSGFPlusPlus`, either variant) on a task
 with the same MLP width: the one 2D NSGF++ setup of the benchmarks.
+
+Class-conditional task: ``get_task("gaussian-8gaussians-conditional")`` (a :class:`ConditionalTask`) draws the
+8gaussians target with its mode index as the label (:func:`sample_8gaussians_labelled`); the training loop then
+takes torchcfm's guided targets, ``matcher.guided_sample_location_and_conditional_flow(x0, x1, y1=y1)``, and a
+label-taking field ``v(t, x, y)`` (:func:`make_conditional_model`), and samples with ``extra_args={"y": y}``.
 """
 
 from __future__ import annotations
@@ -40,12 +45,16 @@ from .sampling import odeint_sample
 from .sinkhorn import SinkhornOptions
 
 __all__ = [
+    "CONDITIONAL_TASKS",
     "TASKS",
+    "ConditionalTask",
     "Sampler",
     "Task",
     "TrainedField",
     "get_task",
+    "make_conditional_model",
     "make_model",
+    "sample_8gaussians_labelled",
     "sample_checkerboard",
     "sample_gaussian",
     "sample_scurve",
@@ -56,7 +65,9 @@ __all__ = [
 ]
 
 SampleFn = Callable[[int, "torch.Generator | None"], Tensor]
-BatchFn = Callable[[int], "tuple[Tensor, Tensor]"]
+LabelledSampleFn = Callable[[int, "torch.Generator | None"], "tuple[Tensor, Tensor]"]
+#: ``sample_batch(n) -> (x0, x1)``, or ``(x0, x1, y1)`` for class-conditional training.
+BatchFn = Callable[[int], "tuple[Tensor, ...]"]
 
 
 # ---------------------------------------------------------------------------------------------- samplers
@@ -83,6 +94,32 @@ def sample_checkerboard(n: int, generator: torch.Generator | None = None) -> Ten
     row = torch.randint(0, 2, (n,), generator=generator) * 2
     y = torch.rand(n, generator=generator) - row + torch.floor(x).remainder(2)
     return torch.stack([x, y], dim=1) * 2
+
+
+#: The 8 modes of torchcfm's ``sample_8gaussians``, in its order (the label of a mode is its index here).
+_EIGHT_CENTRES = 5.0 * torch.tensor(
+    [
+        (1.0, 0.0),
+        (-1.0, 0.0),
+        (0.0, 1.0),
+        (0.0, -1.0),
+        (1.0 / math.sqrt(2), 1.0 / math.sqrt(2)),
+        (1.0 / math.sqrt(2), -1.0 / math.sqrt(2)),
+        (-1.0 / math.sqrt(2), 1.0 / math.sqrt(2)),
+        (-1.0 / math.sqrt(2), -1.0 / math.sqrt(2)),
+    ]
+)
+
+
+def sample_8gaussians_labelled(n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``n`` draws of torchcfm's 8gaussians with their mode: points (n, 2) and int64 labels (n,) in [0, 8).
+
+    The distribution of torchcfm's ``sample_8gaussians``: a uniformly drawn mode of radius 5 plus Gaussian noise
+    of covariance ``sqrt(0.1) I`` (torchcfm passes ``sqrt(var)`` as the covariance), drawn from ``generator``.
+    """
+    y = torch.randint(0, 8, (n,), generator=generator)
+    noise = torch.randn(n, 2, generator=generator) * 0.1**0.25
+    return _EIGHT_CENTRES[y] + noise, y
 
 
 def _seeded(sampler: Callable[[int], Tensor]) -> SampleFn:
@@ -142,11 +179,41 @@ TASKS: dict[str, Task] = {
 }
 
 
-def get_task(name: str) -> Task:
-    """The task called ``name`` (a key of :data:`TASKS`); ``ValueError`` naming the choices otherwise."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    return TASKS[name]
+@dataclass(frozen=True)
+class ConditionalTask:
+    """A class-conditional 2D task: ``source(n, generator)`` (n, 2) and ``target(n, generator) -> (x, y)``,
+    points (n, 2) with int64 labels (n,) in ``[0, num_classes)``."""
+
+    name: str
+    label: str
+    source: SampleFn
+    target: LabelledSampleFn
+    num_classes: int
+    gaussian_source: bool = True
+
+
+CONDITIONAL_TASKS: dict[str, ConditionalTask] = {
+    task.name: task
+    for task in (
+        ConditionalTask(
+            "gaussian-8gaussians-conditional",
+            "N(0, I) → 8gaussians | mode",
+            sample_gaussian,
+            sample_8gaussians_labelled,
+            8,
+        ),
+    )
+}
+
+
+def get_task(name: str) -> Task | ConditionalTask:
+    """The task called ``name`` (a key of :data:`TASKS` or :data:`CONDITIONAL_TASKS`); ``ValueError`` naming
+    the choices otherwise."""
+    if name in TASKS:
+        return TASKS[name]
+    if name in CONDITIONAL_TASKS:
+        return CONDITIONAL_TASKS[name]
+    raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS) + sorted(CONDITIONAL_TASKS)}")
 
 
 # ---------------------------------------------------------------------------------------------- metric
@@ -175,6 +242,12 @@ def make_model(width: int = 64, dim: int = 2) -> nn.Module:
     return MLP(dim=dim, w=width, time_varying=True)
 
 
+def make_conditional_model(num_classes: int, width: int = 64, dim: int = 2) -> nn.Module:
+    """A class-conditional field ``v(t, x, y)``: torchcfm's MLP with a label embedding in the input
+    (:class:`~torchcfm_nsgf.networks.VelocityMLP` with ``num_classes``)."""
+    return VelocityMLP(dim, width, num_classes=num_classes)
+
+
 class Sampler(Protocol):
     """What the benchmark asks of a trained method (NSGF++ plugs in with the same two members)."""
 
@@ -190,7 +263,8 @@ class TrainedField:
     Attributes
     ----------
     field : nn.Module
-        ``field(t, x) -> dx/dt`` (torchcfm's ``torch_wrapper`` around the trained MLP), x of shape (n, 2).
+        ``field(t, x) -> dx/dt`` (torchcfm's ``torch_wrapper`` around the trained MLP), x of shape (n, 2); for
+        a class-conditional model ``field(t, x, y=labels)``.
     train_time_s : float
         Wall-clock seconds of training, simulation (NSGF) or pair generation (2-RF) included.
     n_opt_steps : int
@@ -204,13 +278,16 @@ class TrainedField:
     n_opt_steps: int
     losses: list[float]
 
-    def sample(self, x0: Tensor, nfe: int | None, solver: str = "euler") -> tuple[Tensor, int]:
+    def sample(
+        self, x0: Tensor, nfe: int | None, solver: str = "euler", y: Tensor | None = None
+    ) -> tuple[Tensor, int]:
         """Integrate ``x0`` (n, 2) with ``nfe`` steps of a fixed-step ``solver``, or with an adaptive one
-        (``nfe=None``), by :func:`~torchcfm_nsgf.odeint_sample`.
+        (``nfe=None``), by :func:`~torchcfm_nsgf.odeint_sample`; labels ``y`` (n,) for a conditional field.
 
         Returns the samples (n, 2) and the number of field evaluations actually used.
         """
-        result = odeint_sample(self.field, x0, solver=solver, n_steps=nfe)
+        extra = None if y is None else {"y": y}
+        result = odeint_sample(self.field, x0, solver=solver, n_steps=nfe, extra_args=extra)
         return result.samples, result.total_nfe
 
 
@@ -231,14 +308,20 @@ def train_flow_matching(
     """torchcfm's training loop: ``t, xt, ut = matcher.sample_location_and_conditional_flow(x0, x1)``,
     ``vt = model(cat([xt, t[:, None]], -1))``, ``loss = mean((vt - ut)^2)``, Adam.
 
+    Class-conditional when ``sample_batch`` returns ``(x0, x1, y1)``: ``t, xt, ut, _, y =
+    matcher.guided_sample_location_and_conditional_flow(x0, x1, y1=y1)`` (a matcher without that method, e.g.
+    ``ConditionalFlowMatcher``, keeps ``y = y1`` with its independent pairs) and ``vt = model(t, xt, y=y)``.
+
     Parameters
     ----------
     model : nn.Module
-        torchcfm's time-varying MLP (see :func:`make_model`); trained in place.
+        torchcfm's time-varying MLP (see :func:`make_model`), or a field ``model(t, x, y)`` for
+        class-conditional training (:func:`make_conditional_model`); trained in place.
     matcher
         Any torchcfm matcher (``sample_location_and_conditional_flow``), NSGF's included.
     sample_batch : callable
-        ``sample_batch(batch_size) -> (x0, x1)``, each (batch_size, 2).
+        ``sample_batch(batch_size) -> (x0, x1)``, each (batch_size, 2), or ``(x0, x1, y1)`` with labels
+        ``y1`` (batch_size,).
     train_steps : int or None
         Number of optimiser steps; None trains until ``time_budget_s`` instead.
     batch_size, lr : int, float
@@ -261,9 +344,21 @@ def train_flow_matching(
     total = train_steps
     with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
         while True:
-            x0, x1 = sample_batch(batch_size)
-            t, xt, ut = matcher.sample_location_and_conditional_flow(x0, x1)
-            vt = model(torch.cat([xt, t[:, None]], dim=-1))
+            batch = sample_batch(batch_size)
+            conditional = len(batch) == 3
+            if conditional:
+                x0, x1, y1 = batch
+                guided = getattr(matcher, "guided_sample_location_and_conditional_flow", None)
+                if guided is None:
+                    t, xt, ut = matcher.sample_location_and_conditional_flow(x0, x1)
+                    y = y1
+                else:
+                    t, xt, ut, _, y = guided(x0, x1, y1=y1)[:5]
+                vt = model(t, xt, y=y)
+            else:
+                x0, x1 = batch
+                t, xt, ut = matcher.sample_location_and_conditional_flow(x0, x1)
+                vt = model(torch.cat([xt, t[:, None]], dim=-1))
             loss = torch.mean((vt - ut) ** 2)
             optimizer.zero_grad()
             loss.backward()
@@ -279,12 +374,15 @@ def train_flow_matching(
                 break
     model.eval()
     return TrainedField(
-        field=torch_wrapper(model), train_time_s=elapsed, n_opt_steps=len(losses), losses=losses
+        field=model if conditional else torch_wrapper(model),
+        train_time_s=elapsed,
+        n_opt_steps=len(losses),
+        losses=losses,
     )
 
 
 def train_nsgf(
-    task: Task,
+    task: Task | ConditionalTask,
     matcher: SinkhornFlowMatcher | None = None,
     *,
     train_steps: int | None,
@@ -299,14 +397,28 @@ def train_nsgf(
 
     Every call of the loop draws a fresh ``(x0, x1)`` batch of the task; the matcher simulates flows from
     those batches into its pool and serves the regression batches (Algorithm 1). ``train_time_s`` includes
-    all simulation. The field is returned in eval mode.
+    all simulation. The field is returned in eval mode. A :class:`ConditionalTask` trains the class-conditional
+    field :func:`make_conditional_model` on guided targets (one Sinkhorn flow per class); sample it with
+    ``y``.
     """
     if matcher is None:
         matcher = SinkhornFlowMatcher(generator=torch.Generator().manual_seed(_child_seed(generator)))
+    if isinstance(task, ConditionalTask):
+        model = make_conditional_model(task.num_classes, width)
+
+        def sample_batch(bs: int) -> tuple[Tensor, ...]:
+            return (task.source(bs, generator), *task.target(bs, generator))
+
+    else:
+        model = make_model(width)
+
+        def sample_batch(bs: int) -> tuple[Tensor, ...]:
+            return task.source(bs, generator), task.target(bs, generator)
+
     return train_flow_matching(
-        make_model(width),
+        model,
         matcher,
-        lambda bs: (task.source(bs, generator), task.target(bs, generator)),
+        sample_batch,
         train_steps=train_steps,
         batch_size=batch_size,
         lr=lr,

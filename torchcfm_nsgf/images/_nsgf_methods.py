@@ -19,6 +19,10 @@ paired with the data by exact minibatch OT for ``phase2="ot"`` (no predictor). T
 the global generator (saved in checkpoints). Sampling: :meth:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective.sample`;
 a budget ``nfe`` counts all calls, so phase 2 gets ``nfe - T - 1`` (``"paper"``) or ``nfe - T`` (``"ot"``)
 Euler steps (default 50).
+
+Class-conditional (``num_classes``): the UNets take the labels; NSGF's pool stores the label of every item,
+filled by guided flows (one Sinkhorn flow per class); NSGF++'s objective passes the labels to all its
+networks (the CNN predictor gets an embedding of the data classes, never the null label).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..sampling import SampleResult, solver_spec
-from .methods import FlowMatchingMethod, NSGFSettings, build_unet
+from .methods import FlowMatchingMethod, NSGFSettings, build_unet, unet_classes
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -85,15 +89,18 @@ class NSGFMethod(FlowMatchingMethod):
     counter (which decides when the pool is refreshed) is saved with the pool.
     """
 
-    def __init__(self, matcher: Any, net: torch.nn.Module) -> None:
-        super().__init__("nsgf", matcher, net, default_steps=matcher.flow_steps)
+    def __init__(
+        self, matcher: Any, net: torch.nn.Module, num_classes: int | None = None, cfg_dropout: float = 0.0
+    ) -> None:
+        super().__init__("nsgf", matcher, net, matcher.flow_steps, num_classes, cfg_dropout)
 
-    def prepare(self, x1_fn: Callable[[], Tensor], progress: bool = False) -> None:
-        """Simulate the first flow into the pool before training (a progress bar shows the pool's size)."""
+    def prepare(self, batch_fn: Callable[[], tuple[Tensor, Tensor | None]], progress: bool = False) -> None:
+        """Simulate the first flow into the pool before training (a progress bar shows the pool's size); a
+        guided flow with the batch's labels for a class-conditional method."""
         pool = self.matcher.pool
         bar = tqdm(total=1, desc="NSGF pool", disable=not progress, leave=False)
-        x1 = x1_fn()
-        self.matcher.fill_pool(torch.randn_like(x1), x1)
+        x1, y1 = batch_fn()
+        self.matcher.fill_pool(torch.randn_like(x1), x1, y1=y1)
         bar.update(1)
         bar.set_postfix(items=len(pool), MB=f"{pool.nbytes / 2**20:.1f}")
         bar.close()
@@ -113,12 +120,20 @@ class NSGFPlusPlusMethod(NSGFMethod):
     the checkpoint state is the objective's (the pool, and the ``"ot"`` variant's end-point buffer).
     """
 
-    def __init__(self, objective: Any, nets: dict[str, torch.nn.Module]) -> None:
+    def __init__(
+        self,
+        objective: Any,
+        nets: dict[str, torch.nn.Module],
+        num_classes: int | None = None,
+        cfg_dropout: float = 0.0,
+    ) -> None:
         self.name = "nsgf++"
         self.objective = objective
         self.matcher = objective.matcher
         self.nets = torch.nn.ModuleDict({k: nets[k] for k in objective.net_names})
         self.default_steps = objective.phase1_nfe() + NSGFPP_STRAIGHT_STEPS
+        self.num_classes = num_classes
+        self.cfg_dropout = cfg_dropout
 
     def state_dict(self) -> dict[str, Any]:
         """The objective's resumable state: the matcher's pool and counters, and the phase-1 end points."""
@@ -127,15 +142,30 @@ class NSGFPlusPlusMethod(NSGFMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.objective.load_state_dict(state)
 
-    def loss(self, nets: torch.nn.ModuleDict, x0: Tensor, x1: Tensor) -> Tensor:
+    def loss(self, nets: torch.nn.ModuleDict, x0: Tensor, x1: Tensor, y1: Tensor | None = None) -> Tensor:
         """Sum of the objective's per-network losses (disjoint parameters: one optimiser serves all)."""
-        return sum(self.objective.losses(nets, x0, x1).values())
+        if (y1 is None) != (self.num_classes is None):
+            raise ValueError(
+                f"y1 is required: {self.name} is class-conditional"
+                if y1 is None
+                else f"y1 must be None: {self.name} was built without num_classes"
+            )
+        return sum(self.objective.losses(nets, x0, x1, y1).values())
 
     def sample(
-        self, nets: torch.nn.ModuleDict, x0: Tensor, *, nfe: int | None = None, solver: str = "euler"
+        self,
+        nets: torch.nn.ModuleDict,
+        x0: Tensor,
+        *,
+        nfe: int | None = None,
+        solver: str = "euler",
+        y: Tensor | None = None,
+        guidance_scale: float | None = None,
     ) -> SampleResult:
         """``nfe`` is the whole budget (T NSGF steps + the predictor call of ``"paper"`` + phase-2 steps;
-        ignored by adaptive solvers, whose phase 2 runs to their tolerance)."""
+        ignored by adaptive solvers, whose phase 2 runs to their tolerance). With ``guidance_scale`` the budget
+        counts steps: the reported ``nfe`` counts network calls, two per guided step."""
+        y = self._check_labels(y, x0, guidance_scale)
         before = self.objective.phase1_nfe()
         budget = self.default_steps if nfe is None else nfe
         adaptive = solver_spec(solver).adaptive
@@ -145,7 +175,12 @@ class NSGFPlusPlusMethod(NSGFMethod):
                 f"calls before phase 2, then one straight-flow step), got {budget}"
             )
         return self.objective.sample(
-            nets, x0, solver=solver, straight_steps=None if adaptive else budget - before
+            nets,
+            x0,
+            solver=solver,
+            straight_steps=None if adaptive else budget - before,
+            y=y,
+            guidance_scale=guidance_scale,
         )
 
 
@@ -156,8 +191,10 @@ def make(
     preset: str,
     settings: NSGFSettings,
     rank: int,
+    num_classes: int | None = None,
+    cfg_dropout: float = 0.0,
 ) -> Any:
-    """Build ``nsgf`` (or ``nsgf++``) for images of ``shape``."""
+    """Build ``nsgf`` (or ``nsgf++``) for images of ``shape`` (class-conditional with ``num_classes``)."""
     if name not in available():
         raise ValueError(f"method {name!r} is not available in this installation (available: {available()})")
     s = settings
@@ -171,11 +208,13 @@ def make(
         pool=make_pool(s, rank),
         refresh_every=s.refresh_every,
     )
+    classes = unet_classes(num_classes, cfg_dropout)
     if name == "nsgf":
-        return NSGFMethod(matcher, build_unet(shape, preset))
-    objective = NSGFPlusPlusObjective(matcher, phase2=s.phase2)
-    nets = {"nsgf": build_unet(shape, preset)}
+        return NSGFMethod(matcher, build_unet(shape, preset, num_classes=classes), num_classes, cfg_dropout)
+    null = num_classes if cfg_dropout > 0 else None
+    objective = NSGFPlusPlusObjective(matcher, phase2=s.phase2, label_dropout=cfg_dropout, null_label=null)
+    nets = {"nsgf": build_unet(shape, preset, num_classes=classes)}
     if objective.uses_predictor:
-        nets["predictor"] = TimePredictorCNN(shape[0])
-    nets["straight"] = build_unet(shape, preset)
-    return NSGFPlusPlusMethod(objective, nets)
+        nets["predictor"] = TimePredictorCNN(shape[0], num_classes=num_classes)
+    nets["straight"] = build_unet(shape, preset, num_classes=classes)
+    return NSGFPlusPlusMethod(objective, nets, num_classes, cfg_dropout)

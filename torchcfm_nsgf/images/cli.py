@@ -5,7 +5,10 @@
 samples a PNG grid and computes FID/IS, and returns what it did without printing; :func:`main` is the
 entry point of the example scripts: it prints the report, and a user error (a bad flag, an unwritable
 ``--ckpt-dir``, a missing dataset or checkpoint) as one ``prog: error: ...`` line with exit status 2.
-Sample grids go to the run's folder ``--ckpt-dir`` unless ``--sample-out`` names another path.
+Sample grids go to the run's folder ``--ckpt-dir`` unless ``--sample-out`` names another path. A
+``--conditional`` run trains every method on the labels and ``--sample`` writes a class grid: one row per
+class, ``--n-samples / classes`` images per row (``--n-samples 100``: 10 x 10 for MNIST), classifier-free
+guided with ``--guidance-scale`` (a run trained with ``--cfg-dropout``).
 
 ``--resume`` with ``--total-steps`` below the checkpoint's step is an error; equal to it, nothing is
 trained, which is allowed only to sample or score the checkpoint (``--sample``, ``--fid``).
@@ -131,6 +134,20 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {value}")
+    return number
+
+
+def _probability(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+    return number
+
+
 def _decay(value: str) -> float:
     number = float(value)
     if not 0.0 <= number < 1.0:
@@ -202,6 +219,17 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         "EMA horizon 1 / (1 - decay) is at most total-steps / 10; a resumed run keeps its own)",
     )
     g.add_argument("--sigma", type=float, default=0.0, help="sigma of the icfm/otcfm/fm probability paths")
+    g.add_argument(
+        "--conditional",
+        action="store_true",
+        help="class-conditional training on the dataset's labels (every method; fixed on resume)",
+    )
+    g.add_argument(
+        "--cfg-dropout",
+        type=_probability,
+        default=0.0,
+        help="label-dropout probability for classifier-free guidance, e.g. 0.1 (needs --conditional)",
+    )
     g.add_argument("--unet", default=dataset, choices=sorted(UNET_PRESETS), help="UNet configuration")
     g.add_argument(
         "--tiny",
@@ -313,6 +341,13 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         "without one)",
     )
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling noise")
+    g.add_argument(
+        "--guidance-scale",
+        type=_non_negative_float,
+        default=None,
+        help="classifier-free guidance scale w of a --conditional run trained with --cfg-dropout "
+        "(0: unconditional, 1: conditional; default: no guidance)",
+    )
     g.add_argument("--sample-batch-size", type=_positive_int, default=256, help="images per sampler call")
     g.add_argument(
         "--ema",
@@ -374,6 +409,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         log_every=args.log_every,
         download=args.download,
         verify_checksums=getattr(args, "verify_checksums", True),
+        conditional=args.conditional,
+        cfg_dropout=args.cfg_dropout,
         nsgf=nsgf,
     )
 
@@ -381,6 +418,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _check_paths(args: argparse.Namespace) -> None:
     """Fail before training on what would fail after it: folders that cannot be written, a resume with
     nothing to resume or nothing to do."""
+    if args.cfg_dropout > 0 and not args.conditional:
+        raise UsageError("--cfg-dropout needs --conditional (label dropout of a class-conditional run)")
+    if args.guidance_scale is not None and args.cfg_dropout == 0:
+        raise UsageError(
+            "--guidance-scale needs a --conditional run trained with --cfg-dropout (a model of the null label)"
+        )
     if args.ckpt_dir is not None:
         reason = check_writable_dir(args.ckpt_dir)
         if reason is not None:
@@ -417,7 +460,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     -------
     dict
         ``step``, ``steps_this_run``, ``wall_time_s``, ``rank``; with ``--sample``: ``grid`` (path), ``nfe``,
-        ``nfe_breakdown``; with ``--fid``: ``fid`` (and ``is_mean``, ``is_std`` for cifar10). Only rank 0
+        ``nfe_breakdown`` (and for a ``--conditional`` run ``grid_rows``, the classes, and ``grid_labels``,
+        the class of each image in grid order); with ``--fid``: ``fid`` (and ``is_mean``, ``is_std`` for cifar10). Only rank 0
         samples.
 
     Raises
@@ -450,24 +494,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = next(result.method.nets.parameters()).device
     nets = result.ema if args.use_ema else result.method.nets
     shape = result.shape
+    classes = result.method.num_classes
     if args.sample:
+        labels, per_row = None, None
+        if classes is not None:  # a class grid: one row per class
+            per_row = max(1, args.n_samples // classes)
+            labels = torch.arange(classes).repeat_interleave(per_row)
         gen = generate(
             result.method,
             nets,
-            args.n_samples,
+            args.n_samples if labels is None else len(labels),
             shape,
             nfe=args.nfe,
             solver=args.solver,
             batch_size=args.sample_batch_size,
             seed=args.sample_seed,
             device=device,
+            labels=labels,
+            guidance_scale=args.guidance_scale,
         )
         path = args.sample_out
         if path is None:
             name = f"samples_{config.method}_step{result.step}_nfe{gen.total_nfe}.png"
             path = name if config.ckpt_dir is None else os.path.join(config.ckpt_dir, name)
-        save_grid(gen.samples, path)
+        save_grid(gen.samples, path, nrow=per_row)
         out.update(grid=path, nfe=gen.total_nfe, nfe_breakdown=dict(gen.nfe))
+        if labels is not None:
+            out.update(grid_rows=classes, grid_labels=labels)
     if args.fid:
         real = load_images(config.dataset, config.data_root, verify_checksums=config.verify_checksums).images
         bs = args.sample_batch_size
@@ -485,6 +538,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     batch_size=n,
                     seed=args.sample_seed + 1 + start,
                     device=device,
+                    labels=None if classes is None else torch.arange(start, start + n) % classes,
+                    guidance_scale=args.guidance_scale,
                 )
                 out["fid_nfe"] = g.total_nfe
                 yield to_uint8(g.samples)

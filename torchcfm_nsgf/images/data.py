@@ -21,9 +21,11 @@ import torch
 from torch import Tensor
 from torchvision import datasets
 
-__all__ = ["DATASETS", "ImageData", "expected_files", "load_images", "to_unit_range"]
+__all__ = ["DATASETS", "NUM_CLASSES", "ImageData", "expected_files", "load_images", "to_unit_range"]
 
 DATASETS = ("mnist", "cifar10")
+#: Classes of each dataset (the labels of class-conditional runs lie in ``[0, NUM_CLASSES[name])``).
+NUM_CLASSES = {"mnist": 10, "cifar10": 10}
 
 _MNIST_FILES = (
     "train-images-idx3-ubyte",

@@ -26,6 +26,8 @@ def generate(
     batch_size: int = 256,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    labels: Tensor | None = None,
+    guidance_scale: float | None = None,
 ) -> SampleResult:
     """Draw ``n`` images from noise ``x0 ~ N(0, I)`` (seeded, drawn on the CPU so any device agrees).
 
@@ -44,6 +46,11 @@ def generate(
         Images per sampler call.
     seed : int
     device : torch.device or str
+    labels : Tensor, optional
+        Class of each image, shape ``(n,)``, for a class-conditional method (required by one).
+    guidance_scale : float, optional
+        Classifier-free guidance scale (a method trained with label dropout); the NFE then counts two
+        network calls per guided step.
 
     Returns
     -------
@@ -55,13 +62,20 @@ def generate(
         raise ValueError(f"n must be a positive int, got {n!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if labels is not None and (not isinstance(labels, Tensor) or labels.shape != (n,)):
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a tensor of shape ({n},), one class per image, got {shape}")
     gen = torch.Generator().manual_seed(seed)
     nets.eval()
     chunks, nfe_seen = [], None
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         x0 = torch.randn((b, *shape), generator=gen).to(device)
-        out = method.sample(nets, x0, nfe=nfe, solver=solver)
+        if labels is None and guidance_scale is None:
+            out = method.sample(nets, x0, nfe=nfe, solver=solver)
+        else:
+            y = None if labels is None else labels[start : start + b].to(device)
+            out = method.sample(nets, x0, nfe=nfe, solver=solver, y=y, guidance_scale=guidance_scale)
         if nfe_seen is not None and out.nfe != nfe_seen:
             raise RuntimeError(
                 f"the sampler used {out.nfe} evaluations on one batch and {nfe_seen} on another"

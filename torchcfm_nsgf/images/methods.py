@@ -11,6 +11,14 @@ A *method* owns the networks it trains and knows two things:
 Baselines are torchcfm's own matchers (no re-implementation): ``icfm`` = ``ConditionalFlowMatcher(σ)``,
 ``otcfm`` = ``ExactOptimalTransportConditionalFlowMatcher(σ)``, ``fm`` = ``TargetConditionalFlowMatcher(σ)``
 (Lipman et al.; Gaussian source), ``rf`` = ``ConditionalFlowMatcher(0)`` (rectified flow, 1-RF).
+
+Class-conditional methods (``num_classes``): the networks take the labels (torchcfm's UNet with
+``class_cond=True``), ``loss(nets, x0, x1, y1)`` trains on the data's labels and ``sample(..., y=labels)``
+generates the asked classes. Matchers with torchcfm's ``guided_sample_location_and_conditional_flow`` (OT-CFM,
+NSGF) return the label of every served row; for the others (I-CFM, FM, RF: independent pairs) the labels stay
+with ``x1``. Classifier-free guidance: ``cfg_dropout > 0`` trains with label dropout towards the null label
+``num_classes`` (the UNet then has ``num_classes + 1`` classes), and ``sample(..., guidance_scale=w)`` guides
+(:class:`~torchcfm_nsgf.guidance.CFGField`; a guided evaluation counts two network calls in the NFE).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from torchcfm.conditional_flow_matching import (
 from torchcfm.models.unet.unet import UNetModelWrapper
 
 from .._validation import check_non_negative
+from ..guidance import CFGField, drop_labels
 from ..sampling import SampleResult, odeint_sample, solver_spec
 from ..sinkhorn import SinkhornOptions
 
@@ -81,10 +90,14 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_unet(shape: tuple[int, int, int], preset: str = "cifar10", **overrides: Any) -> UNetModelWrapper:
+def build_unet(
+    shape: tuple[int, int, int], preset: str = "cifar10", num_classes: int | None = None, **overrides: Any
+) -> UNetModelWrapper:
     """torchcfm's ``UNetModelWrapper`` for images of ``shape = (C, H, W)`` from a named preset.
 
     ``attention_resolutions="-1"`` means no attention layer outside the middle block (the ``tiny`` preset).
+    ``num_classes``: class-conditional (``class_cond=True``), ``forward(t, x, y)`` with labels in
+    ``[0, num_classes)``.
     """
     if preset not in UNET_PRESETS:
         raise ValueError(f"preset must be one of {sorted(UNET_PRESETS)}, got {preset!r}")
@@ -95,6 +108,8 @@ def build_unet(shape: tuple[int, int, int], preset: str = "cifar10", **overrides
         # torchcfm turns resolutions into downsampling factors image_size // res; a factor that the
         # network never reaches disables attention
         cfg["attention_resolutions"] = str(2 * shape[-1])  # factor 0: never reached
+    if num_classes is not None:
+        cfg.update(class_cond=True, num_classes=num_classes)
     return UNetModelWrapper(dim=tuple(shape), **cfg)
 
 
@@ -104,30 +119,77 @@ class ImageMethod(ABC):
     name: str
     #: The networks trained by the loop, in one ModuleDict (EMA, checkpoints and DDP see them together).
     nets: nn.ModuleDict
+    #: Number of data classes of a class-conditional method (None: unconditional).
+    num_classes: int | None = None
+    #: Label-dropout probability of classifier-free guidance (0: none, and no null label).
+    cfg_dropout: float = 0.0
+
+    @property
+    def null_label(self) -> int | None:
+        """The "no class" label of classifier-free guidance (``num_classes``), None without label dropout."""
+        return self.num_classes if self.num_classes is not None and self.cfg_dropout > 0 else None
 
     @abstractmethod
-    def loss(self, nets: nn.ModuleDict, x0: Tensor, x1: Tensor) -> Tensor:
-        """Scalar training loss for source ``x0`` and data ``x1``, both ``(B, C, H, W)``.
+    def loss(self, nets: nn.ModuleDict, x0: Tensor, x1: Tensor, y1: Tensor | None = None) -> Tensor:
+        """Scalar training loss for source ``x0`` and data ``x1``, both ``(B, C, H, W)``, and the data's
+        labels ``y1`` ``(B,)`` for a class-conditional method.
 
         ``nets`` is ``self.nets`` or a copy of it with the same keys (the loop passes the DDP-wrapped one).
         """
 
     @abstractmethod
     def sample(
-        self, nets: nn.ModuleDict, x0: Tensor, *, nfe: int | None = None, solver: str = "euler"
+        self,
+        nets: nn.ModuleDict,
+        x0: Tensor,
+        *,
+        nfe: int | None = None,
+        solver: str = "euler",
+        y: Tensor | None = None,
+        guidance_scale: float | None = None,
     ) -> SampleResult:
-        """Generate from the source batch ``x0`` ``(B, C, H, W)`` with about ``nfe`` evaluations.
+        """Generate from the source batch ``x0`` ``(B, C, H, W)`` with about ``nfe`` evaluations, of the classes
+        ``y`` ``(B,)`` for a class-conditional method (classifier-free guided with ``guidance_scale``).
 
         Returns ``samples`` ``(B, C, H, W)`` and ``nfe``, the network calls along one trajectory per network
-        (a batch evaluation counts once).
+        (a batch evaluation counts once, a guided one twice).
         """
+
+    def _check_labels(self, y: Tensor | None, x0: Tensor, guidance_scale: float | None) -> Tensor | None:
+        """Labels for sampling: required (shape ``(B,)``) by a class-conditional method, refused otherwise."""
+        if self.num_classes is None:
+            if y is not None or guidance_scale is not None:
+                raise ValueError(
+                    f"y and guidance_scale need a class-conditional {self.name} (built with num_classes)"
+                )
+            return None
+        if not isinstance(y, Tensor) or y.shape != (x0.shape[0],) or y.dtype.is_floating_point:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(
+                f"y must be integer labels of shape ({x0.shape[0]},) for the class-conditional {self.name}, "
+                f"got {shape}"
+            )
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"y must lie in [0, {self.num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        if guidance_scale is not None and self.null_label is None:
+            raise ValueError("guidance_scale needs a method trained with label dropout (cfg_dropout > 0)")
+        return y.to(x0.device)
+
+    def _train_labels(self, y: Tensor | None) -> Tensor | None:
+        """The labels a network is trained on: label dropout towards :attr:`null_label` (global RNG)."""
+        if y is None or self.null_label is None:
+            return y
+        return drop_labels(y, self.cfg_dropout, self.null_label)
 
     def default_nfe(self) -> int:
         """The NFE used when none is asked for."""
         return 100
 
-    def prepare(self, x1_fn: Callable[[], Tensor], progress: bool = False) -> None:  # noqa: B027 - optional
-        """Called once before a fresh run with a function that returns a data batch (pool warm-up)."""
+    def prepare(  # noqa: B027 - optional
+        self, batch_fn: Callable[[], tuple[Tensor, Tensor | None]], progress: bool = False
+    ) -> None:
+        """Called once before a fresh run with a function that returns a data batch and its labels
+        (``None`` for an unconditional method): the pool warm-up."""
 
     def state_dict(self) -> dict[str, Any]:
         """Method state that is not network weights (pools, counters); stored per rank in checkpoints."""
@@ -146,39 +208,99 @@ class FlowMatchingMethod(ImageMethod):
     matcher : ConditionalFlowMatcher
         Anything with ``sample_location_and_conditional_flow(x0, x1) -> (t, xt, ut)``.
     net : nn.Module
-        ``forward(t, x)`` with ``t`` of shape ``(B,)``.
+        ``forward(t, x)`` with ``t`` of shape ``(B,)`` (``forward(t, x, y)`` when class-conditional).
     default_steps : int
         Euler steps used by :meth:`sample` when ``nfe`` is not given.
+    num_classes : int, optional
+        Class-conditional on this many data classes.
+    cfg_dropout : float
+        Label-dropout probability (classifier-free guidance; ``net`` then has ``num_classes + 1`` classes).
     """
 
     def __init__(
-        self, name: str, matcher: ConditionalFlowMatcher, net: nn.Module, default_steps: int = 100
+        self,
+        name: str,
+        matcher: ConditionalFlowMatcher,
+        net: nn.Module,
+        default_steps: int = 100,
+        num_classes: int | None = None,
+        cfg_dropout: float = 0.0,
     ) -> None:
         self.name = name
         self.matcher = matcher
         self.nets = nn.ModuleDict({"velocity": net})
         self.default_steps = default_steps
+        self.num_classes = num_classes
+        self.cfg_dropout = _check_dropout(cfg_dropout, num_classes)
 
     def sample_location_and_conditional_flow(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(t, x_t, u_t)`` from the matcher: shapes ``(B,)``, ``(B, C, H, W)``, ``(B, C, H, W)``."""
         t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)[:3]
         return t, xt, ut
 
-    def loss(self, nets: nn.ModuleDict, x0: Tensor, x1: Tensor) -> Tensor:
-        t, xt, ut = self.sample_location_and_conditional_flow(x0, x1)
-        return torch.mean((nets["velocity"](t, xt) - ut) ** 2)
+    def guided_sample_location_and_conditional_flow(
+        self, x0: Tensor, x1: Tensor, y1: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(t, x_t, u_t, y)``: the matcher's guided targets and the label of each served row when it has
+        torchcfm's guided method, else its plain targets with ``y1`` (independent pairs keep their rows)."""
+        guided = getattr(self.matcher, "guided_sample_location_and_conditional_flow", None)
+        if guided is None:
+            t, xt, ut = self.sample_location_and_conditional_flow(x0, x1)
+            return t, xt, ut, y1
+        t, xt, ut, _, y = guided(x0, x1, y1=y1)[:5]
+        return t, xt, ut, y
+
+    def loss(self, nets: nn.ModuleDict, x0: Tensor, x1: Tensor, y1: Tensor | None = None) -> Tensor:
+        if y1 is None:
+            if self.num_classes is not None:
+                raise ValueError(f"y1 is required: {self.name} is class-conditional")
+            t, xt, ut = self.sample_location_and_conditional_flow(x0, x1)
+            return torch.mean((nets["velocity"](t, xt) - ut) ** 2)
+        if self.num_classes is None:
+            raise ValueError(f"y1 must be None: {self.name} was built without num_classes")
+        t, xt, ut, y = self.guided_sample_location_and_conditional_flow(x0, x1, y1)
+        return torch.mean((nets["velocity"](t, xt, y=self._train_labels(y)) - ut) ** 2)
 
     def default_nfe(self) -> int:
         return self.default_steps
 
     def sample(
-        self, nets: nn.ModuleDict, x0: Tensor, *, nfe: int | None = None, solver: str = "euler"
+        self,
+        nets: nn.ModuleDict,
+        x0: Tensor,
+        *,
+        nfe: int | None = None,
+        solver: str = "euler",
+        y: Tensor | None = None,
+        guidance_scale: float | None = None,
     ) -> SampleResult:
         """:func:`~torchcfm_nsgf.odeint_sample` of ``nets["velocity"]``: a fixed-step ``solver`` takes ``nfe``
-        steps (default ``default_steps``), an adaptive one runs to its tolerance and ignores ``nfe``."""
+        steps (default ``default_steps``), an adaptive one runs to its tolerance and ignores ``nfe``. With
+        ``guidance_scale`` each step is a classifier-free-guided evaluation (two network calls in ``nfe``)."""
+        y = self._check_labels(y, x0, guidance_scale)
         steps = None if solver_spec(solver).adaptive else (self.default_steps if nfe is None else nfe)
-        out = odeint_sample(nets["velocity"], x0, solver=solver, n_steps=steps)
+        field = nets["velocity"]
+        if guidance_scale is not None:
+            field = CFGField(field, guidance_scale, self.null_label)
+        extra = None if y is None else {"y": y}
+        out = odeint_sample(field, x0, solver=solver, n_steps=steps, extra_args=extra)
         return SampleResult(samples=out.samples, nfe={"velocity": out.nfe["field"]})
+
+
+def _check_dropout(cfg_dropout: object, num_classes: int | None) -> float:
+    p = check_non_negative(cfg_dropout, "cfg_dropout")
+    if p >= 1:
+        raise ValueError(f"cfg_dropout must lie in [0, 1), got {p}")
+    if p > 0 and num_classes is None:
+        raise ValueError("cfg_dropout needs a class-conditional method (num_classes)")
+    return p
+
+
+def unet_classes(num_classes: int | None, cfg_dropout: float) -> int | None:
+    """Classes of a conditional UNet: the data's, plus the null label when training with label dropout."""
+    if num_classes is None:
+        return None
+    return num_classes + (1 if cfg_dropout > 0 else 0)
 
 
 def _baseline_matcher(name: str, sigma: float) -> ConditionalFlowMatcher:
@@ -253,6 +375,8 @@ def make_method(
     sample_steps: int = 100,
     nsgf: NSGFSettings | None = None,
     rank: int = 0,
+    num_classes: int | None = None,
+    cfg_dropout: float = 0.0,
 ) -> ImageMethod:
     """Build the method ``name`` with fresh networks for images of ``shape = (C, H, W)``.
 
@@ -271,6 +395,10 @@ def make_method(
         Settings of ``nsgf`` and ``nsgf++`` (ignored by the baselines).
     rank : int
         Process rank (names the pool shard of a disk pool).
+    num_classes : int, optional
+        Class-conditional on this many data classes (module docstring).
+    cfg_dropout : float
+        Label-dropout probability of classifier-free guidance (needs ``num_classes``).
     """
     if not isinstance(name, str):
         raise TypeError(f"method must be a str, got {type(name).__name__}")
@@ -278,9 +406,23 @@ def make_method(
     if name not in methods:
         raise ValueError(f"method must be one of {methods}, got {name!r}")
     sigma = check_non_negative(sigma, "sigma")
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+    cfg_dropout = _check_dropout(cfg_dropout, num_classes)
     if name in BASELINE_METHODS:
         matcher = _baseline_matcher(name, sigma)
-        return FlowMatchingMethod(name, matcher, build_unet(shape, preset), sample_steps)
+        net = build_unet(shape, preset, num_classes=unet_classes(num_classes, cfg_dropout))
+        return FlowMatchingMethod(name, matcher, net, sample_steps, num_classes, cfg_dropout)
     from . import _nsgf_methods
 
-    return _nsgf_methods.make(name, shape, preset=preset, settings=nsgf or NSGFSettings(), rank=rank)
+    return _nsgf_methods.make(
+        name,
+        shape,
+        preset=preset,
+        settings=nsgf or NSGFSettings(),
+        rank=rank,
+        num_classes=num_classes,
+        cfg_dropout=cfg_dropout,
+    )

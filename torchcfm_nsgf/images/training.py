@@ -26,6 +26,11 @@ Short runs: unless given, the warm-up and the EMA decay scale with ``total_steps
 (:func:`default_warmup`, :func:`default_ema_decay`), so that a run of a few hundred steps still ends with an
 EMA of trained weights; the values a run starts with are stored in its checkpoint and kept when it resumes.
 
+Class-conditional runs (``conditional=True``): the data loader yields each batch's labels, every method's
+networks take them (torchcfm's UNet with ``class_cond=True``, 10 classes for MNIST and CIFAR-10, plus a null
+label with ``cfg_dropout > 0`` for classifier-free guidance), NSGF's pool stores them, and the checkpoint
+records the setting, which cannot change on resume.
+
 Several processes: launch with ``torchrun --nproc_per_node=K``; the loop wraps the networks in
 :class:`~torch.nn.parallel.DistributedDataParallel` (NCCL on GPUs, gloo on CPUs), shards the data with a
 :class:`DistributedSampler`, gives each rank its own pool shard and random streams (``seed + rank``), and
@@ -54,7 +59,7 @@ from tqdm.auto import tqdm
 
 from .._io import check_writable_dir, remove_stale_temps
 from .checkpoint import CheckpointError, atomic_save, get_rng_state, load_checkpoint, set_rng_state
-from .data import ImageData, load_images, to_unit_range
+from .data import NUM_CLASSES, ImageData, load_images, to_unit_range
 from .methods import ImageMethod, NSGFSettings, make_method
 
 __all__ = [
@@ -73,7 +78,18 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 _FORMAT = "torchcfm_nsgf.images.checkpoint/1"
 # settings that must not change between a run and its resumption
-_FIXED_ON_RESUME = ("dataset", "method", "preset", "sigma", "batch_size", "seed", "hflip", "ema_decay")
+_FIXED_ON_RESUME = (
+    "dataset",
+    "method",
+    "preset",
+    "sigma",
+    "batch_size",
+    "seed",
+    "hflip",
+    "ema_decay",
+    "conditional",
+    "cfg_dropout",
+)
 # torchcfm's CIFAR-10 recipe, the ceilings of the values that scale with the run's length
 _MAX_WARMUP = 5000
 _MAX_EMA_DECAY = 0.9999
@@ -148,6 +164,11 @@ class TrainConfig:
         Passed to :func:`~torchcfm_nsgf.images.data.load_images`.
     sample_steps : int
         Default Euler steps of the flow-matching baselines' sampler.
+    conditional : bool
+        Class-conditional training on the dataset's labels (every method).
+    cfg_dropout : float
+        Label-dropout probability for classifier-free guidance (needs ``conditional``); 0.1 is the usual
+        value. Sampling then accepts a guidance scale.
     nsgf : NSGFSettings
     """
 
@@ -176,6 +197,8 @@ class TrainConfig:
     download: bool = False
     verify_checksums: bool = True
     sample_steps: int = 100
+    conditional: bool = False
+    cfg_dropout: float = 0.0
     nsgf: NSGFSettings = field(default_factory=NSGFSettings)
 
     def __post_init__(self) -> None:
@@ -203,6 +226,10 @@ class TrainConfig:
             raise ValueError(f"budget_clock must be one of {sorted(_CLOCKS)}, got {self.budget_clock!r}")
         if self.resume and self.ckpt_dir is None:
             raise ValueError("resume=True needs ckpt_dir: the folder that holds checkpoint.pt")
+        if not isinstance(self.cfg_dropout, (int, float)) or not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"cfg_dropout must lie in [0, 1), got {self.cfg_dropout!r}")
+        if self.cfg_dropout > 0 and not self.conditional:
+            raise ValueError("cfg_dropout needs conditional=True (label dropout of a class-conditional run)")
         if not isinstance(self.nsgf, NSGFSettings):
             raise TypeError(f"nsgf must be an NSGFSettings, got {type(self.nsgf).__name__}")
 
@@ -213,6 +240,11 @@ class TrainConfig:
     @property
     def resolved_hflip(self) -> bool:
         return self.dataset == "cifar10" if self.hflip is None else bool(self.hflip)
+
+    @property
+    def num_classes(self) -> int | None:
+        """Data classes of a conditional run (None when unconditional)."""
+        return NUM_CLASSES[self.dataset] if self.conditional else None
 
 
 @dataclass
@@ -256,8 +288,10 @@ class _Objective(nn.Module):
         self.nets = method.nets
         self._method = [method]  # a list keeps the (non-module) method out of the module tree
 
-    def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
-        return self._method[0].loss(self.nets, x0, x1)
+    def forward(self, x0: Tensor, x1: Tensor, y1: Tensor | None = None) -> Tensor:
+        if y1 is None:
+            return self._method[0].loss(self.nets, x0, x1)
+        return self._method[0].loss(self.nets, x0, x1, y1)
 
 
 @torch.no_grad()
@@ -367,6 +401,8 @@ def _fixed_settings(config: TrainConfig) -> dict[str, Any]:
         "ema_decay": config.ema_decay,
         # nsgf++'s networks depend on it; checkpoints written before the variant existed are "paper"
         "phase2": config.nsgf.phase2 if config.method == "nsgf++" else None,
+        "conditional": config.conditional,
+        "cfg_dropout": config.cfg_dropout,
     }
 
 
@@ -443,7 +479,12 @@ def _load(
             f"number (got {world})"
         )
     wanted = _fixed_settings(config)
-    saved = {"phase2": "paper" if config.method == "nsgf++" else None, **main["settings"]}
+    saved = {
+        "phase2": "paper" if config.method == "nsgf++" else None,
+        "conditional": False,  # checkpoints written before class-conditional runs
+        "cfg_dropout": 0.0,
+        **main["settings"],
+    }
     changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if changed:
         diff = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
@@ -483,12 +524,15 @@ class _DataOrder:
         return self._indices[offset * self.batch_size : (offset + 1) * self.batch_size]
 
 
-def _data_batch(data: ImageData, idx: Tensor, device: torch.device, hflip: bool) -> Tensor:
+def _data_batch(
+    data: ImageData, idx: Tensor, device: torch.device, hflip: bool, labels: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Images ``(B, C, H, W)`` in [-1, 1] and, with ``labels``, their int64 labels ``(B,)`` (else None)."""
     x1 = to_unit_range(data.images[idx]).to(device)
     if hflip:
         flip = torch.rand(x1.shape[0], device=device) < 0.5
         x1 = torch.where(flip[:, None, None, None], x1.flip(-1), x1)
-    return x1
+    return x1, (data.labels[idx].long().to(device) if labels else None)
 
 
 def train(config: TrainConfig, data: ImageData | None = None) -> TrainResult:
@@ -591,6 +635,8 @@ def _train(
         sample_steps=config.sample_steps,
         nsgf=nsgf,
         rank=rank,
+        num_classes=config.num_classes,
+        cfg_dropout=config.cfg_dropout,
     )
     nets = method.nets.to(device)
     objective: nn.Module = _Objective(method)
@@ -628,9 +674,9 @@ def _train(
 
     if main_state is None:
 
-        def fresh_batch() -> Tensor:
+        def fresh_batch() -> tuple[Tensor, Tensor | None]:
             idx = torch.randint(len(data), (config.batch_size,))
-            return _data_batch(data, idx, device, hflip)
+            return _data_batch(data, idx, device, hflip, config.conditional)
 
         method.prepare(fresh_batch, progress=config.progress and rank == 0)
 
@@ -646,9 +692,9 @@ def _train(
     nets.train()
     stopped = False
     while step < config.total_steps:
-        x1 = _data_batch(data, order.indices(step), device, hflip)
+        x1, y1 = _data_batch(data, order.indices(step), device, hflip, config.conditional)
         x0 = torch.randn_like(x1)
-        loss = objective(x0, x1)
+        loss = objective(x0, x1) if y1 is None else objective(x0, x1, y1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for net in nets.values():
