@@ -104,6 +104,32 @@ def get_classifier(path: str, root: str, epochs: int = 2) -> tuple[Classifier, f
     return net, acc
 
 
+class ClassScores:
+    """Scores of class-conditional samples: the classifier's accuracy against the requested labels, and the
+    classifier FID of each class's ``k`` images against ``k`` test images of that class, averaged."""
+
+    def __init__(self, classifier: Classifier, test, train_imgs, k: int) -> None:
+        self.classifier, self.k = classifier, k
+        self.real = [self._first(test, c) for c in range(10)]
+        self.floor = sum(self._fid(self._first(train_imgs, c), c) for c in range(10)) / 10
+
+    def _first(self, data, c: int) -> torch.Tensor:
+        return to_unit_range(data.images[torch.nonzero(data.labels == c).flatten()[: self.k]])
+
+    def _fid(self, fake: torch.Tensor, c: int) -> float:
+        return feature_frechet_distance(self.classifier.features, [self.real[c]], [fake], num_features=128)
+
+    @torch.no_grad()
+    def __call__(self, samples: torch.Tensor, labels: torch.Tensor) -> dict:
+        pred = torch.cat([self.classifier(b).argmax(1) for b in samples.split(500)])
+        fids = [self._fid(samples[labels == c], c) for c in range(10)]
+        return {
+            "accuracy": float((pred == labels).float().mean()),
+            "per_class_fid": sum(fids) / 10,
+            "class_fids": fids,
+        }
+
+
 NAMES = {"nsgf++": "NSGF++", "otcfm": "OT-CFM", "icfm": "I-CFM", "nsgf": "NSGF", "fm": "FM", "rf": "RF"}
 
 
@@ -157,6 +183,14 @@ def main(argv: list[str] | None = None) -> None:
         default=os.path.join(HERE, "..", "runs", "mnist_benchmark"),
         help="checkpoints (deleted after each method)",
     )
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help="class-conditional runs: generate n-eval/10 images per class, score label accuracy and the "
+        "classifier FID per class",
+    )
+    p.add_argument("--cfg-dropout", type=float, default=0.0, help="label dropout (conditional runs)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale at sampling")
     p.add_argument("--report", default=None, metavar="DIR", help="merge DIR's JSON files into a table")
     args = p.parse_args(argv)
     if args.report:
@@ -181,10 +215,18 @@ def main(argv: list[str] | None = None) -> None:
 
     floor = score(to_unit_range(train_imgs.images[: args.n_eval]))
     print(f"floor (train vs test images): classifier FID {floor:.3f}")
+    per_class = None
+    if args.conditional:
+        if args.n_eval % 10:
+            raise SystemExit("--conditional needs --n-eval divisible by the 10 classes")
+        k = args.n_eval // 10
+        per_class = ClassScores(classifier, test, train_imgs, k)
+        floor = {"all": floor, "per_class": per_class.floor}
+        print(f"floor per class (train vs test, {k} images each): mean classifier FID {per_class.floor:.3f}")
     os.makedirs(args.out_dir, exist_ok=True)
 
     for name, settings, label, spec in methods:
-        row = run_method(args, name, settings, label, spec, train_imgs, score, nfes)
+        row = run_method(args, name, settings, label, spec, train_imgs, score, nfes, per_class)
         out = {
             "args": vars(args),
             "command": "python benchmarks/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -199,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(out, f, indent=1)
 
 
-def run_method(args, name, settings, label, spec, train_imgs, score, nfes) -> dict:
+def run_method(args, name, settings, label, spec, train_imgs, score, nfes, per_class=None) -> dict:
     """Train one method (to ``--equal-steps``, scored, then on to the budget, scored) and return its row."""
     run_dir = os.path.join(args.run_dir, slug(spec))
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -223,6 +265,8 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes) -> di
             budget_clock=args.budget_clock,
             progress=False,
             log_every=500,
+            conditional=args.conditional,
+            cfg_dropout=args.cfg_dropout,
             nsgf=settings,
         )
 
@@ -230,6 +274,7 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes) -> di
         scores = {}
         for nfe in nfes:
             t1 = time.perf_counter()
+            labels = torch.arange(args.n_eval) % 10 if args.conditional else None
             try:
                 gen = generate(
                     result.method,
@@ -239,6 +284,8 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes) -> di
                     nfe=nfe,
                     batch_size=500,
                     seed=args.seed + 1,
+                    labels=labels,
+                    guidance_scale=args.guidance_scale,
                 )
             except ValueError as err:  # a budget below the method's minimum (NSGF++ phase 1)
                 print(f"{label} {tag}: NFE {nfe} skipped: {err}")
@@ -248,10 +295,20 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes) -> di
                 "classifier_fid": fid,
                 "nfe": gen.total_nfe,
                 "breakdown": gen.nfe,
-                "sample_s": time.perf_counter() - t1,
             }
             grid = os.path.join(args.out_dir, f"{slug(spec)}_{tag}_nfe{nfe}.png")
-            save_grid(gen.samples[:64], grid, nrow=8)
+            if per_class is not None:
+                scores[nfe].update(per_class(gen.samples, labels))
+                # one row per class: the first 10 images of each class
+                order = torch.cat([torch.nonzero(labels == c).flatten()[:10] for c in range(10)])
+                save_grid(gen.samples[order], grid, nrow=10)
+                print(
+                    f"{label} {tag}: NFE {gen.total_nfe} label accuracy {scores[nfe]['accuracy']:.4f}, "
+                    f"per-class classifier FID {scores[nfe]['per_class_fid']:.3f}"
+                )
+            else:
+                save_grid(gen.samples[:64], grid, nrow=8)
+            scores[nfe]["sample_s"] = time.perf_counter() - t1
             print(f"{label} {tag}: NFE {gen.total_nfe} {gen.nfe} classifier FID {fid:.3f}")
         return scores
 
@@ -272,11 +329,12 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes) -> di
             result = train(config(10**9, left, True), data=train_imgs)
             used["wall"] += result.wall_time_s
             used["cpu"] += result.cpu_time_s
+    reused = args.equal_steps and not row["equal_steps"]["reached"]  # the budget ended first: same weights
     row["equal_time"] = {
         "step": result.step,
         "train_wall_s": used["wall"],
         "train_cpu_s": used["cpu"],
-        "scores": evaluate(result, "budget"),
+        "scores": row["equal_steps"]["scores"] if reused else evaluate(result, "budget"),
     }
     shutil.rmtree(run_dir, ignore_errors=True)
     return row
@@ -289,6 +347,10 @@ def report(folder: str) -> None:
         raise SystemExit(f"no JSON results in {folder}")
     nfes = [int(n) for n in runs[0]["args"]["nfe"].split(",")]
     a = runs[0]["args"]
+    conditional = a.get("conditional", False)
+    floor = runs[0]["floor"]
+    if conditional:
+        runs[0]["floor"] = floor["all"]
     lines = [
         f"MNIST, classifier FID (128-d penultimate features of a CNN with test accuracy "
         f"{runs[0]['classifier_accuracy']:.4f}; not FID) between {a['n_eval']} generated and {a['n_eval']} "
@@ -297,6 +359,16 @@ def report(folder: str) -> None:
         f"{a['ema_decay']}, seed {a['seed']}; EMA weights, Euler sampling; {runs[0]['threads']} thread(s) per "
         f"run on {runs[0]['machine']}, torch {runs[0]['torch']}. A cell reads FID (NFE breakdown).",
     ]
+    if conditional:
+        k = a["n_eval"] // 10
+        lines[0] = lines[0].replace("A cell reads FID (NFE breakdown).", "")
+        lines.append(
+            f"Class-conditional runs (label dropout {a['cfg_dropout']:g}, guidance scale "
+            f"{a['guidance_scale'] if a['guidance_scale'] is not None else 'none'}): {k} images per class. A "
+            "cell reads **label accuracy** (the classifier's prediction equals the requested label) / **classifier "
+            f"FID per class** ({k} generated against {k} test images of the class, averaged over the 10 classes; "
+            f"floor, {k} training against {k} test images per class: {floor['per_class']:.2f}) (NFE breakdown)."
+        )
 
     def cell(scores: dict, n: int) -> str:
         s = scores.get(str(n))
@@ -304,6 +376,8 @@ def report(folder: str) -> None:
             return "—"
         parts = list(s["breakdown"].values())
         detail = "" if len(parts) == 1 else " (" + "+".join(str(v) for v in parts) + ")"
+        if conditional:
+            return f"{100 * s['accuracy']:.1f}% / {s['per_class_fid']:.1f}{detail}"
         return f"{s['classifier_fid']:.2f}{detail}"
 
     for key, title in (("equal_time", "Equal training time"), ("equal_steps", "Equal optimiser steps")):
