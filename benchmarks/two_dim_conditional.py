@@ -1,18 +1,26 @@
-"""Class-conditional 2D generation: conditional NSGF against conditional OT-CFM, W2 per class.
+"""Class-conditional 2D generation: conditional NSGF, NSGF++, guided OT-CFM and I-CFM, W2 per class.
 
 Task ``gaussian-8gaussians-conditional`` (``torchcfm_nsgf.toy``): N(0, I) to torchcfm's 8gaussians, the label
-being the mode index. Both methods train the same label-taking MLP (``toy.make_conditional_model``: torchcfm's
-MLP with a 16-dimensional label embedding in its input) with torchcfm's loop (``toy.train_flow_matching``), the
-same number of steps, batch and learning rate:
+being the mode index. Every method takes the same number of optimiser steps, batch, learning rate, MLP width
+and seed; the label enters each network through a 16-dimensional embedding in its input
+(``toy.make_conditional_model`` / ``VelocityMLP(num_classes=8)``):
 
 * NSGF: ``SinkhornFlowMatcher()`` (its defaults: 2 Sinkhorn steps of size 1, straight targets, pool) through
-  ``guided_sample_location_and_conditional_flow`` (one Sinkhorn flow per class in the batch);
-* OT-CFM: torchcfm's ``ExactOptimalTransportConditionalFlowMatcher(sigma=0)`` through its own
+  ``guided_sample_location_and_conditional_flow`` (one Sinkhorn flow per class in the batch), trained with
+  torchcfm's loop (``toy.train_flow_matching``);
+* NSGF++: ``toy.train_nsgfpp`` (``NSGFPlusPlus.fit`` on the labelled target; default variant ``phase2="ot"``)
+  with phase 1 T = 2 Sinkhorn steps of η = 1.0; sampled with ``y`` at total NFE = T + straight steps, so
+  only at NFE >= 3;
+* OT-CFM (guided): torchcfm's ``ExactOptimalTransportConditionalFlowMatcher(sigma)`` through its own
   ``guided_sample_location_and_conditional_flow`` (one exact OT plan over the mixed batch; each pair keeps
-  its data point's label).
+  its data point's label);
+* I-CFM: torchcfm's ``ConditionalFlowMatcher(sigma)`` on independent pairs, each row keeping the label of
+  its data point (the natural conditional baseline).
 
-Evaluation: for every class, ``--n-eval`` noise points sampled with that label (Euler, NFE 1, 2 and 10) against
-``--n-eval`` fresh target points of that class; exact W2 (``toy.w2``), per class and averaged over the classes.
+Evaluation: for every class, ``--n-eval`` noise points sampled with that label (Euler) against ``--n-eval``
+fresh target points of that class; exact W2 (``toy.w2``), per class and averaged over the classes, for
+``--seeds`` seeds (``--seed``, ``--seed`` + 1, ...). The per-class table is the first seed's; the summary is
+mean ± std over the seeds of the class-mean W2.
 
     OMP_NUM_THREADS=1 python benchmarks/two_dim_conditional.py --out benchmarks/results/two_dim_conditional.md
 """
@@ -22,16 +30,22 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
+import time
 
 import numpy as np
 import torch
-from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
+from torchcfm.conditional_flow_matching import (
+    ConditionalFlowMatcher,
+    ExactOptimalTransportConditionalFlowMatcher,
+)
 
 from torchcfm_nsgf import SinkhornFlowMatcher
-from torchcfm_nsgf.toy import get_task, make_conditional_model, train_flow_matching, w2
+from torchcfm_nsgf.toy import get_task, make_conditional_model, train_flow_matching, train_nsgfpp, w2
 
 TASK = "gaussian-8gaussians-conditional"
+METHODS = ("NSGF", "NSGF++", "OT-CFM (guided)", "I-CFM")
 
 
 def class_samples(task, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -44,90 +58,185 @@ def class_samples(task, c: int, n: int, generator: torch.Generator) -> torch.Ten
     return torch.cat(chunks)[:n]
 
 
+def train_all(task, seed: int, args) -> tuple[dict, dict]:
+    """The four trained methods of one seed and their training seconds."""
+    models, times = {}, {}
+    for name in METHODS:
+        torch.manual_seed(seed)  # network initialisation
+        np.random.seed(seed)  # noqa: NPY002 - torchcfm's OT pairing draws from NumPy's global generator
+        g = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        if name == "NSGF++":
+            models[name] = train_nsgfpp(
+                task,
+                phase2="ot",
+                train_steps=args.train_steps,
+                generator=g,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                width=args.width,
+                n_steps=args.nsgfpp_T,
+                step_size=args.nsgfpp_eta,
+            )
+        else:
+            if name == "NSGF":
+                matcher = SinkhornFlowMatcher(generator=torch.Generator().manual_seed(seed + 1))
+            elif name == "OT-CFM (guided)":
+                matcher = ExactOptimalTransportConditionalFlowMatcher(sigma=args.sigma)
+            else:
+                matcher = ConditionalFlowMatcher(sigma=args.sigma)
+            models[name] = train_flow_matching(
+                make_conditional_model(task.num_classes, args.width),
+                matcher,
+                lambda bs, g=g: (task.source(bs, g), *task.target(bs, g)),
+                train_steps=args.train_steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                desc=name,
+            )
+        times[name] = time.perf_counter() - start
+    return models, times
+
+
+def generate(name: str, model, x0: torch.Tensor, nfe: int, y: torch.Tensor, T: int) -> torch.Tensor | None:
+    """Samples of ``model`` from ``x0`` with labels ``y`` at ``nfe`` evaluations in all; None if impossible."""
+    if name == "NSGF++":
+        if nfe - T < 1:
+            return None
+        with torch.no_grad():
+            out = model.sample(x0, straight_steps=nfe - T, y=y)
+        assert out.total_nfe == nfe, out.nfe
+        return out.samples
+    with torch.no_grad():
+        samples, used = model.sample(x0, nfe, y=y)
+    assert used == nfe
+    return samples
+
+
+def run_seed(task, seed: int, args, nfes: list[int]) -> dict:
+    """Per-class W2 of every (method, NFE) (None where impossible), the two-sample floor and training times."""
+    models, times = train_all(task, seed, args)
+    k = task.num_classes
+    w2s = {}
+    for name, model in models.items():
+        for nfe in nfes:
+            g = torch.Generator().manual_seed(seed + 100)
+            per_class = []
+            for c in range(k):
+                x0 = task.source(args.n_eval, g)
+                y = torch.full((args.n_eval,), c, dtype=torch.long)
+                ref = class_samples(task, c, args.n_eval, g)
+                samples = generate(name, model, x0, nfe, y, args.nsgfpp_T)
+                if samples is None:
+                    per_class = None
+                    break
+                per_class.append(w2(samples, ref))
+            w2s[name, nfe] = per_class
+    g = torch.Generator().manual_seed(seed + 200)
+    floor = [
+        w2(class_samples(task, c, args.n_eval, g), class_samples(task, c, args.n_eval, g)) for c in range(k)
+    ]
+    return {"w2": w2s, "floor": floor, "times": times}
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-steps", type=int, default=3000, help="optimiser steps of each method")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--sigma", type=float, default=0.0, help="σ of OT-CFM and I-CFM (torchcfm's default is 0.1)"
+    )
+    p.add_argument("--nsgfpp-T", type=int, default=2, help="NSGF++ phase-1 Sinkhorn steps T")
+    p.add_argument("--nsgfpp-eta", type=float, default=1.0, help="NSGF++ phase-1 step size η")
     p.add_argument("--n-eval", type=int, default=500, help="generated and reference points per class")
-    p.add_argument("--nfe", default="1,2,10", help="Euler steps to evaluate at")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--nfe", default="1,2,3,10", help="Euler steps (NSGF++: T + straight steps) to evaluate at"
+    )
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (--seed, --seed + 1, ...)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--note", default="", help="a line on the machine's load, written under the table")
+    p.add_argument("--note", default="", help="a line on the machine's load, written under the setup")
     p.add_argument("--out", default=None, help="markdown file to write")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
     torch.set_num_threads(args.threads)
     nfes = [int(n) for n in args.nfe.split(",")]
     task = get_task(TASK)
+    k = task.num_classes
 
-    fields, times = {}, {}
-    for name in ("NSGF", "OT-CFM"):
-        torch.manual_seed(args.seed)
-        np.random.seed(args.seed)  # noqa: NPY002 - torchcfm's OT pairing draws from NumPy's global generator
-        g = torch.Generator().manual_seed(args.seed)
-        if name == "NSGF":
-            matcher = SinkhornFlowMatcher(generator=torch.Generator().manual_seed(args.seed + 1))
-        else:
-            matcher = ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
-        trained = train_flow_matching(
-            make_conditional_model(task.num_classes, args.width),
-            matcher,
-            lambda bs, g=g: (task.source(bs, g), *task.target(bs, g)),
-            train_steps=args.train_steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            desc=name,
-        )
-        fields[name], times[name] = trained, trained.train_time_s
-
-    rows = []
-    for name, trained in fields.items():
-        for nfe in nfes:
-            g = torch.Generator().manual_seed(args.seed + 100)
-            per_class = []
-            for c in range(task.num_classes):
-                x0 = task.source(args.n_eval, g)
-                y = torch.full((args.n_eval,), c, dtype=torch.long)
-                samples, used = trained.sample(x0, nfe, y=y)
-                assert used == nfe
-                per_class.append(w2(samples, class_samples(task, c, args.n_eval, g)))
-            rows.append((name, nfe, per_class))
-    g = torch.Generator().manual_seed(args.seed + 200)
-    floor = [
-        w2(class_samples(task, c, args.n_eval, g), class_samples(task, c, args.n_eval, g)) for c in range(8)
-    ]
+    start = time.perf_counter()
+    seeds = [args.seed + i for i in range(args.seeds)]
+    runs = [run_seed(task, s, args, nfes) for s in seeds]
+    wall = time.perf_counter() - start
 
     cmd = "python benchmarks/two_dim_conditional.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    k = task.num_classes
     lines = [
-        "# Class-conditional 2D: conditional NSGF vs conditional OT-CFM, W2 per class",
+        "# Class-conditional 2D: conditional NSGF, NSGF++, guided OT-CFM and I-CFM, W2 per class",
         "",
         f"Command: `{cmd.strip()}`",
         "",
         f"Machine: {platform.machine()}, CPU, {args.threads} thread(s) (OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), torch {torch.__version__}. Task {task.label}; "
-        f"{args.train_steps} steps each, batch {args.batch_size}, MLP width {args.width} with a label embedding, "
-        f"Adam {args.lr:g}, seed {args.seed}. W2: exact (POT `emd2`) between {args.n_eval} points generated "
-        f"with the class's label (Euler) and {args.n_eval} fresh points of that class.",
+        f"{args.train_steps} optimiser steps each, batch {args.batch_size}, MLP width {args.width} with a label "
+        f"embedding, Adam {args.lr:g}, seeds {', '.join(map(str, seeds))}. NSGF: `SinkhornFlowMatcher()` "
+        f"defaults (T = 2, η = 1). NSGF++: variant `ot`, phase 1 T = {args.nsgfpp_T}, η = {args.nsgfpp_eta:g}; "
+        f"total NFE = {args.nsgfpp_T} + straight steps (— where that leaves no straight step). OT-CFM (torchcfm "
+        f"guided) and I-CFM (torchcfm `ConditionalFlowMatcher`, label kept on its row): σ = {args.sigma:g}. "
+        f"W2: exact (POT `emd2`) between {args.n_eval} points generated with the class's label (Euler) and "
+        f"{args.n_eval} fresh points of that class. Total wall time {wall:.0f} s.",
     ]
     if args.note:
         lines += ["", args.note]
+
     lines += [
+        "",
+        f"## Summary: class-mean W2, mean ± std over {len(seeds)} seed(s)",
+        "",
+        "| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+        "|---|" + "---|" * len(nfes),
+    ]
+    for name in METHODS:
+        cells = []
+        for nfe in nfes:
+            vals = [r["w2"][name, nfe] for r in runs]
+            cells.append("—" if vals[0] is None else _mean_std([sum(v) / k for v in vals]))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    floor_means = [sum(r["floor"]) / k for r in runs]
+    lines.append("| two-sample floor | " + " | ".join(_mean_std(floor_means) for _ in nfes) + " |")
+
+    first = runs[0]
+    lines += [
+        "",
+        f"## Per class, seed {seeds[0]}",
         "",
         "| method | NFE | " + " | ".join(f"class {c}" for c in range(k)) + " | mean |",
         "|---|---|" + "---|" * (k + 1),
     ]
-    for name, nfe, per_class in rows:
-        cells = " | ".join(f"{v:.3f}" for v in per_class)
-        lines.append(f"| {name} | {nfe} | {cells} | **{sum(per_class) / k:.3f}** |")
+    for name in METHODS:
+        for nfe in nfes:
+            per_class = first["w2"][name, nfe]
+            if per_class is None:
+                lines.append(f"| {name} | {nfe} | " + " | ".join("—" for _ in range(k)) + " | — |")
+                continue
+            cells = " | ".join(f"{v:.3f}" for v in per_class)
+            lines.append(f"| {name} | {nfe} | {cells} | **{sum(per_class) / k:.3f}** |")
+    floor = first["floor"]
     lines.append(
         "| two-sample floor | – | " + " | ".join(f"{v:.3f}" for v in floor) + f" | {sum(floor) / k:.3f} |"
     )
     lines += [
         "",
-        "Training time (s, simulation / OT pairing included): "
-        + ", ".join(f"{name} {t:.1f}" for name, t in times.items())
+        "Training time (s, mean over seeds; simulation / OT pairing included): "
+        + ", ".join(f"{name} {statistics.mean(r['times'][name] for r in runs):.1f}" for name in METHODS)
         + ".",
     ]
     text = "\n".join(lines) + "\n"

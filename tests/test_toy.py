@@ -17,6 +17,7 @@ from torchcfm_nsgf.toy import (
     sample_scurve,
     train_flow_matching,
     train_nsgf,
+    train_nsgfpp,
     w2,
 )
 
@@ -160,3 +161,18 @@ def test_conditional_nsgf_on_the_2d_task_samples_each_class_at_its_mode() -> Non
         assert float((_nearest(samples) == y).float().mean()) > 0.75
     with pytest.raises(ValueError, match="y must be integer labels"):
         field.sample(torch.randn(4, 2), 1)
+
+
+def test_conditional_nsgfpp_on_the_2d_task_builds_label_taking_networks_and_samples_by_class() -> None:
+    torch.manual_seed(0)
+    task = get_task("gaussian-8gaussians-conditional")
+    g = torch.Generator().manual_seed(1)
+    model = train_nsgfpp(
+        task, train_steps=150, generator=g, batch_size=128, width=32, n_steps=2, step_size=1.0
+    )
+    assert model.nets["nsgf"].num_classes == model.nets["straight"].num_classes == 8
+    y = torch.arange(8).repeat_interleave(25)
+    out = model.sample(torch.randn(200, 2, generator=g), straight_steps=1, y=y)
+    assert out.total_nfe == 3
+    # a model that ignored the labels would land at the asked mode for about 1 sample in 8
+    assert float((_nearest(out.samples) == y).float().mean()) > 0.75

@@ -429,7 +429,7 @@ def train_nsgf(
 
 
 def train_nsgfpp(
-    task: Task,
+    task: Task | ConditionalTask,
     *,
     phase2: str = DEFAULT_PHASE2,
     train_steps: int,
@@ -450,13 +450,16 @@ def train_nsgfpp(
     from torch's global RNG (seed it before). Every step draws fresh task batches from ``generator``. The
     NSGF phase: ``n_steps`` Sinkhorn steps of ``step_size`` (T = 5, η = 0.6: run C of
     ``benchmarks/results/nsgfpp_two_dim.md``), a new flow into the pool every ``refresh_every`` steps
-    (default: about 6 flows in all).
+    (default: about 6 flows in all). A :class:`ConditionalTask` builds the networks with ``num_classes`` and
+    trains on the task's labelled target (``fit`` with a target function returning ``(x1, y1)``); sample it
+    with ``y``.
     """
     check_positive(train_steps, "train_steps", integer=True)
+    k = task.num_classes if isinstance(task, ConditionalTask) else None
     model = NSGFPlusPlus(
-        VelocityMLP(2, width),
-        TimePredictorMLP(2, width) if phase2 != "ot" else None,
-        VelocityMLP(2, width),
+        VelocityMLP(2, width, num_classes=k),
+        TimePredictorMLP(2, width, num_classes=k) if phase2 != "ot" else None,
+        VelocityMLP(2, width, num_classes=k),
         phase2=phase2,
         n_steps=n_steps,
         step_size=step_size,
