@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget-clock", choices=("wall", "cpu"), default="cpu")
     p.add_argument("--equal-steps", type=int, default=None, help="also score every method at this step")
     p.add_argument("--nfe", default="5,10,20,60")
+    p.add_argument("--equal-steps-nfe", default="10,20", help="the NFEs scored at --equal-steps")
     p.add_argument("--n-eval", type=int, default=2000, help="generated and test images per score")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--preset", default="tiny")
@@ -270,7 +271,7 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, per_c
             nsgf=settings,
         )
 
-    def evaluate(result, tag: str) -> dict:
+    def evaluate(result, tag: str, nfes: list[int] = nfes) -> dict:
         scores = {}
         for nfe in nfes:
             t1 = time.perf_counter()
@@ -322,7 +323,11 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, per_c
         row["equal_steps"] = {
             "step": result.step,
             "reached": result.step == args.equal_steps,
-            "scores": evaluate(result, f"step{result.step}"),
+            "scores": evaluate(
+                result,
+                f"step{result.step}",
+                nfes if result.step < args.equal_steps else [int(n) for n in args.equal_steps_nfe.split(",")],
+            ),
         }
         left = args.budget_s - used[args.budget_clock]
         if result.step == args.equal_steps and left > 0:

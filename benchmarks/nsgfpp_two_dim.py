@@ -57,6 +57,8 @@ def run_seed(task, seed: int, args, phase1: list[tuple[int, float]], totals: lis
     variants += [(v, *phase1[0]) for v in args.variants.split(",") if v and v != "ot"]
     for variant, T, eta in variants:
         label = f"NSGF++ `{variant}` (T={T}, η={eta:g})"
+        if args.endpoints == "network" and variant != "paper":
+            label += ", network X_T"
         torch.manual_seed(seed)  # network initialisation
         start = time.perf_counter()
         models[label] = train_nsgfpp(
@@ -69,6 +71,7 @@ def run_seed(task, seed: int, args, phase1: list[tuple[int, float]], totals: lis
             n_steps=T,
             step_size=eta,
             refresh_every=args.refresh_every,
+            endpoints=args.endpoints,
         )
         train_s[label] = time.perf_counter() - start
     fields = {}
@@ -118,7 +121,7 @@ def run_seed(task, seed: int, args, phase1: list[tuple[int, float]], totals: lis
             ]
     for label, field in fields.items():
         rows[label] = [w2(odeint_sample(field, x0, n_steps=n).samples, ref) for n in totals]
-    first = models[f"NSGF++ `ot` (T={phase1[0][0]}, η={phase1[0][1]:g})"]
+    first = next(m for label, m in models.items() if label.startswith("NSGF++ `ot` "))
     nsgf_phase = w2(odeint_sample(first.nets["nsgf"].eval(), x0, n_steps=first.n_steps).samples, ref)
     floor = w2(task.target(args.n_eval, gen), ref)
     return {"rows": rows, "train_s": train_s, "nsgf_phase": nsgf_phase, "floor": floor}
@@ -143,6 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baselines", type=int, default=1, help="1: also train NSGF, OT-CFM and I-CFM; 0: not")
     p.add_argument(
         "--refresh-every", type=int, default=50, help="NSGF++: a new Sinkhorn flow every this many"
+    )
+    p.add_argument(
+        "--endpoints",
+        default="simulated",
+        choices=("simulated", "network"),
+        help="where the ot variants' segments start: the simulated flow's X_T or the NSGF network's",
     )
     p.add_argument("--sigma", type=float, default=0.1, help="σ of OT-CFM and I-CFM")
     p.add_argument("--batch-size", type=int, default=256)

@@ -374,6 +374,45 @@ def test_phase2_pairs_come_from_phase1_end_points(phase2, monkeypatch):
     assert cost == pytest.approx(exact, rel=1e-9)
 
 
+class Shift(nn.Module):
+    """A constant velocity field: T Euler steps over [0, 1] move every point by exactly ``c``."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = torch.tensor(c, dtype=torch.float64)
+        self.calls = 0
+
+    def forward(self, t, x, *args, **kwargs):
+        self.calls += 1
+        return self.c.expand_as(x).clone()
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_network_end_points_come_from_the_nsgf_network(labelled):
+    objective = NSGFPlusPlusObjective(
+        SinkhornFlowMatcher(flow_steps=3, step_size=1.0, path="grid", pool=None),
+        phase2="ot",
+        generator=_gen(1),
+        endpoints="network",
+    )
+    x0, x1 = _randn(32, 2, seed=2), 20.0 + _randn(32, 2, seed=3)
+    y1 = (torch.arange(32) % 2) if labelled else None
+    nsgf = Shift([5.0, -1.0])
+    a, b, y = objective.phase2_pairs(x0, x1, y1, nets={"nsgf": nsgf, "straight": Zero()})
+    assert nsgf.calls == 3  # T Euler steps of the network, no Sinkhorn flow
+    sort = lambda z: z[torch.argsort(z[:, 0] * 1e3 + z[:, 1])]  # noqa: E731
+    torch.testing.assert_close(sort(a), sort(x0 + torch.tensor([5.0, -1.0], dtype=torch.float64)))
+    torch.testing.assert_close(sort(b), sort(x1), atol=0, rtol=0)
+    if labelled:  # segments stay within their class: row i of x0 took class y1[i]
+        shifted = x0 + torch.tensor([5.0, -1.0], dtype=torch.float64)
+        assert torch.equal(y1[torch.cdist(a, shifted).argmin(1)], y)
+        assert torch.equal(y1[torch.cdist(b, x1).argmin(1)], y)
+    with pytest.raises(ValueError, match="nets is required with endpoints='network'"):
+        NSGFPlusPlusObjective(SinkhornFlowMatcher(pool=None), endpoints="network").phase2_pairs(x0, x1)
+    with pytest.raises(ValueError, match="endpoints must be one of"):
+        NSGFPlusPlusObjective(SinkhornFlowMatcher(), endpoints="noise")
+
+
 def _ot_objective(refresh_every=None, endpoint_capacity=None, seed=1):
     sink = SinkhornOptions(blur=0.5, relative_blur=False, scaling=0.7)
     matcher = SinkhornFlowMatcher(flow_steps=2, step_size=0.5, path="grid", sinkhorn=sink, refresh_every=10)

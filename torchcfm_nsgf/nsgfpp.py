@@ -97,6 +97,7 @@ from .sinkhorn import SinkhornOptions
 
 __all__ = [
     "DEFAULT_PHASE2",
+    "ENDPOINT_SOURCES",
     "MAX_PHASE1_STEPS",
     "PHASE2_VARIANTS",
     "NSGFPlusPlus",
@@ -110,6 +111,8 @@ __all__ = [
 MAX_PHASE1_STEPS = 5
 #: Where the straight flow's training segments start: noise (``"paper"``) or the phase-1 end points (``"ot"``).
 PHASE2_VARIANTS = ("paper", "ot", "ot-predictor")
+#: Where the ``"ot"`` variants' end points :math:`X_T` come from: the simulated Sinkhorn flow, or the NSGF network.
+ENDPOINT_SOURCES = ("simulated", "network")
 #: The variant used when none is given.
 DEFAULT_PHASE2 = "ot"
 Phase2 = Literal["paper", "ot", "ot-predictor"]
@@ -471,6 +474,7 @@ class NSGFPlusPlusObjective:
         endpoint_capacity: int | None = None,
         label_dropout: float = 0.0,
         null_label: int | None = None,
+        endpoints: str = "simulated",
     ) -> None:
         if not isinstance(matcher, SinkhornFlowMatcher):
             raise TypeError(f"matcher must be a SinkhornFlowMatcher, got {type(matcher).__name__}")
@@ -486,6 +490,9 @@ class NSGFPlusPlusObjective:
             raise ValueError(f"label_dropout must lie in [0, 1], got {label_dropout}")
         if label_dropout > 0 and null_label is None:
             raise ValueError("null_label is required with label_dropout > 0 (the extra 'no class' label)")
+        if endpoints not in ENDPOINT_SOURCES:
+            raise ValueError(f"endpoints must be one of {list(ENDPOINT_SOURCES)}, got {endpoints!r}")
+        self.endpoints = endpoints
         self.label_dropout = label_dropout
         self.null_label = null_label
         self.matcher = matcher
@@ -537,6 +544,14 @@ class NSGFPlusPlusObjective:
         """
         return self.matcher.simulate(x0, x1).xs[-1].detach()
 
+    @torch.no_grad()
+    def network_endpoints(self, nsgf: Any, x0: Tensor, y: Tensor | None = None) -> Tensor:
+        r""":math:`\hat X_T` of the NSGF network ``nsgf(t, x)``: ``T`` Euler steps from ``x0`` on the matcher's
+        normalised clock, exactly phase 1 of :meth:`sample` (labels ``y`` passed as ``y=``). Detached; the
+        network's train/eval mode is kept."""
+        extra = None if y is None else {"y": y}
+        return odeint_sample(nsgf, x0, solver="euler", n_steps=self.n_steps, extra_args=extra).samples
+
     def _add_endpoints(self, xT: Tensor, labels: Tensor | None = None) -> None:
         if self.endpoint_capacity is None:
             self.endpoint_capacity = 16 * xT.shape[0]
@@ -569,7 +584,9 @@ class NSGFPlusPlusObjective:
         held = self._endpoint_labels.to(y1.device)
         return any(int((held == c).sum()) < k for c, k in zip(classes, counts.tolist(), strict=True))
 
-    def guided_phase1_endpoints(self, x0: Tensor, x1: Tensor, y1: Tensor) -> tuple[Tensor, Tensor]:
+    def guided_phase1_endpoints(
+        self, x0: Tensor, x1: Tensor, y1: Tensor, nets: Mapping[str, Any] | None = None
+    ) -> tuple[Tensor, Tensor]:
         r"""Class-conditional :meth:`phase1_endpoints`: for data labels ``y1`` (m,), ``m`` end points with exactly
         the class counts of ``y1``, drawn without replacement within each class from the labelled buffer.
 
@@ -593,8 +610,16 @@ class NSGFPlusPlusObjective:
             )
         self._check_buffer_labels(True)
         if self.n_calls % self.refresh_every == 0 or self._short_classes(y1):
-            traj, labels = self.matcher.simulate_guided(x0, x1, y1)
-            self._add_endpoints(traj.xs[-1].detach(), labels)
+            if self.endpoints == "network":
+                if nets is None:
+                    raise ValueError("nets is required with endpoints='network' (the NSGF network makes X_T)")
+                if x0.shape[0] != m:
+                    raise ValueError("x0 and x1 must have the same batch size with endpoints='network'")
+                labels = y1.to(x0.device)  # source row i takes class y1[i], as in the guided flow
+                self._add_endpoints(self.network_endpoints(nets["nsgf"], x0, labels), labels)
+            else:
+                traj, labels = self.matcher.simulate_guided(x0, x1, y1)
+                self._add_endpoints(traj.xs[-1].detach(), labels)
         if self._short_classes(y1):
             raise ValueError(
                 "y1 asks for more end points of a class than the buffer holds after a new flow: give x0 and x1 "
@@ -613,7 +638,7 @@ class NSGFPlusPlusObjective:
         xT = self._endpoints[pick.to(self._endpoints.device)].to(device=x0.device)
         return xT, held[pick].to(dtype=y1.dtype)
 
-    def phase1_endpoints(self, x0: Tensor, x1: Tensor) -> Tensor:
+    def phase1_endpoints(self, x0: Tensor, x1: Tensor, nets: Mapping[str, Any] | None = None) -> Tensor:
         r"""``n`` phase-1 end points :math:`X_T` for a source batch ``x0`` (n, *dim) and data ``x1`` (m, *dim).
 
         Drawn uniformly without replacement (through ``generator``) from the end-point buffer, after
@@ -638,13 +663,18 @@ class NSGFPlusPlusObjective:
             )
         self._check_buffer_labels(False)
         if self.n_calls % self.refresh_every == 0 or self.n_endpoints < n:
-            self._add_endpoints(self.simulate_endpoints(x0, x1))
+            if self.endpoints == "network":
+                if nets is None:
+                    raise ValueError("nets is required with endpoints='network' (the NSGF network makes X_T)")
+                self._add_endpoints(self.network_endpoints(nets["nsgf"], x0))
+            else:
+                self._add_endpoints(self.simulate_endpoints(x0, x1))
         self.n_calls += 1
         pick = torch.randperm(self.n_endpoints, generator=self.generator)[:n]
         return self._endpoints[pick.to(self._endpoints.device)].to(device=x0.device)
 
     def phase2_pairs(
-        self, x0: Tensor, x1: Tensor, y1: Tensor | None = None
+        self, x0: Tensor, x1: Tensor, y1: Tensor | None = None, nets: Mapping[str, Any] | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         r"""Start and end points ``(a, b)``, each ``(n, *dim)``, of the straight flow's training segments, and
         their class labels ``(n,)`` (None without ``y1``).
@@ -663,12 +693,12 @@ class NSGFPlusPlusObjective:
         if self.phase2 == "paper":
             return x0, x1, y1
         if y1 is None:
-            xT = self.phase1_endpoints(x0, x1)
+            xT = self.phase1_endpoints(x0, x1, nets)
             x1 = x1.to(device=xT.device, dtype=xT.dtype)
             plan = torch.from_numpy(self.ot_sampler.get_map(xT, x1)).flatten()
             labels = None
         else:
-            xT, labels = self.guided_phase1_endpoints(x0, x1, y1)
+            xT, labels = self.guided_phase1_endpoints(x0, x1, y1, nets)
             x1 = x1.to(device=xT.device, dtype=xT.dtype)
             y1 = y1.to(labels.device)
             block = torch.zeros(xT.shape[0], x1.shape[0], dtype=torch.float64)
@@ -728,7 +758,7 @@ class NSGFPlusPlusObjective:
         else:
             t, xt, ut, _, y_nsgf = self.matcher.guided_sample_location_and_conditional_flow(x0, x1, y1=y1)
         out = {"nsgf": _mse(self._field(nets["nsgf"], t, xt, self._net_labels(y_nsgf)), ut, "nsgf")}
-        a, b, y = self.phase2_pairs(x0, x1, y1)
+        a, b, y = self.phase2_pairs(x0, x1, y1, nets)
         b = b.to(device=a.device, dtype=a.dtype)
         s, xs, us = self.cfm.sample_location_and_conditional_flow(a, b, t=self._uniform(a.shape[0], a))
         if self.uses_predictor:
@@ -838,6 +868,7 @@ class _Settings:
     refresh_every: int
     lr: float
     phase2: str = DEFAULT_PHASE2
+    endpoints: str = "simulated"
     feature_shape: tuple[int, ...] | None = None
     iterations: int = 0
 
@@ -903,8 +934,11 @@ class NSGFPlusPlus:
         lr: float = 1e-3,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        endpoints: str = "simulated",
     ) -> None:
         _check_phase2(phase2)
+        if endpoints not in ENDPOINT_SOURCES:
+            raise ValueError(f"endpoints must be one of {list(ENDPOINT_SOURCES)}, got {endpoints!r}")
         if phase2 != "ot" and predictor is None:
             raise ValueError(f"predictor is required for phase2={phase2!r} (a time predictor network)")
         if phase2 == "ot" and predictor is not None:
@@ -933,6 +967,7 @@ class NSGFPlusPlus:
             refresh_every=refresh_every,
             lr=float(lr),
             phase2=phase2,
+            endpoints=endpoints,
         )
         self.generator = generator
         self.progress = progress
@@ -950,7 +985,9 @@ class NSGFPlusPlus:
             refresh_every=s.refresh_every,
             generator=self.generator,
         )
-        self.objective = NSGFPlusPlusObjective(matcher, phase2=s.phase2, generator=self.generator)
+        self.objective = NSGFPlusPlusObjective(
+            matcher, phase2=s.phase2, generator=self.generator, endpoints=s.endpoints
+        )
 
     @property
     def matcher(self) -> SinkhornFlowMatcher:
@@ -1109,6 +1146,7 @@ class NSGFPlusPlus:
                 "refresh_every": s.refresh_every,
                 "lr": s.lr,
                 "phase2": s.phase2,
+                "endpoints": s.endpoints,
                 "feature_shape": None if s.feature_shape is None else list(s.feature_shape),
                 "iterations": s.iterations,
             },
@@ -1138,6 +1176,7 @@ class NSGFPlusPlus:
         if isinstance(iterations, dict):  # format 1: one counter per separately trained network
             iterations = max(iterations.values())
         st.setdefault("phase2", "paper")
+        st.setdefault("endpoints", "simulated")
         if st["phase2"] != self.settings.phase2:
             raise ValueError(
                 f"the checkpoint is NSGF++ variant {st['phase2']!r}, this model is {self.settings.phase2!r}"

@@ -442,6 +442,7 @@ def train_nsgfpp(
     sinkhorn: SinkhornOptions | None = None,
     refresh_every: int | None = None,
     progress: bool = False,
+    endpoints: str = "simulated",
 ) -> NSGFPlusPlus:
     """Build NSGF++ for ``task`` (MLPs of ``width``) and train it for ``train_steps`` steps; returns the model.
 
@@ -452,7 +453,8 @@ def train_nsgfpp(
     ``benchmarks/results/nsgfpp_two_dim.md``), a new flow into the pool every ``refresh_every`` steps
     (default: about 6 flows in all). A :class:`ConditionalTask` builds the networks with ``num_classes`` and
     trains on the task's labelled target (``fit`` with a target function returning ``(x1, y1)``); sample it
-    with ``y``.
+    with ``y``. ``endpoints``: where the ``"ot"`` variants' phase-2 segments start
+    (:class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`).
     """
     check_positive(train_steps, "train_steps", integer=True)
     k = task.num_classes if isinstance(task, ConditionalTask) else None
@@ -468,6 +470,7 @@ def train_nsgfpp(
         lr=lr,
         generator=generator,
         progress=progress,
+        endpoints=endpoints,
     )
     model.fit(
         lambda n: task.source(n, generator), lambda n: task.target(n, generator), train_steps, batch_size

@@ -212,7 +212,9 @@ def make(
     if name == "nsgf":
         return NSGFMethod(matcher, build_unet(shape, preset, num_classes=classes), num_classes, cfg_dropout)
     null = num_classes if cfg_dropout > 0 else None
-    objective = NSGFPlusPlusObjective(matcher, phase2=s.phase2, label_dropout=cfg_dropout, null_label=null)
+    objective = NSGFPlusPlusObjective(
+        matcher, phase2=s.phase2, label_dropout=cfg_dropout, null_label=null, endpoints=s.endpoints
+    )
     nets = {"nsgf": build_unet(shape, preset, num_classes=classes)}
     if objective.uses_predictor:
         nets["predictor"] = TimePredictorCNN(shape[0], num_classes=num_classes)

@@ -27,7 +27,7 @@ import torch
 from .._cli import add_option_flags, options_from_args
 from .._io import check_writable_dir
 from ..matcher import PATHS
-from ..nsgfpp import PHASE2_VARIANTS
+from ..nsgfpp import ENDPOINT_SOURCES, PHASE2_VARIANTS
 from ..sinkhorn import SinkhornOptions
 from .checkpoint import CheckpointError
 from .data import load_images, to_uint8
@@ -300,6 +300,13 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         help="nsgf++'s straight flow: from noise with a time predictor (paper), or from the NSGF end points "
         "paired with the data by exact OT (ot; with a time predictor on those segments: ot-predictor)",
     )
+    g.add_argument(
+        "--endpoints",
+        default=nsgf.endpoints,
+        choices=list(ENDPOINT_SOURCES),
+        help="nsgf++ ot variants: the end points X_T the straight flow starts from, from the simulated "
+        "Sinkhorn flow or from the NSGF network being trained",
+    )
     g.add_argument("--pool-capacity", type=int, default=nsgf.pool_capacity, help="items per process")
     g.add_argument("--pool-max-bytes", type=int, default=None, help="byte bound per process (default: none)")
     g.add_argument(
@@ -377,6 +384,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         phase1_steps=args.phase1_steps,
         phase1_step_size=args.phase1_step_size,
         phase2=args.phase2,
+        endpoints=args.endpoints,
         pool_capacity=args.pool_capacity,
         pool_max_bytes=args.pool_max_bytes,
         pool_dtype=args.pool_dtype,

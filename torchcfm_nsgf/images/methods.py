@@ -338,6 +338,9 @@ class NSGFSettings:
     phase2 : {"paper", "ot", "ot-predictor"}
         Where ``nsgf++``'s straight flow is trained from (:class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`):
         noise, with a time predictor, or the phase-1 end points paired with the data by exact OT.
+    endpoints : {"simulated", "network"}
+        Where the ``"ot"`` variants' end points :math:`X_T` come from: the simulated Sinkhorn flow, or ``T``
+        Euler steps of the NSGF network being trained (what phase 2 meets at sampling).
     pool_capacity : int
         Items of the trajectory pool, per process (each DDP rank holds its own shard).
     pool_max_bytes : int, optional
@@ -358,6 +361,7 @@ class NSGFSettings:
     phase1_steps: int = 5
     phase1_step_size: float = 0.2
     phase2: str = "ot"
+    endpoints: str = "simulated"
     pool_capacity: int = 200_000
     pool_max_bytes: int | None = None
     pool_dtype: str = "float16"
