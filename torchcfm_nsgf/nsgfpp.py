@@ -22,7 +22,13 @@ Networks, trained together on the same source :math:`\mu_0` and target :math:`\m
     of the network's end point, which helps where the NSGF network stops short of (or beyond) the simulated
     :math:`X_T`.
 
-  The end points come from simulating the matcher's flow, not from the NSGF network: the simulation is what
+  Where the end points come from is the option ``endpoints``. ``"simulated"``: from simulating the matcher's
+  flow, not from the NSGF network; ``"network"``: from ``T`` Euler steps of the NSGF network being trained
+  (:meth:`NSGFPlusPlusObjective.network_endpoints`, refreshed like the simulated ones), which is exactly the
+  distribution phase 2 starts from at sampling: where the network cannot reproduce the flow (images: a few
+  large Sinkhorn steps map each noise sample to a near-copy of one batch image, which a network regressing
+  the flow can only average into a blurred digit), phase 2 then learns to carry the network's output to the
+  data instead of starting off its training distribution. For ``"simulated"``: the simulation is what
   the network is trained to reproduce (Euler with ``T`` steps of the served velocity lands on :math:`X_T`
   exactly), needs no trained network (all parts train from the first step, in one loop) and carries no
   network error into phase 2's training data. A flow costs ``T`` Sinkhorn solves of the batch, so, like
@@ -435,6 +441,9 @@ class NSGFPlusPlusObjective:
         ``"ot"`` only: a newly simulated flow of the call's ``(x0, x1)`` is added to the end-point buffer on
         the first call and every ``refresh_every`` calls (and whenever the buffer holds fewer end points
         than the batch). Default: the matcher's ``refresh_every``.
+    endpoints : {"simulated", "network"}
+        The ``"ot"`` variants' end points: the matcher's simulated flow (no network call), or ``T`` Euler steps
+        of ``nets["nsgf"]`` as it trains (:meth:`network_endpoints`; ``T`` forward passes per refresh).
     endpoint_capacity : int, optional
         ``"ot"`` only: the most end points the buffer keeps (FIFO: a new flow's end points replace the
         oldest). Default: 16 batches, fixed at the first call. Must be at least the batch size.
@@ -903,6 +912,8 @@ class NSGFPlusPlus:
         CPU generator for all the trainer's randomness (data rows, times, pool draws, OT pair order).
     progress : bool
         tqdm progress bar in :meth:`fit`.
+    endpoints : {"simulated", "network"}
+        Where the ``"ot"`` variants' segments start (:class:`NSGFPlusPlusObjective`); saved in checkpoints.
 
     Notes
     -----
