@@ -94,7 +94,7 @@ def test_training_calls_give_each_network_the_class_of_its_item():
             pool=None,
             generator=_gen(2),
         )
-        objective = NSGFPlusPlusObjective(matcher, phase2=phase2, generator=_gen(3))
+        objective = NSGFPlusPlusObjective(matcher, phase2=phase2, generator=_gen(3), endpoints="simulated")
         seen = {}
 
         def recorder(name, seen=seen):
@@ -123,7 +123,7 @@ def test_ot_pairs_join_end_points_and_data_of_the_same_class():
     matcher = SinkhornFlowMatcher(
         flow_steps=1, sinkhorn=SinkhornOptions(blur=0.5, relative_blur=False), pool=None, generator=_gen(5)
     )
-    objective = NSGFPlusPlusObjective(matcher, phase2="ot", generator=_gen(6))
+    objective = NSGFPlusPlusObjective(matcher, phase2="ot", generator=_gen(6), endpoints="simulated")
     a, b, y = objective.phase2_pairs(x0, x1, y1)
     assert torch.equal(torch.bincount(y), torch.bincount(y1))  # the batch's class counts
     assert bool(((b - CENTRES[y]).norm(dim=1) < 3).all())  # the data end is of the pair's class
@@ -131,7 +131,7 @@ def test_ot_pairs_join_end_points_and_data_of_the_same_class():
     # every data point is used once (the within-class plans are permutations)
     assert len({tuple(r.tolist()) for r in b}) == 48
     state = objective.state_dict()
-    copy = NSGFPlusPlusObjective(matcher, phase2="ot", generator=_gen(6))
+    copy = NSGFPlusPlusObjective(matcher, phase2="ot", generator=_gen(6), endpoints="simulated")
     copy.load_state_dict(state)
     assert torch.equal(copy._endpoint_labels, objective._endpoint_labels)
     with pytest.raises(ValueError, match="y1 must be given"):

@@ -333,6 +333,7 @@ def test_phase2_pairs_come_from_phase1_end_points(phase2, monkeypatch):
         SinkhornFlowMatcher(flow_steps=1, step_size=1.0, path="grid", sinkhorn=sink, pool=None),
         phase2=phase2,
         generator=_gen(1),
+        endpoints="simulated",
     )
     x0 = _randn(64, 2, seed=2)
     x1 = 20.0 + _randn(64, 2, seed=3)
@@ -422,6 +423,7 @@ def _ot_objective(refresh_every=None, endpoint_capacity=None, seed=1):
         generator=_gen(seed),
         refresh_every=refresh_every,
         endpoint_capacity=endpoint_capacity,
+        endpoints="simulated",
     )
 
 

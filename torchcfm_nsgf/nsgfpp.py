@@ -102,6 +102,7 @@ from .sampling import NFECounter, SampleResult, odeint_sample, solver_spec
 from .sinkhorn import SinkhornOptions
 
 __all__ = [
+    "DEFAULT_ENDPOINTS",
     "DEFAULT_PHASE2",
     "ENDPOINT_SOURCES",
     "MAX_PHASE1_STEPS",
@@ -119,6 +120,8 @@ MAX_PHASE1_STEPS = 5
 PHASE2_VARIANTS = ("paper", "ot", "ot-predictor")
 #: Where the ``"ot"`` variants' end points :math:`X_T` come from: the simulated Sinkhorn flow, or the NSGF network.
 ENDPOINT_SOURCES = ("simulated", "network")
+#: The end-point source used when none is given (measured: BENCHMARKS.md §4 and §5).
+DEFAULT_ENDPOINTS = "network"
 #: The variant used when none is given.
 DEFAULT_PHASE2 = "ot"
 Phase2 = Literal["paper", "ot", "ot-predictor"]
@@ -483,7 +486,7 @@ class NSGFPlusPlusObjective:
         endpoint_capacity: int | None = None,
         label_dropout: float = 0.0,
         null_label: int | None = None,
-        endpoints: str = "simulated",
+        endpoints: str = DEFAULT_ENDPOINTS,
     ) -> None:
         if not isinstance(matcher, SinkhornFlowMatcher):
             raise TypeError(f"matcher must be a SinkhornFlowMatcher, got {type(matcher).__name__}")
@@ -937,15 +940,15 @@ class NSGFPlusPlus:
         straight: nn.Module,
         *,
         phase2: Phase2 = DEFAULT_PHASE2,
-        n_steps: int = 5,
-        step_size: float = 0.2,
+        n_steps: int = 2,
+        step_size: float = 1.0,
         sinkhorn: SinkhornOptions | None = None,
         pool_capacity: int = 100_000,
         refresh_every: int = 5,
         lr: float = 1e-3,
         generator: torch.Generator | None = None,
         progress: bool = False,
-        endpoints: str = "simulated",
+        endpoints: str = DEFAULT_ENDPOINTS,
     ) -> None:
         _check_phase2(phase2)
         if endpoints not in ENDPOINT_SOURCES:

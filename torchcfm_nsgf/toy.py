@@ -437,20 +437,20 @@ def train_nsgfpp(
     batch_size: int = 256,
     lr: float = 1e-3,
     width: int = 64,
-    n_steps: int = 5,
-    step_size: float = 0.6,
+    n_steps: int = 2,
+    step_size: float = 1.0,
     sinkhorn: SinkhornOptions | None = None,
     refresh_every: int | None = None,
     progress: bool = False,
-    endpoints: str = "simulated",
+    endpoints: str = "network",
 ) -> NSGFPlusPlus:
     """Build NSGF++ for ``task`` (MLPs of ``width``) and train it for ``train_steps`` steps; returns the model.
 
     Networks: :class:`~torchcfm_nsgf.networks.VelocityMLP` for the NSGF field and the straight flow,
     :class:`~torchcfm_nsgf.networks.TimePredictorMLP` for the predictor of ``phase2="paper"``; initialised
     from torch's global RNG (seed it before). Every step draws fresh task batches from ``generator``. The
-    NSGF phase: ``n_steps`` Sinkhorn steps of ``step_size`` (T = 5, η = 0.6: run C of
-    ``benchmarks/results/nsgfpp_two_dim.md``), a new flow into the pool every ``refresh_every`` steps
+    NSGF phase: ``n_steps`` Sinkhorn steps of ``step_size`` (T = 2, η = 1: the phase-1 sweep of BENCHMARKS.md
+    §4), a new flow into the pool every ``refresh_every`` steps
     (default: about 6 flows in all). A :class:`ConditionalTask` builds the networks with ``num_classes`` and
     trains on the task's labelled target (``fit`` with a target function returning ``(x1, y1)``); sample it
     with ``y``. ``endpoints``: where the ``"ot"`` variants' phase-2 segments start

@@ -334,7 +334,7 @@ class NSGFSettings:
     flow_steps, step_size, path : int, float, str
         T, η and served path of the simulated flow for ``nsgf`` (``SinkhornFlowMatcher``'s defaults).
     phase1_steps, phase1_step_size : int, float
-        T and η of the NSGF phase of ``nsgf++`` (5, 0.2).
+        T and η of the NSGF phase of ``nsgf++`` (2, 1.0: measured on MNIST and 2D, BENCHMARKS.md §4–§5).
     phase2 : {"paper", "ot", "ot-predictor"}
         Where ``nsgf++``'s straight flow is trained from (:class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`):
         noise, with a time predictor, or the phase-1 end points paired with the data by exact OT.
@@ -358,10 +358,10 @@ class NSGFSettings:
     flow_steps: int = 2
     step_size: float = 1.0
     path: str = "straight"
-    phase1_steps: int = 5
-    phase1_step_size: float = 0.2
+    phase1_steps: int = 2
+    phase1_step_size: float = 1.0
     phase2: str = "ot"
-    endpoints: str = "simulated"
+    endpoints: str = "network"
     pool_capacity: int = 200_000
     pool_max_bytes: int | None = None
     pool_dtype: str = "float16"
