@@ -442,7 +442,7 @@ def train_nsgfpp(
     sinkhorn: SinkhornOptions | None = None,
     refresh_every: int | None = None,
     progress: bool = False,
-    endpoints: str = "network",
+    endpoints: str = "simulated",
 ) -> NSGFPlusPlus:
     """Build NSGF++ for ``task`` (MLPs of ``width``) and train it for ``train_steps`` steps; returns the model.
 

@@ -340,7 +340,8 @@ class NSGFSettings:
         noise, with a time predictor, or the phase-1 end points paired with the data by exact OT.
     endpoints : {"simulated", "network"}
         Where the ``"ot"`` variants' end points :math:`X_T` come from: the simulated Sinkhorn flow, or ``T``
-        Euler steps of the NSGF network being trained (what phase 2 meets at sampling).
+        Euler steps of the NSGF network being trained (what phase 2 meets at sampling; the default here:
+        on MNIST it is far better than the simulated end points, BENCHMARKS.md §5).
     pool_capacity : int
         Items of the trajectory pool, per process (each DDP rank holds its own shard).
     pool_max_bytes : int, optional
