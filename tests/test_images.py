@@ -139,6 +139,25 @@ def test_resume_with_other_settings_is_refused(data_root, tmp_path):
         train(_config(data_root, "icfm", total_steps=3, batch_size=2, ckpt_dir=str(tmp_path), resume=True))
 
 
+@pytest.mark.parametrize("preset", ["tiny", "mnist"])
+def test_unet_presets_see_the_time_and_the_label(preset):
+    from torchcfm_nsgf.images.methods import build_unet
+
+    torch.manual_seed(0)
+    net = build_unet((1, 28, 28), preset, num_classes=10)
+    with torch.no_grad():  # the output convolution starts at zero: give every weight a value
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        x = torch.randn(4, 1, 28, 28)
+        y0, y5 = torch.zeros(4, dtype=torch.long), torch.full((4,), 5)
+        out = net(torch.full((4,), 0.1), x, y=y0)
+        other_time = net(torch.full((4,), 0.9), x, y=y0)
+        other_label = net(torch.full((4,), 0.1), x, y=y5)
+    scale = float(out.abs().mean())
+    assert float((out - other_time).abs().mean()) > 1e-3 * scale
+    assert float((out - other_label).abs().mean()) > 1e-3 * scale
+
+
 def test_time_budget_follows_the_chosen_clock(data_root, monkeypatch):
     from torchcfm_nsgf.images import training
 

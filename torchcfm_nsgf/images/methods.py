@@ -67,7 +67,9 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         attention_resolutions="16",
         dropout=0.1,
     ),
-    # MNIST 28x28: levels at 28, 14, 7; attention at 7
+    # MNIST 28x28: levels at 28, 14, 7; attention at 7. The narrow presets condition by scale and shift after
+    # the GroupNorm (use_scale_shift_norm): at 32 channels GroupNorm(32, .) normalises every channel on its
+    # own and removes the per-channel shift torchcfm's default adds, so the network would not see t or y.
     "mnist": dict(
         num_channels=32,
         num_res_blocks=1,
@@ -76,6 +78,7 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         num_head_channels=-1,
         attention_resolutions="7",
         dropout=0.0,
+        use_scale_shift_norm=True,
     ),
     # tests and smoke runs: three narrow levels, attention only in the middle block (always there)
     "tiny": dict(
@@ -86,6 +89,7 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         num_head_channels=-1,
         attention_resolutions="-1",
         dropout=0.0,
+        use_scale_shift_norm=True,
     ),
 }
 
