@@ -150,6 +150,8 @@ def parse_method(spec: str, base: NSGFSettings) -> tuple[str, NSGFSettings, str]
     if name == "nsgf++":
         s = settings
         label += f" `{s.phase2}` (T={s.phase1_steps}, η={s.phase1_step_size:g})"
+        if s.phase2 != "paper":
+            label += f", {s.endpoints} X_T"
     elif name == "nsgf":
         label += f" (T={settings.flow_steps}, η={settings.step_size:g}, {settings.path})"
     return name, settings, label
