@@ -213,7 +213,7 @@ def two_rf(task: Task, config: BenchConfig, seed: int) -> Sampler:
 @dataclass
 class _NSGFPlusPlusSampler:
     """NSGF++ behind the ``Sampler`` protocol: ``nfe`` is the phase-2 budget (Euler steps of the straight
-    flow after the 5 NSGF steps and, for ``phase2="paper"``, the predictor call); the returned NFE counts all
+    flow after the T NSGF steps (T = 2 by default) and, for ``phase2="paper"``, the predictor call); the returned NFE counts all
     networks."""
 
     model: object
@@ -227,7 +227,7 @@ class _NSGFPlusPlusSampler:
 
 def _nsgfpp(phase2: str) -> MethodFn:
     def fn(task: Task, config: BenchConfig, seed: int) -> Sampler:
-        """NSGF++ by ``torchcfm_nsgf.toy.train_nsgfpp``: T = 5 NSGF steps of η = 0.6 with ``config.nsgf``'s
+        """NSGF++ by ``torchcfm_nsgf.toy.train_nsgfpp`` at its defaults (T = 2 NSGF steps of η = 1) with ``config.nsgf``'s
         Sinkhorn options, ``train_steps`` steps of every network in one loop. No time-budget variant."""
         if config.time_budget_s is not None:
             raise NotApplicable("NSGF++ is trained for a number of steps only")
@@ -249,10 +249,10 @@ def _nsgfpp(phase2: str) -> MethodFn:
 
 
 _PREDICTOR = " + 1 predictor" if DEFAULT_PHASE2 == "paper" else ""
-register("nsgf++", f"NSGF++, phase2={DEFAULT_PHASE2!r} (NFE n = 5 NSGF{_PREDICTOR} + n straight)")(
+register("nsgf++", f"NSGF++, phase2={DEFAULT_PHASE2!r} (NFE n = 2 NSGF{_PREDICTOR} + n straight)")(
     _nsgfpp(DEFAULT_PHASE2)
 )
-register("nsgf++paper", "NSGF++, phase2='paper' (NFE n = 5 NSGF + 1 predictor + n straight)")(
+register("nsgf++paper", "NSGF++, phase2='paper' (NFE n = 2 NSGF + 1 predictor + n straight)")(
     _nsgfpp("paper")
 )
 
