@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _spies import LabelSpy
 from torch import nn
 
 from torchcfm_nsgf import (
@@ -24,19 +25,6 @@ CENTRES = torch.tensor([[-8.0, 0.0], [8.0, 0.0]])
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-class LabelSpy(nn.Module):
-    """Records the labels each call of ``net`` receives (independently of the code under test)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.labels: list[torch.Tensor | None] = []
-
-    def forward(self, *args, y=None, **kwargs):
-        self.labels.append(y)
-        return self.net(*args, y=y)
 
 
 def _data(n: int = 400, seed: int = 0):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from _fake_datasets import write_fake_mnist
+from _spies import LabelSpy
 from PIL import Image
 from torch import nn
 
@@ -57,19 +58,6 @@ def _config(root: Path, method: str, **kw) -> TrainConfig:
 
 def _state_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-class LabelSpy(nn.Module):
-    """Records the labels of every call of ``net`` (independently of the code under test)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.labels: list[torch.Tensor | None] = []
-
-    def forward(self, *args, y=None, **kwargs):
-        self.labels.append(y)
-        return self.net(*args, y=y) if y is not None else self.net(*args)
 
 
 @pytest.mark.parametrize(("method", "cfg"), [("nsgf", 0.0), ("nsgf++", 0.5), ("otcfm", 0.0), ("icfm", 0.5)])
