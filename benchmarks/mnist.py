@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema-decay", type=float, default=0.99, help="short runs: a short EMA window")
     p.add_argument("--pool-capacity", type=int, default=50_000)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training and sampling"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier", default=os.path.join(HERE, "results", "mnist_classifier.pt"))
     p.add_argument("--out-dir", default=os.path.join(HERE, "results", "mnist"))
@@ -233,7 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         out = {
             "args": vars(args),
             "command": "python benchmarks/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": f"{platform.machine()} {platform.processor()}".strip(),
+            "machine": (
+                torch.cuda.get_device_name(args.device)
+                if args.device.startswith("cuda")
+                else f"{platform.machine()} {platform.processor()}".strip()
+            ),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "classifier_accuracy": acc,
@@ -271,6 +278,7 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, per_c
             conditional=args.conditional,
             cfg_dropout=args.cfg_dropout,
             nsgf=settings,
+            device=args.device,
         )
 
     def evaluate(result, tag: str, nfes: list[int] = nfes) -> dict:
@@ -289,6 +297,7 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, per_c
                     seed=args.seed + 1,
                     labels=labels,
                     guidance_scale=args.guidance_scale,
+                    device=args.device,
                 )
             except ValueError as err:  # a budget below the method's minimum (NSGF++ phase 1)
                 print(f"{label} {tag}: NFE {nfe} skipped: {err}")

@@ -158,6 +158,19 @@ def test_unet_presets_see_the_time_and_the_label(preset):
     assert float((out - other_label).abs().mean()) > 1e-3 * scale
 
 
+def test_device_names_resolve_to_this_process_gpu(monkeypatch):
+    # torch.cuda.set_device refuses a bare "cuda" (no index): the loop must name the process's GPU
+    from torchcfm_nsgf.images.training import _resolve_device
+
+    assert _resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
+    assert _resolve_device("cuda:1", local_rank=3) == torch.device("cuda", 1)
+    assert _resolve_device("cpu", local_rank=3) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _resolve_device(None, local_rank=2) == torch.device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _resolve_device(None, local_rank=2) == torch.device("cpu")
+
+
 def test_time_budget_follows_the_chosen_clock(data_root, monkeypatch):
     from torchcfm_nsgf.images import training
 

@@ -535,6 +535,17 @@ def _data_batch(
     return x1, (data.labels[idx].long().to(device) if labels else None)
 
 
+def _resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """The device of this process: ``device`` as given, with a bare ``"cuda"`` (or None when CUDA is
+    available) meaning ``cuda:{local_rank}``, the GPU of this process under torchrun; else the CPU."""
+    if device is None:
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", local_rank)
+    return resolved
+
+
 def train(config: TrainConfig, data: ImageData | None = None) -> TrainResult:
     """Train ``config.method`` on ``config.dataset`` with the shared recipe; see the module docstring.
 
@@ -575,10 +586,7 @@ def train(config: TrainConfig, data: ImageData | None = None) -> TrainResult:
 def _train(
     config: TrainConfig, data: ImageData | None, rank: int, world: int, local_rank: int
 ) -> TrainResult:
-    if config.device is not None:
-        device = torch.device(config.device)
-    else:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = _resolve_device(config.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ckpt_dir = config.ckpt_dir
