@@ -170,6 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--equal-steps", type=int, default=None, help="also score every method at this step")
     p.add_argument("--nfe", default="5,10,20,60")
     p.add_argument("--equal-steps-nfe", default="10,20", help="the NFEs scored at --equal-steps")
+    p.add_argument(
+        "--equal-steps-only",
+        action="store_true",
+        help="stop at --equal-steps (no equal-time score; --budget-s is then only a cap)",
+    )
     p.add_argument("--n-eval", type=int, default=2000, help="generated and test images per score")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--preset", default="tiny")
@@ -199,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale at sampling")
     p.add_argument("--report", default=None, metavar="DIR", help="merge DIR's JSON files into a table")
     args = p.parse_args(argv)
+    if args.equal_steps_only and not args.equal_steps:
+        p.error("--equal-steps-only needs --equal-steps")
     if args.report:
         return report(args.report)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -340,6 +347,9 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, per_c
                 nfes if result.step < args.equal_steps else [int(n) for n in args.equal_steps_nfe.split(",")],
             ),
         }
+        if args.equal_steps_only:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return row
         left = args.budget_s - used[args.budget_clock]
         if result.step == args.equal_steps and left > 0:
             result = train(config(10**9, left, True), data=train_imgs)
@@ -422,7 +432,8 @@ def report(folder: str) -> None:
                 + " | ".join(cell(part["scores"], n) for n in nfes)
                 + " |"
             )
-    lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in runs]
+    commands = dict.fromkeys(r["command"] for r in runs)  # one command may have run several methods
+    lines += ["", "Commands:", ""] + [f"    {c}" for c in commands]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(text)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _env import pythonpath
 from _fake_datasets import write_fake_cifar10, write_fake_mnist
 from PIL import Image
 from torchcfm.models.unet.unet import UNetModelWrapper
@@ -60,6 +61,7 @@ def _config(root: Path, method: str, dataset: str = "mnist", **kw) -> TrainConfi
         verify_checksums=False,
         ema_decay=0.9,
         sample_steps=3,
+        device="cpu",  # bit-identical resume is checked on the CPU (cuDNN kernels are not deterministic)
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -160,13 +162,18 @@ def test_unet_presets_see_the_time_and_the_label(preset):
 
 def test_device_names_resolve_to_this_process_gpu(monkeypatch):
     # torch.cuda.set_device refuses a bare "cuda" (no index): the loop must name the process's GPU
-    from torchcfm_nsgf.images.training import _resolve_device
+    from torchcfm_nsgf.images.training import ConfigError, _resolve_device
 
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert _resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
     assert _resolve_device("cuda:1", local_rank=3) == torch.device("cuda", 1)
     assert _resolve_device("cpu", local_rank=3) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert _resolve_device(None, local_rank=2) == torch.device("cuda", 2)
+    # more processes than GPUs: a clear error, not CUDA's "out of memory" at set_device
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="process 1 on this machine has no GPU"):
+        _resolve_device(None, local_rank=1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _resolve_device(None, local_rank=2) == torch.device("cpu")
 
@@ -238,6 +245,39 @@ def test_unknown_method_is_a_clear_error(data_root, capsys):
 
 
 # --------------------------------------------------------------------------- sampling, NFE, FID
+
+
+def test_generate_samples_where_the_networks_are():
+    # a trained result on a GPU samples there without a device argument (noise drawn on the CPU, moved)
+    from torchcfm_nsgf.images import generate
+    from torchcfm_nsgf.sampling import SampleResult
+
+    seen = []
+
+    class Method:
+        def sample(self, nets, x0, nfe=None, solver="euler"):
+            seen.append(x0.device)
+            return SampleResult(samples=torch.zeros(x0.shape), nfe={"velocity": 1})
+
+    nets = torch.nn.ModuleDict({"velocity": torch.nn.Linear(2, 2, device="meta")})
+    out = generate(Method(), nets, 3, (1, 2, 2), batch_size=2)
+    assert seen == [torch.device("meta")] * 2 and out.samples.shape == (3, 1, 2, 2)
+    generate(Method(), nets, 1, (1, 2, 2), device="cpu")
+    assert seen[-1] == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["nsgf", "nsgf++", "otcfm"])
+def test_cuda_run_trains_and_samples_on_the_gpu(data_root, tmp_path, method):
+    from torchcfm_nsgf.images import generate
+
+    ckpt = str(tmp_path / "run")
+    first = train(_tiny_nsgf(_config(data_root, method, device="cuda", ckpt_dir=ckpt, total_steps=2)))
+    assert all(p.device.type == "cuda" for p in first.ema.parameters())
+    resumed = train(_tiny_nsgf(_config(data_root, method, device="cuda", ckpt_dir=ckpt, resume=True)))
+    assert resumed.step == 4 and all(math.isfinite(v) for v in resumed.losses)
+    out = generate(resumed.method, resumed.ema, 3, resumed.shape, nfe=4)  # no device: the nets' GPU
+    assert out.samples.device.type == "cpu" and torch.isfinite(out.samples).all()
 
 
 def _load_example(name: str):
@@ -372,7 +412,7 @@ _DDP_WORKER = textwrap.dedent(
         nsgf = NSGFSettings(flow_steps=3, sinkhorn=sinkhorn, pool_capacity=64, refresh_every=2)
         return TrainConfig(dataset="cifar10", data_root=root, method=method, total_steps=4, batch_size=3,
                            preset="tiny", warmup=2, ckpt_every=2, progress=False, verify_checksums=False,
-                           ema_decay=0.9, ckpt_dir=os.path.join(out, ckpt), nsgf=nsgf, **kw)
+                           ema_decay=0.9, ckpt_dir=os.path.join(out, ckpt), nsgf=nsgf, device="cpu", **kw)
 
     a = train(cfg("a"))
     train(cfg("b", stop_after=3))
@@ -398,7 +438,7 @@ def test_torchrun_two_cpu_processes_train_checkpoint_and_resume(data_root, tmp_p
     method = "nsgf" if "nsgf" in available_methods() else "otcfm"  # nsgf: one pool shard per rank
     worker = tmp_path / "worker.py"
     worker.write_text(_DDP_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath()}
     cmd = [
         sys.executable,
         "-m",

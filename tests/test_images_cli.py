@@ -21,6 +21,7 @@ from torchcfm_nsgf.images.cli import RUN_PRESETS, build_parser
 from torchcfm_nsgf.images.training import ConfigError, default_ema_decay, default_warmup
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _env import pythonpath  # noqa: E402
 from _fake_datasets import write_fake_mnist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +144,7 @@ def test_warmup_and_ema_scale_with_short_runs_only():
 def _config(root: Path, **kw) -> TrainConfig:
     base = dict(
         dataset="mnist", data_root=str(root), method="icfm", total_steps=4, batch_size=4, preset="tiny",
-        progress=False, sample_steps=2,
+        progress=False, sample_steps=2, device="cpu",
     )  # fmt: skip
     return TrainConfig(**{**base, **kw})
 
@@ -262,7 +263,7 @@ def test_every_flag_has_help_and_a_true_default(dataset):
         [sys.executable, str(ROOT / "examples" / f"{dataset}.py"), "--help"],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100"},
+        env={**os.environ, "PYTHONPATH": pythonpath(), "COLUMNS": "100"},
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

@@ -47,6 +47,7 @@ def _config(root: Path, method: str, **kw) -> TrainConfig:
         ema_decay=0.9,
         sample_steps=3,
         conditional=True,
+        device="cpu",  # bit-identical resume is checked on the CPU
     )
     base.update(kw)
     config = TrainConfig(**base)

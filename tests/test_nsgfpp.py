@@ -667,6 +667,7 @@ def _image_config(root, phase2: str, **kw):
         ema_decay=0.5,
         sample_steps=3,
         nsgf=_image_settings(phase2),
+        device="cpu",
         **kw,
     )
 

@@ -25,7 +25,7 @@ def generate(
     solver: str = "euler",
     batch_size: int = 256,
     seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     labels: Tensor | None = None,
     guidance_scale: float | None = None,
 ) -> SampleResult:
@@ -45,7 +45,8 @@ def generate(
     batch_size : int
         Images per sampler call.
     seed : int
-    device : torch.device or str
+    device : torch.device or str, optional
+        Where the sampler runs; default: the device of ``nets``' parameters.
     labels : Tensor, optional
         Class of each image, shape ``(n,)``, for a class-conditional method (required by one).
     guidance_scale : float, optional
@@ -65,6 +66,8 @@ def generate(
     if labels is not None and (not isinstance(labels, Tensor) or labels.shape != (n,)):
         shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels must be a tensor of shape ({n},), one class per image, got {shape}")
+    if device is None:
+        device = next((p.device for p in nets.parameters()), torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
     nets.eval()
     chunks, nfe_seen = [], None

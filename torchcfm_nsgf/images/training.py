@@ -538,12 +538,18 @@ def _data_batch(
 def _resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     """The device of this process: ``device`` as given, with a bare ``"cuda"`` (or None when CUDA is
     available) meaning ``cuda:{local_rank}``, the GPU of this process under torchrun; else the CPU."""
-    if device is None:
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and resolved.index is None:
-        return torch.device("cuda", local_rank)
-    return resolved
+    if device is None and not torch.cuda.is_available():
+        return torch.device("cpu")
+    resolved = torch.device("cuda" if device is None else device)
+    if resolved.type != "cuda" or resolved.index is not None:
+        return resolved
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(
+            f"process {local_rank} on this machine has no GPU of its own (CUDA sees {count}): start at most "
+            f"{count} process(es) per machine (torchrun --nproc_per_node), or train on the CPU (device='cpu')"
+        )
+    return torch.device("cuda", local_rank)
 
 
 def train(config: TrainConfig, data: ImageData | None = None) -> TrainResult:
