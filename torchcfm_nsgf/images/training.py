@@ -156,7 +156,8 @@ class TrainConfig:
         thread per process the CPU clock is the wall time of an unloaded core, so methods trained side by
         side on a shared machine still get equal budgets.
     device : str, optional
-        Default: ``cuda:{local_rank}`` when CUDA is available, else ``cpu``.
+        Default: ``cuda:{local_rank}`` when CUDA is available, else ``cpu``; a bare ``"cuda"`` also means
+        ``cuda:{local_rank}``.
     progress : bool
         tqdm progress bars on rank 0.
     log_every : int
