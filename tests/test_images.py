@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _env import pythonpath
+from _env import ROOT, pythonpath
 from _fake_datasets import write_fake_cifar10, write_fake_mnist
 from PIL import Image
 from torchcfm.models.unet.unet import UNetModelWrapper
@@ -31,7 +31,6 @@ from torchcfm_nsgf.images import (
 from torchcfm_nsgf.images.checkpoint import atomic_save, load_checkpoint
 from torchcfm_nsgf.images.fid import InceptionUnavailableError, check_inception_available
 
-ROOT = Path(__file__).resolve().parents[1]
 # the tiny runs here use ema_decay=0.9 over 4 steps on purpose (the EMA must differ from the weights)
 pytestmark = [
     pytest.mark.filterwarnings("ignore:ema_decay=0.9 averages:UserWarning"),

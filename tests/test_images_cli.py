@@ -21,10 +21,9 @@ from torchcfm_nsgf.images.cli import RUN_PRESETS, build_parser
 from torchcfm_nsgf.images.training import ConfigError, default_ema_decay, default_warmup
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _env import pythonpath  # noqa: E402
+from _env import ROOT, pythonpath  # noqa: E402
 from _fake_datasets import write_fake_mnist  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
