@@ -12,8 +12,8 @@ penultimate-layer features (128-d) of a small CNN classifier trained here on MNI
 Inception network) and its values are not comparable with published FIDs. The floor is the same distance
 for ``--n-eval`` training images.
 
-A method is a name with optional :class:`~torchcfm_nsgf.images.NSGFSettings` fields, e.g.
-``nsgf++:phase2=paper:phase1_steps=3:phase1_step_size=0.5``. One JSON file per method goes to ``--out-dir``
+A method is a name with optional :class:`~torchcfm_nsgf.images.NSGFSettings` fields and ``blur`` (the
+relative Sinkhorn blur), e.g. ``nsgf++:phase2=paper:phase1_steps=3:phase1_step_size=0.5`` or ``nsgf:blur=0.1``. One JSON file per method goes to ``--out-dir``
 (run methods in separate processes to use both cores), with sample grids; ``--report`` merges a folder's
 JSON files into a markdown table.
 
@@ -141,8 +141,11 @@ def parse_method(spec: str, base: NSGFSettings) -> tuple[str, NSGFSettings, str]
     changes = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
+        if key == "blur":  # the Sinkhorn blur, relative to the data's RMS radius
+            changes["sinkhorn"] = dataclasses.replace(base.sinkhorn, blur=float(value))
+            continue
         if key not in {f.name for f in dataclasses.fields(NSGFSettings)} or key == "sinkhorn":
-            raise SystemExit(f"{spec!r}: {key!r} is not an NSGFSettings field")
+            raise SystemExit(f"{spec!r}: {key!r} is not an NSGFSettings field (or blur)")
         current = getattr(base, key)
         changes[key] = value if isinstance(current, str) or current is None else type(current)(value)
     settings = dataclasses.replace(base, **changes)
@@ -154,6 +157,8 @@ def parse_method(spec: str, base: NSGFSettings) -> tuple[str, NSGFSettings, str]
             label += f", {s.endpoints} X_T"
     elif name == "nsgf":
         label += f" (T={settings.flow_steps}, η={settings.step_size:g}, {settings.path})"
+    if name in ("nsgf", "nsgf++"):
+        label += f", blur {settings.sinkhorn.blur:g}"
     return name, settings, label
 
 

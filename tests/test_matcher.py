@@ -131,6 +131,38 @@ def test_relative_blur_follows_the_target_scale():
     torch.testing.assert_close(ut10, 10 * ut1, rtol=1e-6, atol=1e-6)
 
 
+def _sparse_images(n: int, g: torch.Generator) -> torch.Tensor:
+    """Image-like samples in {-1, 1}: thresholded blobs on a dark 28x28 background (about 3 % lit)."""
+    smooth = torch.nn.functional.avg_pool2d(torch.randn(n, 1, 32, 32, generator=g), 5, stride=1)
+    return torch.where(smooth > 0.35, 1.0, -1.0)
+
+
+def test_default_blur_is_smaller_on_images_so_end_points_are_samples_not_blends():
+    # SinkhornFlowMatcher() keeps 0.1 of the target's scale in 2D and takes HIGH_DIM_BLUR (0.05) on images.
+    # At 0.1, flows of image-like samples often end between samples (a blend of two images, far from
+    # every one of them); at the default almost every end point is one of the target samples.
+    g = torch.Generator().manual_seed(0)
+    x2 = _moons(64)
+    fm2 = SinkhornFlowMatcher(pool=None)
+    fm2.simulate(torch.randn(64, 2, generator=g), x2)
+    assert fm2.blur == pytest.approx(0.1 * SinkhornOptions.scale_of(x2)) and fm2.sinkhorn.blur == 0.1
+    far = {}
+    for name, options in [("default", None), ("0.1", SinkhornOptions(blur=0.1))]:
+        g = torch.Generator().manual_seed(1)
+        n_far = 0
+        for _ in range(3):
+            x1 = _sparse_images(64, g)
+            fm = SinkhornFlowMatcher(pool=None, sinkhorn=options)
+            x_end = fm.simulate(torch.randn(x1.shape, generator=g), x1).xs[-1]
+            n_far += int((torch.cdist(x_end.flatten(1), x1.flatten(1)).min(1).values > 1.0).sum())
+        far[name] = n_far
+        expected = matcher_module.HIGH_DIM_BLUR if options is None else 0.1
+        assert fm.sinkhorn.blur == expected
+        assert fm.blur == pytest.approx(expected * SinkhornOptions.scale_of(x1))
+    assert far["default"] <= 4, far  # of 192 end points (2 here)
+    assert far["0.1"] >= 5 * max(far["default"], 2), far  # the reason for the smaller blur (28 here)
+
+
 # ---------------------------------------------------------------------------------------------- paths and clock
 def test_simulated_steps_are_the_sinkhorn_velocity_with_the_step_schedule():
     etas = [1.0, 0.5, 0.25]
@@ -315,6 +347,12 @@ def test_state_dict_round_trip_resumes_pool_schedule_and_blur():
         for u, v in zip(out_a, out_b, strict=True):
             torch.testing.assert_close(u, v, rtol=0, atol=0)
     assert len(a.pool) == len(b.pool) == 20 and a.n_flows == b.n_flows == 2  # refreshed at calls 0 and 2
+    # On images the default's relative blur (HIGH_DIM_BLUR) comes back with the state too.
+    c = SinkhornFlowMatcher(pool=None)
+    c.simulate(torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8))
+    d = SinkhornFlowMatcher(pool=None)
+    d.load_state_dict(c.state_dict())
+    assert (d.blur, d.sinkhorn) == (c.blur, c.sinkhorn) and d.sinkhorn.blur == matcher_module.HIGH_DIM_BLUR
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -13,9 +13,10 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def add_option_flags(parser: Any, cls: type, *, prefix: str = "") -> None:
-    """Add ``--{prefix}{field-name}`` for every field of the dataclass ``cls`` to ``parser`` (or a group)."""
-    defaults = cls()
+def add_option_flags(parser: Any, cls: type, *, prefix: str = "", defaults: Any = None) -> None:
+    """Add ``--{prefix}{field-name}`` for every field of the dataclass ``cls`` to ``parser`` (or a group), with
+    the values of ``defaults`` (default: ``cls()``) as the flags' defaults."""
+    defaults = cls() if defaults is None else defaults
     for f in fields(cls):
         default = getattr(defaults, f.name)
         flag = "--" + (prefix + f.name).replace("_", "-")

@@ -285,7 +285,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=_positive_int, default=100, help="log the loss every N steps")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     g = p.add_argument_group("NSGF / NSGF++ Sinkhorn flow")
-    add_option_flags(g, SinkhornOptions)
+    add_option_flags(g, SinkhornOptions, defaults=nsgf.sinkhorn)
     g.add_argument("--flow-steps", type=int, default=nsgf.flow_steps, help="T of nsgf's simulated flow")
     g.add_argument("--step-size", type=float, default=nsgf.step_size, help="eta of nsgf's simulated flow")
     g.add_argument("--path", default=nsgf.path, choices=list(PATHS), help="targets nsgf serves")

@@ -40,7 +40,7 @@ from torchcfm.models.unet.unet import UNetModelWrapper
 from .._validation import check_non_negative
 from ..guidance import CFGField, drop_labels
 from ..sampling import SampleResult, odeint_sample, solver_spec
-from ..sinkhorn import SinkhornOptions
+from ..sinkhorn import HIGH_DIM_BLUR, SinkhornOptions
 
 __all__ = [
     "BASELINE_METHODS",
@@ -334,7 +334,8 @@ class NSGFSettings:
     Attributes
     ----------
     sinkhorn : SinkhornOptions
-        Sinkhorn settings (default: blur 0.1 of the target's scale, like ``SinkhornFlowMatcher()``).
+        Sinkhorn settings (default: blur 0.05 of the target's scale, what ``SinkhornFlowMatcher()`` uses on
+        images: at 0.1 a quarter of NSGF's MNIST targets are blends of digits, BENCHMARKS.md §5).
     flow_steps, step_size, path : int, float, str
         T, η and served path of the simulated flow for ``nsgf`` (``SinkhornFlowMatcher``'s defaults).
     phase1_steps, phase1_step_size : int, float
@@ -361,7 +362,7 @@ class NSGFSettings:
         Simulate a new flow batch into the pool every ``refresh_every`` training batches.
     """
 
-    sinkhorn: SinkhornOptions = field(default_factory=SinkhornOptions)
+    sinkhorn: SinkhornOptions = field(default_factory=lambda: SinkhornOptions(blur=HIGH_DIM_BLUR))
     flow_steps: int = 2
     step_size: float = 1.0
     path: str = "straight"
