@@ -13,9 +13,9 @@ Inception network) and its values are not comparable with published FIDs. The fl
 for ``--n-eval`` training images.
 
 A method is a name with optional :class:`~torchcfm_nsgf.images.NSGFSettings` fields and ``blur`` (the
-relative Sinkhorn blur), e.g. ``nsgf++:phase2=paper:phase1_steps=3:phase1_step_size=0.5`` or ``nsgf:blur=0.1``. One JSON file per method goes to ``--out-dir``
-(run methods in separate processes to use both cores), with sample grids; ``--report`` merges a folder's
-JSON files into a markdown table.
+relative Sinkhorn blur), e.g. ``nsgf++:phase2=paper:phase1_steps=3:phase1_step_size=0.5`` or
+``nsgf:blur=0.1``. One JSON file per method goes to ``--out-dir`` (run methods in separate processes to use
+both cores), with sample grids; ``--report`` merges a folder's JSON files into a markdown table.
 
     python benchmarks/mnist.py --methods otcfm --budget-s 1200 --budget-clock cpu --threads 1 \
         --equal-steps 3000 --out-dir benchmarks/results/mnist
