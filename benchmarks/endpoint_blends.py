@@ -3,10 +3,10 @@
 For each relative blur, simulate ``--flows`` flows of ``SinkhornFlowMatcher(flow_steps=T, step_size=1)`` from
 N(0, I) towards batches of ``--batch`` MNIST training images (in [-1, 1]), unconditional and guided (one flow
 per class), and measure the distance of every end point to its nearest image of the batch. An end point
-within about 0.1 of an image *is* that image (the flow's own tolerance); one far from all of them is a blend
-of several images, which a network trained on these targets learns to draw. Reported: quantiles of that
-distance, the fraction farther than 1.0 (in pixel units of [-1, 1]; neighbouring MNIST images are about 13
-apart), and the median CPU seconds per flow (one thread).
+within a few hundredths of an image *is* that image (what the Sinkhorn tolerance leaves); one far from all
+of them is a blend of several images, which a network trained on these targets learns to draw. Reported:
+quantiles of that distance, the fraction farther than 1.0 (in pixel units of [-1, 1]; neighbouring images of
+a batch are 12–15 apart, median), and the median CPU seconds per flow (one thread).
 
     python benchmarks/endpoint_blends.py --data-root ../shared/data --out benchmarks/results/endpoint_blends.md
 """
