@@ -14,8 +14,11 @@ for ``--n-eval`` training images.
 
 A method is a name with optional :class:`~torchcfm_nsgf.images.NSGFSettings` fields and ``blur`` (the
 relative Sinkhorn blur), e.g. ``nsgf++:phase2=paper:phase1_steps=3:phase1_step_size=0.5`` or
-``nsgf:blur=0.1``. One JSON file per method goes to ``--out-dir`` (run methods in separate processes to use
-both cores), with sample grids; ``--report`` merges a folder's JSON files into a markdown table.
+``nsgf:blur=0.1``. ``--conditional`` trains class-conditional models and scores label accuracy and the
+classifier FID per class; with ``--cfg-dropout`` and ``--guidance-scale 1,2`` every guidance scale is scored
+from the same run, and ``--nfe`` counts network calls (two per guided step). One JSON file per method goes to
+``--out-dir`` (run methods in separate processes to use both cores), with sample grids; ``--report``
+merges a folder's JSON files into a markdown table.
 
     python benchmarks/mnist.py --methods otcfm --budget-s 1200 --budget-clock cpu --threads 1 \
         --equal-steps 3000 --out-dir benchmarks/results/mnist
@@ -206,7 +209,13 @@ def main(argv: list[str] | None = None) -> None:
         "classifier FID per class",
     )
     p.add_argument("--cfg-dropout", type=float, default=0.0, help="label dropout (conditional runs)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale at sampling")
+    p.add_argument(
+        "--guidance-scale",
+        default=None,
+        help="CFG scales at sampling, comma-separated (runs with --cfg-dropout); every scale is scored at "
+        "every --nfe, which counts network calls: a guided step (scale other than 1) costs two, so it gets "
+        "half the steps",
+    )
     p.add_argument("--report", default=None, metavar="DIR", help="merge DIR's JSON files into a table")
     args = p.parse_args(argv)
     if args.equal_steps_only and not args.equal_steps:
@@ -218,6 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     base = NSGFSettings(pool_capacity=args.pool_capacity)
     methods = [parse_method(spec, base) + (spec,) for spec in args.methods.split(",")]
     nfes = [int(n) for n in args.nfe.split(",")]
+    scales = [None] if args.guidance_scale is None else [float(w) for w in args.guidance_scale.split(",")]
+    if scales != [None] and not (args.conditional and args.cfg_dropout > 0):
+        p.error("--guidance-scale needs --conditional and --cfg-dropout > 0")
+    if any(w != 1.0 for w in scales if w is not None) and any(n % 2 for n in nfes):
+        p.error("--nfe counts network calls, two per guided step: give even values with --guidance-scale")
 
     t0 = time.perf_counter()
     classifier, acc = get_classifier(args.classifier, args.data_root)
@@ -244,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
 
     for name, settings, label, spec in methods:
-        row = run_method(args, name, settings, label, spec, train_imgs, score, nfes, per_class)
+        row = run_method(args, name, settings, label, spec, train_imgs, score, nfes, scales, per_class)
         out = {
             "args": vars(args),
             "command": "python benchmarks/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -263,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(out, f, indent=1)
 
 
-def run_method(args, name, settings, label, spec, train_imgs, score, nfes, per_class=None) -> dict:
+def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scales, per_class=None) -> dict:
     """Train one method (to ``--equal-steps``, scored, then on to the budget, scored) and return its row."""
     run_dir = os.path.join(args.run_dir, slug(spec))
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -294,45 +308,50 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, per_c
         )
 
     def evaluate(result, tag: str, nfes: list[int] = nfes) -> dict:
+        """Scores keyed by NFE (``"10"``), or by NFE and guidance scale (``"10@w2"``) for guided runs."""
         scores = {}
-        for nfe in nfes:
+        for w, nfe in [(w, n) for w in scales for n in nfes]:
             t1 = time.perf_counter()
             labels = torch.arange(args.n_eval) % 10 if args.conditional else None
+            steps = nfe // 2 if w not in (None, 1.0) else nfe  # --nfe counts network calls
+            key = str(nfe) if w is None else f"{nfe}@w{w:g}"
+            stem = f"{slug(spec)}_{tag}_nfe{nfe}" + ("" if w is None else f"_w{w:g}")
             try:
                 gen = generate(
                     result.method,
                     result.ema,
                     args.n_eval,
                     result.shape,
-                    nfe=nfe,
+                    nfe=steps,
                     batch_size=500,
                     seed=args.seed + 1,
                     labels=labels,
-                    guidance_scale=args.guidance_scale,
+                    guidance_scale=w,
                     device=args.device,
                 )
             except ValueError as err:  # a budget below the method's minimum (NSGF++ phase 1)
                 print(f"{label} {tag}: NFE {nfe} skipped: {err}")
                 continue
             fid = score(gen.samples)
-            scores[nfe] = {
+            scores[key] = {
                 "classifier_fid": fid,
                 "nfe": gen.total_nfe,
                 "breakdown": gen.nfe,
+                "guidance_scale": w,
             }
-            grid = os.path.join(args.out_dir, f"{slug(spec)}_{tag}_nfe{nfe}.png")
+            grid = os.path.join(args.out_dir, stem + ".png")
             if per_class is not None:
-                scores[nfe].update(per_class(gen.samples, labels))
+                scores[key].update(per_class(gen.samples, labels))
                 # one row per class: the first 10 images of each class
                 order = torch.cat([torch.nonzero(labels == c).flatten()[:10] for c in range(10)])
                 save_grid(gen.samples[order], grid, nrow=10)
                 print(
-                    f"{label} {tag}: NFE {gen.total_nfe} label accuracy {scores[nfe]['accuracy']:.4f}, "
-                    f"per-class classifier FID {scores[nfe]['per_class_fid']:.3f}"
+                    f"{label} {tag}: NFE {gen.total_nfe} guidance {w} label accuracy "
+                    f"{scores[key]['accuracy']:.4f}, per-class classifier FID {scores[key]['per_class_fid']:.3f}"
                 )
             else:
                 save_grid(gen.samples[:64], grid, nrow=8)
-            scores[nfe]["sample_s"] = time.perf_counter() - t1
+            scores[key]["sample_s"] = time.perf_counter() - t1
             print(f"{label} {tag}: NFE {gen.total_nfe} {gen.nfe} classifier FID {fid:.3f}")
         return scores
 
@@ -401,8 +420,8 @@ def report(folder: str) -> None:
             f"floor, {k} training against {k} test images per class: {floor['per_class']:.2f}) (NFE breakdown)."
         )
 
-    def cell(scores: dict, n: int) -> str:
-        s = scores.get(str(n))
+    def cell(scores: dict, n: int, w: float | None) -> str:
+        s = scores.get(str(n) if w is None else f"{n}@w{w:g}")
         if s is None:
             return "—"
         parts = list(s["breakdown"].values())
@@ -432,11 +451,14 @@ def report(folder: str) -> None:
                 if key == "equal_time"
                 else ("" if part["reached"] else "not reached in budget")
             )
-            lines.append(
-                f"| {r['row']['label']} | {part['step']} | {times} | "
-                + " | ".join(cell(part["scores"], n) for n in nfes)
-                + " |"
-            )
+            given = r["args"].get("guidance_scale")
+            for w in [None] if given is None else [float(v) for v in str(given).split(",")]:
+                name = r["row"]["label"] + ("" if w is None else f", guidance {w:g}")
+                lines.append(
+                    f"| {name} | {part['step']} | {times} | "
+                    + " | ".join(cell(part["scores"], n, w) for n in nfes)
+                    + " |"
+                )
     commands = dict.fromkeys(r["command"] for r in runs)  # one command may have run several methods
     lines += ["", "Commands:", ""] + [f"    {c}" for c in commands]
     text = "\n".join(lines) + "\n"

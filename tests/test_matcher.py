@@ -163,6 +163,22 @@ def test_default_blur_is_smaller_on_images_so_end_points_are_samples_not_blends(
     assert far["0.1"] >= 5 * max(far["default"], 2), far  # the reason for the smaller blur (28 here)
 
 
+def test_cli_flags_at_their_defaults_keep_the_matchers_blur_rule():
+    # The 2D scripts' matcher flags: untouched Sinkhorn flags leave the blur to the matcher's rule (0.05 on
+    # many features); a changed flag is used as given.
+    import argparse
+
+    from torchcfm_nsgf._cli import add_matcher_flags, matcher_from_args
+
+    parser = argparse.ArgumentParser()
+    add_matcher_flags(parser)
+    x1 = torch.randn(16, 32)
+    for argv, expected in (([], matcher_module.HIGH_DIM_BLUR), (["--blur", "0.2"], 0.2)):
+        fm = matcher_from_args(parser.parse_args(argv), pool=None)
+        fm.simulate(torch.randn(16, 32), x1)
+        assert fm.sinkhorn.blur == expected
+
+
 # ---------------------------------------------------------------------------------------------- paths and clock
 def test_simulated_steps_are_the_sinkhorn_velocity_with_the_step_schedule():
     etas = [1.0, 0.5, 0.25]

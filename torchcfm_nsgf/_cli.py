@@ -60,9 +60,14 @@ def add_matcher_flags(parser: Any) -> None:
 
 
 def matcher_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
-    """The :class:`~torchcfm_nsgf.SinkhornFlowMatcher` described by :func:`add_matcher_flags`' flags."""
+    """The :class:`~torchcfm_nsgf.SinkhornFlowMatcher` described by :func:`add_matcher_flags`' flags.
+
+    Sinkhorn flags all at their defaults leave the options to the matcher (``sinkhorn=None``: its blur
+    follows the data's dimension); any other value gives explicit options, used as given."""
     from .matcher import SinkhornFlowMatcher
     from .sinkhorn import SinkhornOptions
 
     settings = {name: getattr(args, name) for name in _MATCHER_FLAGS}
-    return SinkhornFlowMatcher(sinkhorn=options_from_args(args, SinkhornOptions), **settings, **kwargs)
+    options = options_from_args(args, SinkhornOptions)
+    sinkhorn = None if options == SinkhornOptions() else options
+    return SinkhornFlowMatcher(sinkhorn=sinkhorn, **settings, **kwargs)

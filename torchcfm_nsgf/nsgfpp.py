@@ -876,7 +876,7 @@ class NSGFPlusPlusObjective:
 class _Settings:
     n_steps: int
     step_size: float
-    sinkhorn: SinkhornOptions
+    sinkhorn: SinkhornOptions | None
     pool_capacity: int
     refresh_every: int
     lr: float
@@ -905,7 +905,9 @@ class NSGFPlusPlus:
     step_size : float
         η of the NSGF phase (paper, CIFAR-10: 0.2).
     sinkhorn : SinkhornOptions, optional
-        Sinkhorn settings of the NSGF phase (default ``SinkhornOptions()``: blur 0.1 of the target's scale).
+        Sinkhorn settings of the NSGF phase. Default: the matcher's (:class:`SinkhornFlowMatcher` with
+        ``sinkhorn=None``: blur 0.1 of the target's scale, ``HIGH_DIM_BLUR`` on data with more than
+        ``HIGH_DIM_FEATURES`` features per sample); an explicit ``SinkhornOptions`` is used as given.
     pool_capacity : int
         Items of the trajectory pool of the NSGF phase.
     refresh_every : int
@@ -964,9 +966,7 @@ class NSGFPlusPlus:
                 raise TypeError(f"{name} must be a torch.nn.Module, got {type(net).__name__}")
         _check_phase1_steps(n_steps)
         check_positive(step_size, "step_size")
-        if sinkhorn is None:
-            sinkhorn = SinkhornOptions()
-        elif not isinstance(sinkhorn, SinkhornOptions):
+        if sinkhorn is not None and not isinstance(sinkhorn, SinkhornOptions):
             raise TypeError(f"sinkhorn must be a SinkhornOptions or None, got {type(sinkhorn).__name__}")
         check_positive(pool_capacity, "pool_capacity", integer=True)
         check_positive(refresh_every, "refresh_every", integer=True)
@@ -1156,7 +1156,7 @@ class NSGFPlusPlus:
             "settings": {
                 "n_steps": s.n_steps,
                 "step_size": s.step_size,
-                "sinkhorn": asdict(s.sinkhorn),
+                "sinkhorn": None if s.sinkhorn is None else asdict(s.sinkhorn),
                 "pool_capacity": s.pool_capacity,
                 "refresh_every": s.refresh_every,
                 "lr": s.lr,
@@ -1181,8 +1181,8 @@ class NSGFPlusPlus:
         st = dict(state["settings"])
         _check_phase1_steps(st["n_steps"], "settings['n_steps']")
         shape = st.pop("feature_shape")
-        if "sinkhorn" in st:
-            st["sinkhorn"] = SinkhornOptions(**st["sinkhorn"])
+        if "sinkhorn" in st:  # None: the matcher's default (its state holds the resolved blur)
+            st["sinkhorn"] = None if st["sinkhorn"] is None else SinkhornOptions(**st["sinkhorn"])
         else:  # checkpoints written before SinkhornOptions: an absolute blur
             st["sinkhorn"] = SinkhornOptions(
                 blur=st.pop("blur"), relative_blur=False, scaling=st.pop("scaling"), max_iter=5000
@@ -1233,5 +1233,5 @@ class NSGFPlusPlus:
         s = self.settings
         return (
             f"{type(self).__name__}(phase2={s.phase2!r}, n_steps={s.n_steps}, step_size={s.step_size:g}, "
-            f"sinkhorn={s.sinkhorn}, iterations={s.iterations})"
+            f"sinkhorn={self.matcher.sinkhorn}, iterations={s.iterations})"
         )
