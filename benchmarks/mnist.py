@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     base = NSGFSettings(pool_capacity=args.pool_capacity)
     methods = [parse_method(spec, base) + (spec,) for spec in args.methods.split(",")]
     nfes = [int(n) for n in args.nfe.split(",")]
-    scales = [None] if args.guidance_scale is None else [float(w) for w in args.guidance_scale.split(",")]
+    scales = guidance_scales(args.guidance_scale)
     if scales != [None] and not (args.conditional and args.cfg_dropout > 0):
         p.error("--guidance-scale needs --conditional and --cfg-dropout > 0")
     if any(w != 1.0 for w in scales if w is not None) and any(n % 2 for n in nfes):
@@ -275,6 +275,11 @@ def main(argv: list[str] | None = None) -> None:
         }
         with open(os.path.join(args.out_dir, slug(spec) + ".json"), "w") as f:
             json.dump(out, f, indent=1)
+
+
+def guidance_scales(given: object) -> list[float | None]:
+    """``--guidance-scale`` as a list (``[None]``: no guidance); older result files hold one float."""
+    return [None] if given is None else [float(w) for w in str(given).split(",")]
 
 
 def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scales, per_class=None) -> dict:
@@ -451,8 +456,7 @@ def report(folder: str) -> None:
                 if key == "equal_time"
                 else ("" if part["reached"] else "not reached in budget")
             )
-            given = r["args"].get("guidance_scale")
-            for w in [None] if given is None else [float(v) for v in str(given).split(",")]:
+            for w in guidance_scales(r["args"].get("guidance_scale")):
                 name = r["row"]["label"] + ("" if w is None else f", guidance {w:g}")
                 lines.append(
                     f"| {name} | {part['step']} | {times} | "
