@@ -7,6 +7,8 @@ image blur) against real MNIST batches and reports the length of the segments, n
 
 * the same end points paired with the batch their own flow went to (the buffer that amortises phase 1
   serves end points of earlier flows, so the library pairs them with a batch they never flowed to);
+* the ``"ot-source"`` variant's pairs (each end point with the image that the exact OT plan between the
+  noise and the batch gives its own noise), drawn through the library as well;
 * end points paired with ``--big`` other images by one exact OT plan (what a larger OT batch would give);
 * the distance of each end point to its nearest image among ``--others`` training images that no batch
   was drawn from (how far it is from a *new* digit: for T = 2 the end points are batch images);
@@ -73,7 +75,7 @@ def main() -> None:
         f"Length of the straight flow's training segments on MNIST (pixels in [-1, 1]), {args.flows} batches of "
         f"{args.batch} per row, quantiles q10 | median | q90. Phase-1 end points X_T simulated by "
         "`SinkhornFlowMatcher(flow_steps=T, step_size=1)` at its image blur; pairs from "
-        "`NSGFPlusPlusObjective(phase2='ot').phase2_pairs`.",
+        "`NSGFPlusPlusObjective(phase2=...).phase2_pairs`.",
         "",
         "| segments | T | q10 | median | q90 |",
         "|---|---|---|---|---|",
@@ -98,6 +100,15 @@ def main() -> None:
         pairs = [objective.phase2_pairs(a, b)[:2] for a, b in zip(x0s, x1s, strict=True)]
         row(
             f"NSGF++ `ot`: X_T from the buffer to the call's batch, exact OT over {args.batch}",
+            steps,
+            torch.cat([(a - b).flatten(1).norm(dim=1) for a, b in pairs]),
+        )
+        source = NSGFPlusPlusObjective(
+            SinkhornFlowMatcher(flow_steps=steps, step_size=1.0, pool=None), phase2="ot-source"
+        )
+        pairs = [source.phase2_pairs(a, b)[:2] for a, b in zip(x0s, x1s, strict=True)]
+        row(
+            f"NSGF++ `ot-source`: X_T of the call's noise to the image OT pairs with that noise, over {args.batch}",
             steps,
             torch.cat([(a - b).flatten(1).norm(dim=1) for a, b in pairs]),
         )

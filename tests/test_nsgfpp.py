@@ -18,6 +18,7 @@ from torchcfm_nsgf.networks import TimePredictorCNN, TimePredictorMLP, VelocityM
 from torchcfm_nsgf.nsgfpp import (
     MAX_PHASE1_STEPS,
     PHASE2_VARIANTS,
+    PREDICTOR_VARIANTS,
     NSGFPlusPlus,
     NSGFPlusPlusObjective,
     nsgfpp_sample,
@@ -278,7 +279,7 @@ def _small_model(seed: int, phase2: str = "ot", width: int = 32) -> NSGFPlusPlus
     torch.manual_seed(seed)
     return NSGFPlusPlus(
         VelocityMLP(2, width),
-        TimePredictorMLP(2, 32) if phase2 != "ot" else None,
+        TimePredictorMLP(2, 32) if phase2 in PREDICTOR_VARIANTS else None,
         VelocityMLP(2, 32),
         phase2=phase2,
         n_steps=3,
@@ -301,7 +302,7 @@ def test_each_variant_trains_on_2d_and_its_nfe_equals_network_calls(phase2):
     model = _small_model(0, phase2)
     before = {k: [p.detach().clone() for p in net.parameters()] for k, net in model.nets.items()}
     history = model.fit(src, tgt, 4, batch_size=64)
-    names = ("nsgf", "straight") if phase2 == "ot" else ("nsgf", "predictor", "straight")
+    names = ("nsgf", "predictor", "straight") if phase2 in PREDICTOR_VARIANTS else ("nsgf", "straight")
     assert tuple(model.nets) == names and tuple(history) == names
     assert all(len(v) == 4 and all(math.isfinite(x) for x in v) for v in history.values())
     assert model.iterations == 4
@@ -320,7 +321,7 @@ def test_each_variant_trains_on_2d_and_its_nfe_equals_network_calls(phase2):
             "predictor": calls.get("predictor", 0),
             "straight": calls["straight"],
         }
-        assert out.nfe["nsgf"] == 3 and out.nfe["predictor"] == (phase2 != "ot")
+        assert out.nfe["nsgf"] == 3 and out.nfe["predictor"] == (phase2 in PREDICTOR_VARIANTS)
         assert out.total_nfe == sum(calls.values())
         if steps is not None:
             assert out.nfe["straight"] == steps * {"euler": 1, "rk4": 4}[solver]
@@ -368,11 +369,17 @@ def test_phase2_pairs_come_from_phase1_end_points(phase2, monkeypatch):
     sort = lambda z: z[torch.argsort(z[:, 0] * 1e3 + z[:, 1])]  # noqa: E731
     torch.testing.assert_close(sort(a), sort(x_T), atol=1e-12, rtol=0)
     torch.testing.assert_close(sort(b), sort(x1), atol=0, rtol=0)
-    # and the pairing is an exact OT plan between X_T and x1: its cost equals POT's emd2
+    # and the pairing is an exact OT plan, between X_T and x1 ("ot", "ot-predictor") or between the sources
+    # of the end points and x1 ("ot-source"): its cost equals POT's emd2
     import ot
 
-    cost = float(((a - b) ** 2).sum(1).mean())
-    exact = float(ot.emd2(ot.unif(64), ot.unif(64), ot.dist(x_T.numpy(), x1.numpy())))
+    if phase2 == "ot-source":
+        source = x0[torch.cdist(a, x_T).argmin(dim=1)]  # the row of x0 each segment's end point flowed from
+        cost = float(((source - b) ** 2).sum(1).mean())
+        exact = float(ot.emd2(ot.unif(64), ot.unif(64), ot.dist(x0.numpy(), x1.numpy())))
+    else:
+        cost = float(((a - b) ** 2).sum(1).mean())
+        exact = float(ot.emd2(ot.unif(64), ot.unif(64), ot.dist(x_T.numpy(), x1.numpy())))
     assert cost == pytest.approx(exact, rel=1e-9)
 
 
@@ -389,11 +396,12 @@ class Shift(nn.Module):
         return self.c.expand_as(x).clone()
 
 
+@pytest.mark.parametrize("phase2", ["ot", "ot-source"])
 @pytest.mark.parametrize("labelled", [False, True])
-def test_network_end_points_come_from_the_nsgf_network(labelled):
+def test_network_end_points_come_from_the_nsgf_network(labelled, phase2):
     objective = NSGFPlusPlusObjective(
         SinkhornFlowMatcher(flow_steps=3, step_size=1.0, path="grid", pool=None),
-        phase2="ot",
+        phase2=phase2,
         generator=_gen(1),
         endpoints="network",
     )
@@ -409,8 +417,16 @@ def test_network_end_points_come_from_the_nsgf_network(labelled):
         shifted = x0 + torch.tensor([5.0, -1.0], dtype=torch.float64)
         assert torch.equal(y1[torch.cdist(a, shifted).argmin(1)], y)
         assert torch.equal(y1[torch.cdist(b, x1).argmin(1)], y)
+    if phase2 == "ot-source" and not labelled:  # the pairs are the exact OT plan of the sources and the data
+        import ot
+
+        source = x0[torch.cdist(a, x0 + torch.tensor([5.0, -1.0], dtype=torch.float64)).argmin(1)]
+        exact = float(ot.emd2(ot.unif(32), ot.unif(32), ot.dist(x0.numpy(), x1.numpy())))
+        assert float(((source - b) ** 2).sum(1).mean()) == pytest.approx(exact, rel=1e-9)
     with pytest.raises(ValueError, match="nets is required with endpoints='network'"):
-        NSGFPlusPlusObjective(SinkhornFlowMatcher(pool=None), endpoints="network").phase2_pairs(x0, x1)
+        NSGFPlusPlusObjective(
+            SinkhornFlowMatcher(pool=None), phase2=phase2, endpoints="network"
+        ).phase2_pairs(x0, x1)
     with pytest.raises(ValueError, match="endpoints must be one of"):
         NSGFPlusPlusObjective(SinkhornFlowMatcher(), endpoints="noise")
 
@@ -506,8 +522,9 @@ def test_checkpoint_round_trip_reproduces_samples_and_training(tmp_path, phase2)
     # training resumes identically: optimiser state, generator, the pool and the refresh counter
     assert len(b.matcher.pool) == len(a.matcher.pool) > 0
     assert (b.objective.n_calls, b.objective.n_flows) == (a.objective.n_calls, a.objective.n_flows)
-    assert b.objective.n_endpoints == a.objective.n_endpoints == (0 if phase2 == "paper" else 128)  # 2 flows
-    if phase2 != "paper":
+    buffered = phase2 in ("ot", "ot-predictor")  # "ot-source" uses each call's own end points
+    assert b.objective.n_endpoints == a.objective.n_endpoints == (128 if buffered else 0)  # 2 flows
+    if buffered:
         assert torch.equal(b.objective._endpoints, a.objective._endpoints)
     assert a.fit(src, tgt, 3, 64) == b.fit(src, tgt, 3, 64)
     for k in a.nets:
@@ -581,7 +598,9 @@ def test_bad_input_messages():
         NSGFPlusPlus(VelocityMLP(2), None, VelocityMLP(2), phase2="paper")
     with pytest.raises(ValueError, match="predictor must be None for phase2='ot'"):
         NSGFPlusPlus(VelocityMLP(2), TimePredictorMLP(2), VelocityMLP(2), phase2="ot")
-    with pytest.raises(ValueError, match=r"phase2 must be one of \['paper', 'ot', 'ot-predictor'\]"):
+    with pytest.raises(
+        ValueError, match=r"phase2 must be one of \['paper', 'ot', 'ot-source', 'ot-predictor'\]"
+    ):
         NSGFPlusPlus(VelocityMLP(2), None, VelocityMLP(2), phase2="noise")
     with pytest.raises(TypeError, match="matcher must be a SinkhornFlowMatcher"):
         NSGFPlusPlusObjective("matcher")
@@ -639,7 +658,7 @@ def test_image_method_budget_and_nfe_equal_network_calls(phase2):
         pytest.skip("nsgf++ is not offered")
     torch.manual_seed(0)
     method = make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=_image_settings(phase2))
-    paper = phase2 != "ot"  # a predictor call
+    paper = phase2 in PREDICTOR_VARIANTS  # a predictor call
     assert tuple(method.nets) == (("nsgf", "predictor", "straight") if paper else ("nsgf", "straight"))
     nets = nn.ModuleDict({k: Counted(v) for k, v in method.nets.items()})
     x1 = torch.randn(4, 1, 8, 8, generator=_gen(1))
@@ -706,7 +725,7 @@ def test_each_variant_trains_on_mnist_format_and_its_nfe_equals_network_calls(mn
     out = method.sample(nets, torch.randn(2, 1, 28, 28, generator=_gen(4)), nfe=6)
     calls = {k: v.calls for k, v in nets.items()}
     assert out.nfe == {"predictor": 0, **calls} and out.total_nfe == 6
-    assert out.nfe["predictor"] == (phase2 != "ot")
+    assert out.nfe["predictor"] == (phase2 in PREDICTOR_VARIANTS)
 
 
 # ---------------------------------------------------------------------------------------------- one code path

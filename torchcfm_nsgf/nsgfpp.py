@@ -17,6 +17,13 @@ Networks, trained together on the same source :math:`\mu_0` and target :math:`\m
     step draws a batch of them, pairs it with the data batch by **exact minibatch OT** (torchcfm's
     ``OTPlanSampler("exact")``), and the straight flow learns the segments :math:`X_T \to X_1` on its own
     clock :math:`s \in [0, 1]`. No predictor.
+  - ``"ot-source"``: the segments start at the phase-1 end points of the call's *own* source batch
+    (simulated towards the call's data batch, or ``T`` steps of the NSGF network) and end at the data point
+    that the **exact minibatch OT plan between the sources and the data** (OT-CFM's coupling) pairs with
+    their source: :math:`X_T(x_{0,i}) \to x_{1,\pi(i)}`. No buffer and no predictor; ``T`` Sinkhorn
+    solves or ``T`` network forward passes per call. Where ``"ot"`` pairs end points of earlier flows with
+    a batch they never flowed to (on MNIST its segments are as long as the gap between two digits,
+    BENCHMARKS.md §5a), this keeps the coupling the noise came with.
   - ``"ot-predictor"``: the ``"ot"`` segments, plus a time predictor trained on them (:math:`t_\phi(x_s)
     \approx s` on :math:`x_s = (1 - s) X_T + s X_1`); sampling starts phase 2 at :math:`\tau = t_\phi(\hat X_T)`
     of the network's end point, which helps where the NSGF network stops short of (or beyond) the simulated
@@ -44,7 +51,7 @@ image method (``torchcfm_nsgf.images``) both train through it.
 
 Sampling (:func:`nsgfpp_sample`): phase 1 takes ``T`` explicit-Euler steps of :math:`v_\theta` on the
 matcher's normalised clock (``dt = 1/T``); then phase 2 integrates :math:`u_\delta` from a start time to 1:
-:math:`\tau = t_\phi(X_T)` per sample (``"paper"``) or 0 (``"ot"``, no predictor call). torchdyn integrates
+:math:`\tau = t_\phi(X_T)` per sample (``"paper"``, ``"ot-predictor"``) or 0 (``"ot"``, ``"ot-source"``, no predictor call). torchdyn integrates
 every sample over one shared time span, so phase 2 is solved on a shared clock :math:`s \in [0, 1]` through
 the change of variable
 
@@ -107,6 +114,7 @@ __all__ = [
     "ENDPOINT_SOURCES",
     "MAX_PHASE1_STEPS",
     "PHASE2_VARIANTS",
+    "PREDICTOR_VARIANTS",
     "NSGFPlusPlus",
     "NSGFPlusPlusObjective",
     "nsgfpp_sample",
@@ -116,8 +124,10 @@ __all__ = [
 
 #: Largest number of NSGF steps of phase 1 (paper: ``T <= 5``).
 MAX_PHASE1_STEPS = 5
-#: Where the straight flow's training segments start: noise (``"paper"``) or the phase-1 end points (``"ot"``).
-PHASE2_VARIANTS = ("paper", "ot", "ot-predictor")
+#: Where the straight flow's training segments start: noise (``"paper"``) or the phase-1 end points (the others).
+PHASE2_VARIANTS = ("paper", "ot", "ot-source", "ot-predictor")
+#: The variants that start phase 2 at a predicted time (a third network).
+PREDICTOR_VARIANTS = ("paper", "ot-predictor")
 #: Where the ``"ot"`` variants' end points :math:`X_T` come from: the simulated Sinkhorn flow, or the NSGF network.
 ENDPOINT_SOURCES = ("simulated", "network")
 #: The end-point source used when none is given: on the 2D tasks the simulated end points gave the lower W2
@@ -125,7 +135,7 @@ ENDPOINT_SOURCES = ("simulated", "network")
 DEFAULT_ENDPOINTS = "simulated"
 #: The variant used when none is given.
 DEFAULT_PHASE2 = "ot"
-Phase2 = Literal["paper", "ot", "ot-predictor"]
+Phase2 = Literal["paper", "ot", "ot-source", "ot-predictor"]
 
 _FORMAT = "torchcfm_nsgf.nsgfpp/2"
 _FORMAT_V1 = "torchcfm_nsgf.nsgfpp/1"  # three separately trained networks, variant "paper"
@@ -434,10 +444,12 @@ class NSGFPlusPlusObjective:
         The NSGF phase: ``flow_steps`` (``T``, at most 5), ``step_size`` (η), Sinkhorn options and pool. Its
         targets train the NSGF field; in the ``"ot"`` variant its :meth:`~SinkhornFlowMatcher.simulate` also
         gives the phase-1 end points.
-    phase2 : {"paper", "ot", "ot-predictor"}
+    phase2 : {"paper", "ot", "ot-source", "ot-predictor"}
         Where the straight flow's training segments start (module docstring): noise, with a time predictor
-        (``"paper"``), or the phase-1 end points paired with the data by exact minibatch OT (``"ot"``; with a
-        time predictor on those segments: ``"ot-predictor"``).
+        (``"paper"``), or the phase-1 end points paired with the data by exact minibatch OT (``"ot"``: end
+        points from the buffer, OT between them and the data; ``"ot-source"``: the end points of the call's
+        own sources, OT between the sources and the data; ``"ot-predictor"``: the ``"ot"`` segments with a
+        time predictor).
     generator : torch.Generator, optional
         CPU generator for the straight-flow times, the end-point draws and the OT pair order; None draws
         from torch's global RNG.
@@ -531,7 +543,7 @@ class NSGFPlusPlusObjective:
     @property
     def uses_predictor(self) -> bool:
         """Whether phase 2 starts at a predicted time (variants ``"paper"`` and ``"ot-predictor"``)."""
-        return self.phase2 in ("paper", "ot-predictor")
+        return self.phase2 in PREDICTOR_VARIANTS
 
     def _check_nets(self, nets: Mapping[str, Any]) -> None:
         missing = [k for k in self.net_names if k not in nets]
@@ -695,35 +707,78 @@ class NSGFPlusPlusObjective:
         ``"paper"``: ``(x0, x1)`` as given (independent noise and data). ``"ot"``: ``n`` phase-1 end points
         :math:`X_T` from the buffer (:meth:`phase1_endpoints`) and the data points ``x1`` paired with them by the
         exact OT plan of the minibatch (torchcfm's ``OTPlanSampler("exact").get_map``, squared Euclidean
-        cost). ``n`` pairs are drawn from the plan without replacement through ``generator`` (torchcfm's
-        ``sample_plan`` draws with NumPy's global RNG); for ``n == m`` the exact plan is a permutation, so
-        every end point is used once.
+        cost). ``"ot-source"``: the end points of this call's ``x0`` (a simulated flow towards ``x1``, or the
+        NSGF network in ``nets`` with ``endpoints="network"``), each paired with the data point that the exact
+        OT plan between ``x0`` and ``x1`` gives its source. ``n`` pairs are drawn from the plan without
+        replacement through ``generator`` (torchcfm's ``sample_plan`` draws with NumPy's global RNG); for
+        ``n == m`` the exact plan is a permutation, so every end point is used once.
 
-        With labels ``y1`` of ``x1``: ``"paper"`` labels each segment with its data point's class; ``"ot"``
-        draws end points with the class counts of ``y1`` (:meth:`guided_phase1_endpoints`) and solves the
-        exact OT plan within each class (a block-diagonal plan), so no segment joins two classes.
+        With labels ``y1`` of ``x1``: ``"paper"`` labels each segment with its data point's class; the OT
+        variants give the end points the class counts of ``y1`` (``"ot"``: drawn from the labelled buffer,
+        :meth:`guided_phase1_endpoints`; ``"ot-source"``: source ``i`` takes class ``y1[i]``, as in the guided
+        flow, so ``x0`` and ``x1`` must have the same batch size) and solve the exact OT plan within each
+        class (a block-diagonal plan), so no segment joins two classes.
         """
         if self.phase2 == "paper":
             return x0, x1, y1
+        if self.phase2 == "ot-source":
+            labels = self._source_labels(x0, x1, y1)
+            xT = self._source_endpoints(x0, x1, labels, nets)
+            ends = x1.to(device=xT.device, dtype=xT.dtype)
+            i, j = self._ot_pairs(x0.to(device=xT.device, dtype=xT.dtype), ends, labels, y1)
+            return xT[i], ends[j], None if labels is None else labels[i]
         if y1 is None:
-            xT = self.phase1_endpoints(x0, x1, nets)
-            x1 = x1.to(device=xT.device, dtype=xT.dtype)
-            plan = torch.from_numpy(self.ot_sampler.get_map(xT, x1)).flatten()
-            labels = None
+            xT, labels = self.phase1_endpoints(x0, x1, nets), None
         else:
             xT, labels = self.guided_phase1_endpoints(x0, x1, y1, nets)
-            x1 = x1.to(device=xT.device, dtype=xT.dtype)
-            y1 = y1.to(labels.device)
-            block = torch.zeros(xT.shape[0], x1.shape[0], dtype=torch.float64)
-            for c in labels.unique():
-                rows = torch.nonzero(labels == c).flatten().cpu()
-                cols = torch.nonzero(y1 == c).flatten().cpu()
-                sub = torch.from_numpy(self.ot_sampler.get_map(xT[rows], x1[cols])).to(torch.float64)
-                block[rows[:, None], cols[None, :]] = sub * (len(rows) / xT.shape[0])
+        ends = x1.to(device=xT.device, dtype=xT.dtype)
+        i, j = self._ot_pairs(xT, ends, labels, y1)
+        return xT[i], ends[j], None if labels is None else labels[i]
+
+    def _source_labels(self, x0: Tensor, x1: Tensor, y1: Tensor | None) -> Tensor | None:
+        """``"ot-source"``: the class of each source row (``y1`` itself; checked)."""
+        if y1 is None:
+            return None
+        y1 = check_labels(y1, x1.shape[0], "y1", "x1")
+        if x0.shape[0] != x1.shape[0]:
+            raise ValueError(
+                f"x0 and x1 must have the same batch size for class-conditional phase2='ot-source' (source i "
+                f"takes the class y1[i]), got {x0.shape[0]} and {x1.shape[0]}"
+            )
+        return y1.to(x0.device)
+
+    def _source_endpoints(
+        self, x0: Tensor, x1: Tensor, labels: Tensor | None, nets: Mapping[str, Any] | None
+    ) -> Tensor:
+        """``"ot-source"``: :math:`X_T` of every row of ``x0``, in the rows of ``x0`` (no buffer)."""
+        if self.endpoints == "network":
+            if nets is None:
+                raise ValueError("nets is required with endpoints='network' (the NSGF network makes X_T)")
+            return self.network_endpoints(nets["nsgf"], x0, labels)
+        self.n_flows += 1
+        if labels is None:
+            return self.simulate_endpoints(x0, x1)
+        traj, _ = self.matcher.simulate_guided(x0, x1, labels, y0=labels)
+        return traj.xs[-1].detach()
+
+    def _ot_pairs(self, a: Tensor, b: Tensor, la: Tensor | None, lb: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Row indices ``(i, j)`` of ``a.shape[0]`` pairs drawn without replacement (through ``generator``) from
+        the exact OT plan between ``a`` (n, *dim) and ``b`` (m, *dim); with labels ``la``, ``lb`` the plan is
+        solved within each class (block-diagonal)."""
+        n, m = a.shape[0], b.shape[0]
+        if la is None:
+            plan = torch.from_numpy(self.ot_sampler.get_map(a, b)).flatten()
+        else:
+            lb = lb.to(la.device)
+            block = torch.zeros(n, m, dtype=torch.float64)
+            for c in la.unique():
+                rows = torch.nonzero(la == c).flatten().cpu()
+                cols = torch.nonzero(lb == c).flatten().cpu()
+                sub = torch.from_numpy(self.ot_sampler.get_map(a[rows], b[cols])).to(torch.float64)
+                block[rows[:, None], cols[None, :]] = sub * (len(rows) / n)
             plan = block.flatten()
-        pick = torch.multinomial(plan, xT.shape[0], replacement=False, generator=self.generator)
-        i, j = (pick // x1.shape[0]).to(xT.device), (pick % x1.shape[0]).to(xT.device)
-        return xT[i], x1[j], None if labels is None else labels[i]
+        pick = torch.multinomial(plan, n, replacement=False, generator=self.generator)
+        return (pick // m).to(a.device), (pick % m).to(a.device)
 
     # ------------------------------------------------------------------ training
     def _net_labels(self, y: Tensor | None) -> Tensor | None:
@@ -746,7 +801,8 @@ class NSGFPlusPlusObjective:
         * ``"straight"``: :math:`\lVert u_\delta(s, x_s) - (b - a) \rVert^2` with
           :math:`x_s = (1 - s) a + s b`, :math:`s \sim U[0, 1)` and ``(a, b)`` from :meth:`phase2_pairs`
           (torchcfm's ``ConditionalFlowMatcher(sigma=0)``);
-        * ``"predictor"`` (``"paper"`` only): :math:`(t_\phi(x_s) - s)^2` on the same interpolations.
+        * ``"predictor"`` (:data:`PREDICTOR_VARIANTS` only): :math:`(t_\phi(x_s) - s)^2` on the same
+          interpolations.
 
         Parameters
         ----------
@@ -799,7 +855,7 @@ class NSGFPlusPlusObjective:
         y: Tensor | None = None,
         guidance_scale: float | None = None,
     ) -> SampleResult:
-        """:func:`nsgfpp_sample` with ``nets`` and this objective's ``T``; the predictor only for ``"paper"``.
+        """:func:`nsgfpp_sample` with ``nets`` and this objective's ``T``; a predictor for :data:`PREDICTOR_VARIANTS`.
 
         ``y`` (shape ``(bs,)``): class labels passed to every network. ``guidance_scale`` ``w``: the NSGF field
         and the straight flow are classifier-free guided (:class:`~torchcfm_nsgf.guidance.CFGField` with
@@ -835,7 +891,7 @@ class NSGFPlusPlusObjective:
         )
 
     def phase1_nfe(self) -> int:
-        """Network calls before phase 2: ``T`` NSGF steps plus the predictor call (``"paper"``)."""
+        """Network calls before phase 2: ``T`` NSGF steps plus the predictor call (:data:`PREDICTOR_VARIANTS`)."""
         return self.n_steps + int(self.uses_predictor)
 
     # ------------------------------------------------------------------ checkpoints
@@ -895,10 +951,10 @@ class NSGFPlusPlus:
         NSGF field ``nsgf(t, x)`` (``t`` of shape ``(bs,)`` in training, 0-d in sampling).
     predictor : nn.Module or None
         Time predictor ``predictor(x) -> (bs,)`` (for example :class:`~torchcfm_nsgf.networks.TimePredictorMLP`)
-        for ``phase2="paper"``; must be None for ``phase2="ot"``, which has none.
+        for the variants in :data:`PREDICTOR_VARIANTS`; must be None for the others, which have none.
     straight : nn.Module
         Straight flow ``straight(t, x)`` with ``t`` of shape ``(bs,)``.
-    phase2 : {"paper", "ot"}
+    phase2 : {"paper", "ot", "ot-source", "ot-predictor"}
         The variant (:class:`NSGFPlusPlusObjective`); default :data:`DEFAULT_PHASE2`.
     n_steps : int
         ``T`` of the NSGF phase, ``1 .. 5`` (``> 5`` raises ``ValueError``). Paper (CIFAR-10): 5.
@@ -956,10 +1012,12 @@ class NSGFPlusPlus:
         _check_phase2(phase2)
         if endpoints not in ENDPOINT_SOURCES:
             raise ValueError(f"endpoints must be one of {list(ENDPOINT_SOURCES)}, got {endpoints!r}")
-        if phase2 != "ot" and predictor is None:
+        if phase2 in PREDICTOR_VARIANTS and predictor is None:
             raise ValueError(f"predictor is required for phase2={phase2!r} (a time predictor network)")
-        if phase2 == "ot" and predictor is not None:
-            raise ValueError("predictor must be None for phase2='ot' (phase 2 starts at s = 0, no predictor)")
+        if phase2 not in PREDICTOR_VARIANTS and predictor is not None:
+            raise ValueError(
+                f"predictor must be None for phase2={phase2!r} (phase 2 starts at s = 0, no predictor)"
+            )
         named = {"nsgf": nsgf, "predictor": predictor, "straight": straight}
         for name, net in named.items():
             if net is not None and not isinstance(net, nn.Module):
@@ -1011,7 +1069,7 @@ class NSGFPlusPlus:
 
     @property
     def phase2(self) -> str:
-        """The variant, ``"paper"`` or ``"ot"``."""
+        """The variant (:data:`PHASE2_VARIANTS`)."""
         return self.settings.phase2
 
     @property

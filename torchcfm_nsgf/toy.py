@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from ._validation import check_positive
 from .matcher import SinkhornFlowMatcher
 from .networks import TimePredictorMLP, VelocityMLP
-from .nsgfpp import DEFAULT_PHASE2, NSGFPlusPlus
+from .nsgfpp import DEFAULT_PHASE2, PREDICTOR_VARIANTS, NSGFPlusPlus
 from .sampling import odeint_sample
 from .sinkhorn import SinkhornOptions
 
@@ -447,7 +447,7 @@ def train_nsgfpp(
     """Build NSGF++ for ``task`` (MLPs of ``width``) and train it for ``train_steps`` steps; returns the model.
 
     Networks: :class:`~torchcfm_nsgf.networks.VelocityMLP` for the NSGF field and the straight flow,
-    :class:`~torchcfm_nsgf.networks.TimePredictorMLP` for the predictor of ``phase2="paper"``; initialised
+    :class:`~torchcfm_nsgf.networks.TimePredictorMLP` for the predictor (``"paper"``, ``"ot-predictor"``); initialised
     from torch's global RNG (seed it before). Every step draws fresh task batches from ``generator``. The
     NSGF phase: ``n_steps`` Sinkhorn steps of ``step_size`` (T = 2, η = 1: the phase-1 sweep of BENCHMARKS.md
     §4), a new flow into the pool every ``refresh_every`` steps
@@ -460,7 +460,7 @@ def train_nsgfpp(
     k = task.num_classes if isinstance(task, ConditionalTask) else None
     model = NSGFPlusPlus(
         VelocityMLP(2, width, num_classes=k),
-        TimePredictorMLP(2, width, num_classes=k) if phase2 != "ot" else None,
+        TimePredictorMLP(2, width, num_classes=k) if phase2 in PREDICTOR_VARIANTS else None,
         VelocityMLP(2, width, num_classes=k),
         phase2=phase2,
         n_steps=n_steps,

@@ -298,7 +298,8 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         default=nsgf.phase2,
         choices=list(PHASE2_VARIANTS),
         help="nsgf++'s straight flow: from noise with a time predictor (paper), or from the NSGF end points "
-        "paired with the data by exact OT (ot; with a time predictor on those segments: ot-predictor)",
+        "paired with the data by exact OT (ot: OT between end points and data; ot-source: the batch's own "
+        "end points, OT between their noise and the data; ot-predictor: ot with a time predictor)",
     )
     g.add_argument(
         "--endpoints",

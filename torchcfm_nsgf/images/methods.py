@@ -342,7 +342,7 @@ class NSGFSettings:
         T and η of the NSGF phase of ``nsgf++`` (1, 1.0: on MNIST T = 1 beat T = 2 at NFE 5 and 10 and tied
         at NFE 20 after 1200 s, and beat T = 2 and T = 4 (η = 0.5) at 400 steps, BENCHMARKS.md §5; the 2D
         ``NSGFPlusPlus`` keeps T = 2, §4).
-    phase2 : {"paper", "ot", "ot-predictor"}
+    phase2 : {"paper", "ot", "ot-source", "ot-predictor"}
         Where ``nsgf++``'s straight flow is trained from (:class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`):
         noise, with a time predictor, or the phase-1 end points paired with the data by exact OT.
     endpoints : {"simulated", "network"}
