@@ -51,9 +51,9 @@ image method (``torchcfm_nsgf.images``) both train through it.
 
 Sampling (:func:`nsgfpp_sample`): phase 1 takes ``T`` explicit-Euler steps of :math:`v_\theta` on the
 matcher's normalised clock (``dt = 1/T``); then phase 2 integrates :math:`u_\delta` from a start time to 1:
-:math:`\tau = t_\phi(X_T)` per sample (``"paper"``, ``"ot-predictor"``) or 0 (``"ot"``, ``"ot-source"``, no predictor call). torchdyn integrates
-every sample over one shared time span, so phase 2 is solved on a shared clock :math:`s \in [0, 1]` through
-the change of variable
+:math:`\tau = t_\phi(X_T)` per sample (``"paper"``, ``"ot-predictor"``) or 0 (``"ot"``, ``"ot-source"``, no
+predictor call). torchdyn integrates every sample over one shared time span, so phase 2 is solved on a
+shared clock :math:`s \in [0, 1]` through the change of variable
 
 .. math::
     t(s) = \tau + s (1 - \tau), \qquad
@@ -855,7 +855,8 @@ class NSGFPlusPlusObjective:
         y: Tensor | None = None,
         guidance_scale: float | None = None,
     ) -> SampleResult:
-        """:func:`nsgfpp_sample` with ``nets`` and this objective's ``T``; a predictor for :data:`PREDICTOR_VARIANTS`.
+        """:func:`nsgfpp_sample` with ``nets`` and this objective's ``T`` (and the predictor for
+        :data:`PREDICTOR_VARIANTS`).
 
         ``y`` (shape ``(bs,)``): class labels passed to every network. ``guidance_scale`` ``w``: the NSGF field
         and the straight flow are classifier-free guided (:class:`~torchcfm_nsgf.guidance.CFGField` with
@@ -891,7 +892,7 @@ class NSGFPlusPlusObjective:
         )
 
     def phase1_nfe(self) -> int:
-        """Network calls before phase 2: ``T`` NSGF steps plus the predictor call (:data:`PREDICTOR_VARIANTS`)."""
+        """Network calls before phase 2: ``T`` NSGF steps, plus one predictor call (:data:`PREDICTOR_VARIANTS`)."""
         return self.n_steps + int(self.uses_predictor)
 
     # ------------------------------------------------------------------ checkpoints
