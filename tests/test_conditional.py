@@ -107,43 +107,35 @@ def test_training_calls_give_each_network_the_class_of_its_item():
             assert bool((xs[:, 0].sign() == (2 * served - 1).float()).all())
 
 
-def test_ot_pairs_join_end_points_and_data_of_the_same_class():
+@pytest.mark.parametrize("phase2", ["ot", "ot-source"])
+def test_ot_pairs_join_end_points_and_data_of_the_same_class(phase2):
     x0, x1, y1 = _data(48, seed=4)
     matcher = SinkhornFlowMatcher(
         flow_steps=1, sinkhorn=SinkhornOptions(blur=0.5, relative_blur=False), pool=None, generator=_gen(5)
     )
-    objective = NSGFPlusPlusObjective(matcher, phase2="ot", generator=_gen(6), endpoints="simulated")
+    objective = NSGFPlusPlusObjective(matcher, phase2=phase2, generator=_gen(6), endpoints="simulated")
     a, b, y = objective.phase2_pairs(x0, x1, y1)
     assert torch.equal(torch.bincount(y), torch.bincount(y1))  # the batch's class counts
     assert bool(((b - CENTRES[y]).norm(dim=1) < 3).all())  # the data end is of the pair's class
     assert bool(((a - CENTRES[y]).norm(dim=1) < 3).all())  # so is the phase-1 end point
     # every data point is used once (the within-class plans are permutations)
     assert len({tuple(r.tolist()) for r in b}) == 48
+    if phase2 == "ot-source":
+        # the end points are the call's own: the guided flow of (x0, x1) with source i in class y1[i]
+        own = matcher.simulate_guided(x0, x1, y1, y0=y1)[0].xs[-1]
+        torch.testing.assert_close(
+            a[torch.argsort(a[:, 0])], own[torch.argsort(own[:, 0])], atol=1e-5, rtol=0
+        )
+        assert objective.n_endpoints == 0  # no buffer
+        with pytest.raises(ValueError, match="same batch size"):
+            objective.phase2_pairs(x0[:40], x1, y1)
+        return
     state = objective.state_dict()
     copy = NSGFPlusPlusObjective(matcher, phase2="ot", generator=_gen(6), endpoints="simulated")
     copy.load_state_dict(state)
     assert torch.equal(copy._endpoint_labels, objective._endpoint_labels)
     with pytest.raises(ValueError, match="y1 must be given"):
         objective.phase2_pairs(x0, x1)
-
-
-def test_source_ot_pairs_keep_each_source_with_data_of_its_own_class():
-    x0, x1, y1 = _data(48, seed=4)
-    matcher = SinkhornFlowMatcher(
-        flow_steps=1, sinkhorn=SinkhornOptions(blur=0.5, relative_blur=False), pool=None, generator=_gen(5)
-    )
-    objective = NSGFPlusPlusObjective(matcher, phase2="ot-source", generator=_gen(6), endpoints="simulated")
-    a, b, y = objective.phase2_pairs(x0, x1, y1)
-    assert torch.equal(torch.sort(y).values, torch.sort(y1).values)  # source i took the class y1[i]
-    assert bool(((b - CENTRES[y]).norm(dim=1) < 3).all())  # the data end is of the pair's class
-    assert bool(((a - CENTRES[y]).norm(dim=1) < 3).all())  # so is the phase-1 end point of its source
-    assert len({tuple(r.tolist()) for r in b}) == 48  # every data point once
-    # the end points are those of the call's own sources: the guided flow of (x0, x1) with source i in y1[i]
-    own = matcher.simulate_guided(x0, x1, y1, y0=y1)[0].xs[-1]
-    torch.testing.assert_close(a[torch.argsort(a[:, 0])], own[torch.argsort(own[:, 0])], atol=1e-5, rtol=0)
-    assert objective.n_endpoints == 0  # no buffer
-    with pytest.raises(ValueError, match="same batch size"):
-        objective.phase2_pairs(x0[:40], x1, y1)
 
 
 def test_conditional_networks_use_their_labels_and_keep_the_unconditional_layout():
