@@ -447,8 +447,8 @@ def train_nsgfpp(
     """Build NSGF++ for ``task`` (MLPs of ``width``) and train it for ``train_steps`` steps; returns the model.
 
     Networks: :class:`~torchcfm_nsgf.networks.VelocityMLP` for the NSGF field and the straight flow,
-    :class:`~torchcfm_nsgf.networks.TimePredictorMLP` for the predictor (``"paper"``, ``"ot-predictor"``); initialised
-    from torch's global RNG (seed it before). Every step draws fresh task batches from ``generator``. The
+    :class:`~torchcfm_nsgf.networks.TimePredictorMLP` for the predictor (``"paper"``, ``"ot-predictor"``);
+    initialised from torch's global RNG (seed it before). Every step draws fresh task batches from ``generator``. The
     NSGF phase: ``n_steps`` Sinkhorn steps of ``step_size`` (T = 2, η = 1: the phase-1 sweep of BENCHMARKS.md
     §4), a new flow into the pool every ``refresh_every`` steps
     (default: about 6 flows in all). A :class:`ConditionalTask` builds the networks with ``num_classes`` and
