@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 from torchcfm.conditional_flow_matching import (
     ConditionalFlowMatcher,
@@ -79,6 +80,7 @@ def run_seed(task, seed: int, args, phase1: list[tuple[int, float]], totals: lis
         if not args.baselines:
             break
         torch.manual_seed(seed)
+        np.random.seed(seed)  # noqa: NPY002 - torchcfm's OT pairing draws from NumPy's global generator
         gen = torch.Generator().manual_seed(seed)
         if matcher_cls is None:
             trained = train_nsgf(

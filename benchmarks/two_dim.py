@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 from torchcfm.conditional_flow_matching import (
     ConditionalFlowMatcher,
@@ -105,6 +106,7 @@ def _batches(task: Task, generator: torch.Generator):
 
 def _train_torchcfm(matcher, task: Task, config: BenchConfig, seed: int, desc: str) -> TrainedField:
     torch.manual_seed(seed)  # MLP initialisation (and torchcfm's t, noise draws)
+    np.random.seed(seed)  # noqa: NPY002 - torchcfm's OT pairing draws from NumPy's global generator
     generator = torch.Generator().manual_seed(seed)
     return train_flow_matching(
         make_model(config.width),

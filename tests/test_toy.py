@@ -176,3 +176,33 @@ def test_conditional_nsgfpp_on_the_2d_task_builds_label_taking_networks_and_samp
     assert out.total_nfe == 3
     # a model that ignored the labels would land at the asked mode for about 1 sample in 8
     assert float((_nearest(out.samples) == y).float().mean()) > 0.75
+
+
+def test_two_dim_example_prints_the_same_table_twice(tmp_path, monkeypatch, capsys) -> None:
+    """The README's main job is reproducible: OT-CFM's pairs (NumPy's global RNG in torchcfm) are seeded too."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "two_dim.py"
+    spec = importlib.util.spec_from_file_location("example_two_dim", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    tables = []
+    for _ in range(2):
+        argv = [
+            "two_dim.py",
+            "--train-steps",
+            "40",
+            "--n-eval",
+            "200",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+        monkeypatch.setattr(sys, "argv", argv)
+        example.main()
+        rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+        assert [row.split(" |")[0] for row in rows] == ["| method", "| NSGF", "| OT-CFM"]
+        tables.append(rows)
+    assert tables[0] == tables[1]
