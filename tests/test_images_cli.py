@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -21,7 +20,7 @@ from torchcfm_nsgf.images.cli import RUN_PRESETS, build_parser
 from torchcfm_nsgf.images.training import ConfigError, default_ema_decay, default_warmup
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _env import ROOT, pythonpath  # noqa: E402
+from _env import ROOT  # noqa: E402
 from _fake_datasets import write_fake_mnist  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,10 +33,10 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def _mnist():
+def _example(dataset: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("example_mnist", ROOT / "examples" / "mnist.py")
+    spec = importlib.util.spec_from_file_location(f"example_{dataset}", ROOT / "examples" / f"{dataset}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -53,7 +52,7 @@ def _fast(data_root: Path, ckpt_dir: Path, *extra: str) -> list[str]:
 def _cli_error(capsys, argv: list[str]) -> str:
     """Run the example with ``argv``; it must exit with status 2 and one stderr line, returned."""
     with pytest.raises(SystemExit) as info:
-        _mnist().main(argv)
+        _example("mnist").main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0], err
@@ -84,7 +83,7 @@ def _histogram_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def test_quick_preset_samples_look_like_the_data_not_like_noise(data_root, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    out = _mnist().main(
+    out = _example("mnist").main(
         ["--preset", "quick", "--data-root", str(data_root), "--ckpt-dir", str(run_dir), "--no-progress"]
         + ["--total-steps", "24", "--n-samples", "16", "--nfe", "8"]  # the preset, shortened
     )
@@ -227,7 +226,7 @@ def test_read_only_ckpt_dir_fails_before_training(tmp_path, capsys):
 
 def test_resume_with_no_steps_left_is_an_error_unless_sampling(data_root, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    _mnist().main(_fast(data_root, run_dir))
+    _example("mnist").main(_fast(data_root, run_dir))
     capsys.readouterr()
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
 
@@ -239,7 +238,9 @@ def test_resume_with_no_steps_left_is_an_error_unless_sampling(data_root, tmp_pa
         train(_config(data_root, total_steps=1, ckpt_dir=str(run_dir), resume=True))
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
-    out = _mnist().main(_fast(data_root, run_dir, "--resume", "--sample", "--n-samples", "4", "--nfe", "2"))
+    out = _example("mnist").main(
+        _fast(data_root, run_dir, "--resume", "--sample", "--n-samples", "4", "--nfe", "2")
+    )
     assert out["steps_this_run"] == 0 and Path(out["grid"]).parent == run_dir
     assert "nothing trained" in capsys.readouterr().out
 
@@ -257,16 +258,13 @@ def test_flag_errors_are_one_line_naming_the_flag(data_root, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
-def test_every_flag_has_help_and_a_true_default(dataset):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / f"{dataset}.py"), "--help"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": pythonpath(), "COLUMNS": "100"},
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    text = proc.stdout.split("options:", 1)[1]
+def test_every_flag_has_help_and_a_true_default(dataset, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit_info:
+        _example(dataset).main(["--help"])
+    assert exit_info.value.code == 0
+    stdout = capsys.readouterr().out
+    text = stdout.split("options:", 1)[1]
     # one entry per option line ("  --flag ARG  help...", help possibly on the following indented lines)
     entries: list[tuple[str, str]] = []
     for line in text.splitlines():
@@ -286,4 +284,4 @@ def test_every_flag_has_help_and_a_true_default(dataset):
         negatives = [f for f in re.findall(r"--[\w-]+", invocation) if f.startswith("--no-")]
         if negatives and len(re.findall(r"--[\w-]+", invocation)) == 1:  # a lone --no-x flag
             assert "default: True" not in help_text, f"{invocation}: contradictory default"
-    assert "shared/" not in proc.stdout  # no paths outside the repository
+    assert "shared/" not in stdout  # no paths outside the repository
