@@ -20,6 +20,7 @@ import time
 
 import torch
 import torchvision
+from _report import emit  # benchmarks/, next to this script
 
 from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions
 
@@ -84,14 +85,7 @@ def main() -> None:
                     f"{100 * r['far']:.1f} % | {r['s']:.3f} |"
                 )
                 print(lines[-1], flush=True)
-    cmd = "python benchmarks/endpoint_blends.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"
-    )
-    text = "\n".join(lines + ["", f"Command: `{cmd}`", ""])
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    emit("endpoint_blends.py", args, lines)
 
 
 if __name__ == "__main__":

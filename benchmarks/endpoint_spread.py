@@ -26,6 +26,7 @@ import os
 
 import torch
 import torchvision
+from _report import emit  # benchmarks/, next to this script
 
 from torchcfm_nsgf.images.methods import NSGFSettings, make_method
 from torchcfm_nsgf.sinkhorn import SinkhornOptions
@@ -107,15 +108,7 @@ def main() -> None:
                 [method.sample(method.nets, x0[i : i + 256], nfe=nfe).samples for i in range(0, args.n, 256)]
             )
             lines.append(f"| NSGF++ samples, NFE {nfe} ({label}) | {spread(samples.clamp(-1, 1), others)} |")
-    options = " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "checkpoints")
-    )
-    cmd = f"python benchmarks/endpoint_spread.py {options} " + " ".join(args.checkpoints)
-    text = "\n".join(lines + ["", f"Command: `{cmd}`", ""])
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    emit("endpoint_spread.py", args, lines, positional=("checkpoints",))
 
 
 if __name__ == "__main__":

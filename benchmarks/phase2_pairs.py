@@ -26,6 +26,7 @@ import os
 
 import torch
 import torchvision
+from _report import emit  # benchmarks/, next to this script
 from torchcfm.optimal_transport import OTPlanSampler
 
 from torchcfm_nsgf import SinkhornFlowMatcher
@@ -129,14 +130,7 @@ def main() -> None:
             steps,
             torch.cdist(ends, others).min(1).values,
         )
-    cmd = "python benchmarks/phase2_pairs.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"
-    )
-    text = "\n".join(lines + ["", f"Command: `{cmd}`", ""])
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    emit("phase2_pairs.py", args, lines)
 
 
 if __name__ == "__main__":
