@@ -4,7 +4,8 @@ NSGF++ (``nsgf++``, ``endpoints="network"``, the image default) starts its strai
 steps of the NSGF UNet from noise. A one-step regression of the Sinkhorn flow's velocity predicts the mean of
 its targets over the data batches it saw, so X_T may be far less varied than the simulated Sinkhorn end
 points it imitates, and phase 2 then has to spread a contracted cloud back out over the digits. This script
-loads the EMA networks of one or more ``benchmarks/mnist.py`` runs (``--run-dir``) and reports, for 1024
+loads the EMA networks of one or more ``benchmarks/mnist.py`` runs (``--run-dir`` with
+``--keep-checkpoints``) and reports, for 1024
 noise samples:
 
 * the total variance (sum of the per-pixel variances) and the median pairwise distance of the points;
@@ -15,7 +16,7 @@ of 64 training images), the network's X_T, and the NSGF++ samples at total NFE 1
 
 Pixels in [-1, 1]. One thread.
 
-    python benchmarks/mnist.py --methods nsgf++:blur=0.05 --run-dir RUNS ...       # §5a's command
+    python benchmarks/mnist.py --methods nsgf++:blur=0.05 --run-dir RUNS --keep-checkpoints ...  # §5a
     python benchmarks/endpoint_spread.py --data-root ../shared/data RUNS/nsgfpp_blur0.05/checkpoint.pt
 """
 

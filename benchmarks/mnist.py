@@ -200,7 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--run-dir",
         default=os.path.join(HERE, "..", "runs", "mnist_benchmark"),
-        help="checkpoints (deleted after each method)",
+        help="checkpoints (deleted after each method unless --keep-checkpoints)",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each method's last checkpoint under --run-dir (benchmarks/endpoint_spread.py reads it)",
     )
     p.add_argument(
         "--conditional",
@@ -377,7 +382,8 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scale
             ),
         }
         if args.equal_steps_only:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            if not args.keep_checkpoints:
+                shutil.rmtree(run_dir, ignore_errors=True)
             return row
         left = args.budget_s - used[args.budget_clock]
         if result.step == args.equal_steps and left > 0:
@@ -391,7 +397,8 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scale
         "train_cpu_s": used["cpu"],
         "scores": row["equal_steps"]["scores"] if reused else evaluate(result, "budget"),
     }
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not args.keep_checkpoints:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return row
 
 
