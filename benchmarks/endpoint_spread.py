@@ -5,8 +5,7 @@ steps of the NSGF UNet from noise. A one-step regression of the Sinkhorn flow's 
 its targets over the data batches it saw, so X_T may be far less varied than the simulated Sinkhorn end
 points it imitates, and phase 2 then has to spread a contracted cloud back out over the digits. This script
 loads the EMA networks of one or more ``benchmarks/mnist.py`` runs (``--run-dir`` with
-``--keep-checkpoints``) and reports, for 1024
-noise samples:
+``--keep-checkpoints``) and reports, for 1024 noise samples:
 
 * the total variance (sum of the per-pixel variances) and the median pairwise distance of the points;
 * the median distance of each point to its nearest image among ``--others`` training images;
