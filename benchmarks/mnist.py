@@ -156,6 +156,8 @@ def parse_method(spec: str, base: NSGFSettings) -> tuple[str, NSGFSettings, str]
     if name == "nsgf++":
         s = settings
         label += f" `{s.phase2}` (T={s.phase1_steps}, η={s.phase1_step_size:g})"
+        if s.phase1_batch_fraction != 1:
+            label += f", NSGF field on {s.phase1_batch_fraction:g} of each batch"
         if s.phase2 != "paper":
             label += f", {s.endpoints} X_T"
     elif name == "nsgf":

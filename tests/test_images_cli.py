@@ -120,6 +120,22 @@ def test_explicit_flags_override_the_preset():
     )  # fmt: skip
 
 
+def test_phase1_batch_fraction_flag_reaches_the_nsgfpp_objective(capsys):
+    from torchcfm_nsgf.images import available_methods, make_method
+    from torchcfm_nsgf.images.cli import config_from_args
+
+    parser = build_parser("mnist")
+    config = config_from_args(parser.parse_args(["--method", "nsgf++", "--phase1-batch-fraction", "0.25"]))
+    assert config.nsgf.phase1_batch_fraction == 0.25
+    if "nsgf++" in available_methods():
+        method = make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=config.nsgf)
+        assert method.objective.phase1_batch_fraction == 0.25
+    for bad in ("0", "1.5"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--phase1-batch-fraction", bad])
+        assert "--phase1-batch-fraction" in capsys.readouterr().err
+
+
 def test_the_old_unet_spelling_of_preset_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         build_parser("mnist").parse_args(["--preset", "tiny"])

@@ -431,6 +431,53 @@ def test_network_end_points_come_from_the_nsgf_network(labelled, phase2):
         NSGFPlusPlusObjective(SinkhornFlowMatcher(), endpoints="noise")
 
 
+class RowSpy(nn.Module):
+    """Records the number of rows of every call's ``x`` and returns ``x + 2 t`` (the :class:`Linear` field)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[int] = []
+
+    def forward(self, t, x, *args, **kwargs):
+        self.rows.append(x.shape[0])
+        return Linear()(t, x)
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_phase1_batch_fraction_trains_the_nsgf_field_on_a_share_of_the_targets(labelled, monkeypatch):
+    t, xt, ut = torch.rand(32, dtype=torch.float64), _randn(32, 2, seed=5), _randn(32, 2, seed=6)
+    y1 = (torch.arange(32) % 4) if labelled else None
+    objective = NSGFPlusPlusObjective(
+        SinkhornFlowMatcher(flow_steps=2, path="grid", pool=None),
+        phase2="ot",
+        generator=_gen(1),
+        endpoints="simulated",
+        phase1_batch_fraction=0.25,
+    )
+    # the matcher's targets, fixed here: the loss must be the MSE over their first 8 rows
+    monkeypatch.setattr(objective.matcher, "sample_location_and_conditional_flow", lambda x0, x1: (t, xt, ut))
+    monkeypatch.setattr(
+        objective.matcher,
+        "guided_sample_location_and_conditional_flow",
+        lambda x0, x1, y1: (t, xt, ut, None, torch.arange(32) % 4),
+    )
+    monkeypatch.setattr(objective, "simulate_endpoints", lambda x0, x1: x0 + 1.0)
+    monkeypatch.setattr(objective.matcher, "simulate_guided", lambda x0, x1, y1: (_Traj(x0 + 1.0), y1))
+    nsgf, straight = RowSpy(), RowSpy()
+    losses = objective.losses({"nsgf": nsgf, "straight": straight}, _randn(32, 2, seed=7), _randn(32, 2), y1)
+    expected = torch.mean((xt[:8] + 2 * t[:8, None] - ut[:8]) ** 2)
+    torch.testing.assert_close(losses["nsgf"], expected)
+    assert nsgf.rows == [8] and straight.rows == [32]
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="phase1_batch_fraction must"):
+            NSGFPlusPlusObjective(SinkhornFlowMatcher(), phase1_batch_fraction=bad)
+
+
+class _Traj:
+    def __init__(self, end):
+        self.xs = [end]
+
+
 def _ot_objective(refresh_every=None, endpoint_capacity=None, seed=1):
     sink = SinkhornOptions(blur=0.5, relative_blur=False, scaling=0.7)
     matcher = SinkhornFlowMatcher(flow_steps=2, step_size=0.5, path="grid", sinkhorn=sink, refresh_every=10)

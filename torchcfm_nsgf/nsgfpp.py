@@ -470,6 +470,11 @@ class NSGFPlusPlusObjective:
     null_label : int, optional
         The "no class" label (``K`` for ``K`` classes; the networks then have ``K + 1``); required with
         ``label_dropout > 0`` and for :meth:`sample` with a ``guidance_scale``.
+    phase1_batch_fraction : float
+        In ``(0, 1]``: the share of each call's NSGF targets the NSGF field's loss uses (the first
+        ``max(1, round(fraction * n))`` of the ``n`` drawn, a random subset); the straight flow uses the
+        whole batch. Phase 1 asks the field for ``T`` velocities only, and a smaller share leaves more of a
+        step's compute to the straight flow (1.0: the whole batch).
 
     Attributes
     ----------
@@ -500,6 +505,7 @@ class NSGFPlusPlusObjective:
         label_dropout: float = 0.0,
         null_label: int | None = None,
         endpoints: str = DEFAULT_ENDPOINTS,
+        phase1_batch_fraction: float = 1.0,
     ) -> None:
         if not isinstance(matcher, SinkhornFlowMatcher):
             raise TypeError(f"matcher must be a SinkhornFlowMatcher, got {type(matcher).__name__}")
@@ -517,6 +523,10 @@ class NSGFPlusPlusObjective:
             raise ValueError("null_label is required with label_dropout > 0 (the extra 'no class' label)")
         if endpoints not in ENDPOINT_SOURCES:
             raise ValueError(f"endpoints must be one of {list(ENDPOINT_SOURCES)}, got {endpoints!r}")
+        check_positive(phase1_batch_fraction, "phase1_batch_fraction")
+        if phase1_batch_fraction > 1:
+            raise ValueError(f"phase1_batch_fraction must lie in (0, 1], got {phase1_batch_fraction}")
+        self.phase1_batch_fraction = float(phase1_batch_fraction)
         self.endpoints = endpoints
         self.label_dropout = label_dropout
         self.null_label = null_label
@@ -826,6 +836,10 @@ class NSGFPlusPlusObjective:
             y_nsgf = None
         else:
             t, xt, ut, _, y_nsgf = self.matcher.guided_sample_location_and_conditional_flow(x0, x1, y1=y1)
+        if self.phase1_batch_fraction < 1:
+            k = max(1, round(self.phase1_batch_fraction * t.shape[0]))
+            t, xt, ut = t[:k], xt[:k], ut[:k]
+            y_nsgf = None if y_nsgf is None else y_nsgf[:k]
         out = {"nsgf": _mse(self._field(nets["nsgf"], t, xt, self._net_labels(y_nsgf)), ut, "nsgf")}
         a, b, y = self.phase2_pairs(x0, x1, y1, nets)
         b = b.to(device=a.device, dtype=a.dtype)

@@ -213,7 +213,12 @@ def make(
         return NSGFMethod(matcher, build_unet(shape, preset, num_classes=classes), num_classes, cfg_dropout)
     null = num_classes if cfg_dropout > 0 else None
     objective = NSGFPlusPlusObjective(
-        matcher, phase2=s.phase2, label_dropout=cfg_dropout, null_label=null, endpoints=s.endpoints
+        matcher,
+        phase2=s.phase2,
+        label_dropout=cfg_dropout,
+        null_label=null,
+        endpoints=s.endpoints,
+        phase1_batch_fraction=s.phase1_batch_fraction,
     )
     nets = {"nsgf": build_unet(shape, preset, num_classes=classes)}
     if objective.uses_predictor:

@@ -141,6 +141,13 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 < number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
+    return number
+
+
 def _probability(value: str) -> float:
     number = float(value)
     if not 0.0 <= number < 1.0:
@@ -294,6 +301,12 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         "--phase1-step-size", type=float, default=nsgf.phase1_step_size, help="eta of nsgf++'s NSGF phase"
     )
     g.add_argument(
+        "--phase1-batch-fraction",
+        type=_fraction,
+        default=nsgf.phase1_batch_fraction,
+        help="share of each batch nsgf++'s NSGF network is trained on, in (0, 1] (the straight flow takes it all)",
+    )
+    g.add_argument(
         "--phase2",
         default=nsgf.phase2,
         choices=list(PHASE2_VARIANTS),
@@ -385,6 +398,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         phase1_steps=args.phase1_steps,
         phase1_step_size=args.phase1_step_size,
         phase2=args.phase2,
+        phase1_batch_fraction=args.phase1_batch_fraction,
         endpoints=args.endpoints,
         pool_capacity=args.pool_capacity,
         pool_max_bytes=args.pool_max_bytes,

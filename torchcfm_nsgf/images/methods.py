@@ -345,6 +345,9 @@ class NSGFSettings:
     phase2 : {"paper", "ot", "ot-source", "ot-predictor"}
         Where ``nsgf++``'s straight flow is trained from (:class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`):
         noise, with a time predictor, or the phase-1 end points paired with the data by exact OT.
+    phase1_batch_fraction : float
+        Share of each batch the NSGF network of ``nsgf++`` is trained on
+        (:class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`); the straight flow takes the whole batch.
     endpoints : {"simulated", "network"}
         Where the ``"ot"`` variants' end points :math:`X_T` come from: the simulated Sinkhorn flow, or ``T``
         Euler steps of the NSGF network being trained (what phase 2 meets at sampling; the default here:
@@ -369,6 +372,7 @@ class NSGFSettings:
     phase1_steps: int = 1
     phase1_step_size: float = 1.0
     phase2: str = "ot"
+    phase1_batch_fraction: float = 1.0
     endpoints: str = "network"
     pool_capacity: int = 200_000
     pool_max_bytes: int | None = None
