@@ -52,6 +52,7 @@ from torchcfm_nsgf.images import (
 )
 from torchcfm_nsgf.images.data import to_unit_range
 from torchcfm_nsgf.images.generation import save_grid
+from torchcfm_nsgf.images.training import checkpoint_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -210,6 +211,12 @@ def main(argv: list[str] | None = None) -> None:
         help="keep each method's last checkpoint under --run-dir (benchmarks/endpoint_spread.py reads it)",
     )
     p.add_argument(
+        "--score-kept",
+        action="store_true",
+        help="train nothing: score (at --nfe) the checkpoint each method's earlier run left in --run-dir "
+        "with --keep-checkpoints",
+    )
+    p.add_argument(
         "--conditional",
         action="store_true",
         help="class-conditional runs: generate n-eval/10 images per class, score label accuracy and the "
@@ -292,7 +299,8 @@ def guidance_scales(given: object) -> list[float | None]:
 def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scales, per_class=None) -> dict:
     """Train one method (to ``--equal-steps``, scored, then on to the budget, scored) and return its row."""
     run_dir = os.path.join(args.run_dir, slug(spec))
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not args.score_kept:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
     def config(total_steps: int, budget: float, resume: bool) -> TrainConfig:
         return TrainConfig(
@@ -368,6 +376,16 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scale
         return scores
 
     row = {"spec": spec, "method": name, "label": label, "settings": dataclasses.asdict(settings)}
+    if args.score_kept:  # a checkpoint's own step as the target: nothing is trained, the EMA is scored
+        result = train(config(checkpoint_step(run_dir), None, True), data=train_imgs)
+        row["equal_time"] = {
+            "step": result.step,
+            "train_wall_s": None,
+            "train_cpu_s": None,
+            "scores": evaluate(result, "budget"),
+            "scored_from": run_dir,
+        }
+        return row
     used = {"wall": 0.0, "cpu": 0.0}
     first_total = args.equal_steps if args.equal_steps else 10**9
     result = train(config(first_total, args.budget_s, False), data=train_imgs)
@@ -461,7 +479,11 @@ def report(folder: str) -> None:
         for r in rows:
             part = r["row"][key]
             times = (
-                f"{part['train_wall_s']:.0f} / {part['train_cpu_s']:.0f} s"
+                (
+                    "scored from a kept checkpoint"
+                    if part["train_wall_s"] is None
+                    else f"{part['train_wall_s']:.0f} / {part['train_cpu_s']:.0f} s"
+                )
                 if key == "equal_time"
                 else ("" if part["reached"] else "not reached in budget")
             )
