@@ -339,18 +339,18 @@ class NSGFSettings:
     flow_steps, step_size, path : int, float, str
         T, η and served path of the simulated flow for ``nsgf`` (``SinkhornFlowMatcher``'s defaults).
     phase1_steps, phase1_step_size : int, float
-        T and η of the NSGF phase of ``nsgf++`` (1, 0.5). On MNIST T = 1 beat T = 2 (BENCHMARKS.md §5), and
-        η = 0.5 beat 0.25, 0.4, 0.6 and 1.0 after 1200 s: one step of η = 1 of the network lands on a cloud
-        with a quarter of the data's variance, which the straight flow cannot spread out again; half a step
-        keeps half of the noise. The 2D ``NSGFPlusPlus`` keeps T = 2, η = 1 (§4).
+        T and η of the NSGF phase of ``nsgf++`` (1, 0.5: on MNIST T = 1 beat T = 2, and η = 0.5 beat 0.25, 0.4,
+        0.6 and 1.0, BENCHMARKS.md §5a). A full step (η = 1) of the network contracts the noise onto a cloud
+        far narrower than the data, which the straight flow cannot spread out again; half a step keeps half
+        of the noise. The 2D ``NSGFPlusPlus`` keeps T = 2, η = 1 (§4).
     phase2 : {"paper", "ot", "ot-source", "ot-predictor"}
         Where ``nsgf++``'s straight flow is trained from (:class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`):
         noise, with a time predictor, or the phase-1 end points paired with the data by exact OT.
     phase1_batch_fraction : float
         Share of each batch the NSGF network of ``nsgf++`` is trained on
         (:class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`); the straight flow takes the whole batch.
-        0.25: on MNIST it gave 1.5x the optimiser steps in the same CPU time, and a lower classifier FID
-        (BENCHMARKS.md §5a).
+        0.25 leaves most of each step to the straight flow: on MNIST at equal training time it beat the whole
+        batch (BENCHMARKS.md §5a).
     endpoints : {"simulated", "network"}
         Where the ``"ot"`` variants' end points :math:`X_T` come from: the simulated Sinkhorn flow, or ``T``
         Euler steps of the NSGF network being trained (what phase 2 meets at sampling; the default here:
