@@ -432,15 +432,23 @@ def test_network_end_points_come_from_the_nsgf_network(labelled, phase2):
 
 
 class RowSpy(nn.Module):
-    """Records the number of rows of every call's ``x`` and returns ``x + 2 t`` (the :class:`Linear` field)."""
+    """Records the rows of every call's ``x`` and its labels ``y`` (None without) and returns ``x + 2 t`` (the
+    :class:`Linear` field)."""
 
     def __init__(self):
         super().__init__()
         self.rows: list[int] = []
+        self.labels: list[torch.Tensor | None] = []
 
-    def forward(self, t, x, *args, **kwargs):
+    def forward(self, t, x, y=None):
         self.rows.append(x.shape[0])
+        self.labels.append(y)
         return Linear()(t, x)
+
+
+class _Traj:
+    def __init__(self, end):
+        self.xs = [end]
 
 
 @pytest.mark.parametrize("labelled", [False, True])
@@ -468,14 +476,13 @@ def test_phase1_batch_fraction_trains_the_nsgf_field_on_a_share_of_the_targets(l
     expected = torch.mean((xt[:8] + 2 * t[:8, None] - ut[:8]) ** 2)
     torch.testing.assert_close(losses["nsgf"], expected)
     assert nsgf.rows == [8] and straight.rows == [32]
+    if labelled:  # the labels of the kept targets, row for row
+        assert torch.equal(nsgf.labels[0], (torch.arange(32) % 4)[:8])
+    else:
+        assert nsgf.labels == [None]
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="phase1_batch_fraction must"):
             NSGFPlusPlusObjective(SinkhornFlowMatcher(), phase1_batch_fraction=bad)
-
-
-class _Traj:
-    def __init__(self, end):
-        self.xs = [end]
 
 
 def _ot_objective(refresh_every=None, endpoint_capacity=None, seed=1):
