@@ -146,7 +146,15 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         added on the first call and every ``refresh_every`` calls (and whenever the pool holds fewer items
         than the batch). ``None`` simulates a new flow on every call.
     refresh_every : int
-        See ``pool``.
+        See ``pool``. With ``flow_size``, the calls between two flows are ``refresh_every`` times the
+        particles of the latest flow over the call's batch size, so that every flow serves
+        ``refresh_every`` samples per particle whatever its size.
+    flow_size : int, optional
+        Particles of each simulated flow, decoupled from the batch: the matcher keeps the latest
+        ``flow_size`` rows of the calls' ``x0`` and ``x1`` (and of ``y1`` for guided calls) and, when a
+        flow is due and that many are kept, simulates one flow of them (NSGF's mean-field limit: a flow
+        of ``n`` particles carries the bias of ``n`` samples). Until then, flows are of the call's batch.
+        ``None`` (default): every flow is of one call's batch.
     balanced : bool
         Guided calls only (:meth:`guided_sample_location_and_conditional_flow`): serve class-balanced batches
         from the pool (equal numbers per class it holds) instead of uniform ones, which follow the classes'
@@ -190,6 +198,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         sinkhorn: SinkhornOptions | None = None,
         pool: TrajectoryPool | Literal["auto"] | None = "auto",
         refresh_every: int = 50,
+        flow_size: int | None = None,
         balanced: bool = False,
         generator: torch.Generator | None = None,
         progress: bool = False,
@@ -207,6 +216,8 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         if not (pool is None or pool == "auto" or isinstance(pool, TrajectoryPool)):
             raise TypeError(f"pool must be a TrajectoryPool, 'auto' or None, got {pool!r}")
         check_positive(refresh_every, "refresh_every", integer=True)
+        if flow_size is not None:
+            check_positive(flow_size, "flow_size", integer=True)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.flow_steps = flow_steps
@@ -215,6 +226,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         self.pool: TrajectoryPool | None = None if pool == "auto" else pool
         self._auto_pool = pool == "auto"
         self.refresh_every = refresh_every
+        self.flow_size = flow_size
         self.balanced = bool(balanced)
         self.generator = generator
         self.progress = progress
@@ -245,6 +257,11 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         self._warned_drift = False
         # mean (flattened, float64, CPU) and scale of the latest pooled flow's targets
         self._ref: tuple[Tensor, float] | None = None
+        # flow_size: the latest rows of the calls' x0, x1 (and y1), the calls since the latest pooled
+        # flow and that flow's particles
+        self._staged: dict[str, Tensor | None] | None = None
+        self._since_flow = 0
+        self._last_flow_n = 0
 
     # ------------------------------------------------------------------ simulation
     @property
@@ -538,6 +555,35 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
             )
         return drifted
 
+    def _stage(self, x0: Tensor, x1: Tensor, y1: Tensor | None) -> None:
+        """Keep the latest ``flow_size`` rows of ``x0``, ``x1`` (and ``y1``) for the next large flow."""
+        new = {"x0": x0.detach(), "x1": x1.detach(), "y1": None if y1 is None else y1.detach()}
+        if self._staged is not None:
+            new = {
+                k: None if v is None else torch.cat([self._staged[k].to(v.device), v])[-self.flow_size :]
+                for k, v in new.items()
+            }
+        else:
+            new = {k: None if v is None else v[-self.flow_size :] for k, v in new.items()}
+        self._staged = new
+
+    def _take_staged(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """The staged ``(x0, x1, y1)`` when ``flow_size`` rows of each are kept (and forget them), else None."""
+        st = self._staged
+        if st is None or min(st["x0"].shape[0], st["x1"].shape[0]) < self.flow_size:
+            return None
+        self._staged = None
+        return st["x0"], st["x1"], st["y1"]
+
+    def _refresh_due(self, bs: int) -> bool:
+        if self.flow_size is None:
+            return self.n_calls % self.refresh_every == 0
+        return self._since_flow >= self._period(bs)
+
+    def _period(self, bs: int) -> int:
+        """Calls between two flows with ``flow_size``: ``refresh_every`` samples served per particle."""
+        return max(1, round(self.refresh_every * self._last_flow_n / bs))
+
     def segment_labels(self, labels: Tensor) -> Tensor:
         """The class of each served segment (:meth:`segments`) from the class of each particle ``(n,)``."""
         return labels if self.path == "straight" else labels.repeat(self.flow_steps)
@@ -700,9 +746,23 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
             drifted = self._drifted(x1)
             if drifted:  # the pool's flows went to other data: never serve them for this data
                 self.pool.clear()
-            if drifted or self.n_calls % self.refresh_every == 0 or len(self.pool) < bs:
-                self.fill_pool(x0, x1, y0=y0, y1=y1)
-                self._warn_if_slow()
+                self._staged = None
+            if self.flow_size is not None:
+                if y0 is not None:
+                    raise ValueError(
+                        "y0 cannot be given with flow_size: a large flow takes its classes from y1"
+                    )
+                self._stage(x0, x1, y1)
+            if drifted or len(self.pool) < bs or self._refresh_due(bs):
+                staged = None if self.flow_size is None else self._take_staged()
+                if staged is None:
+                    self.fill_pool(x0, x1, y0=y0, y1=y1)
+                else:
+                    self.fill_pool(staged[0], staged[1], y1=staged[2])
+                self._since_flow = 0
+                self._last_flow_n = x0.shape[0] if staged is None else staged[0].shape[0]
+                self._warn_if_slow(self.refresh_every if self.flow_size is None else self._period(bs))
+            self._since_flow += 1
             drawn = self.pool.sample(bs, device=x0.device, dtype=dtype, balanced=guided and self.balanced)
             t_out, xt, ut = self._serve(*drawn[:3])
             if guided:
@@ -712,7 +772,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
                 traj, labels = self.simulate_guided(x0, x1, y1, y0)
             else:
                 traj = self.simulate(x0, x1)
-            self._warn_if_slow()
+            self._warn_if_slow(1)
             if t is None:
                 segs = self.segments(traj)
                 if self.path == "straight":  # every particle is served once, in its own row
@@ -760,10 +820,10 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         self._check_pair(x0, x1)
         return self.path_at(self.simulate(x0, x1), self._check_t(t, x0.shape[0], x0))[1]
 
-    def _warn_if_slow(self) -> None:
+    def _warn_if_slow(self, calls_per_flow: int) -> None:
         if self._warned_slow or self.n_flows == 0:
             return
-        per_call = self._sim_seconds / self.n_flows / (1 if self.pool is None else self.refresh_every)
+        per_call = self._sim_seconds / self.n_flows / calls_per_flow
         if per_call > SLOW_CALL_S:
             self._warned_slow = True
             advice = (
@@ -803,6 +863,9 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
             "blur": self.blur,
             "targets": None if self._ref is None else {"mean": self._ref[0], "scale": self._ref[1]},
             "warned_drift": self._warned_drift,
+            "staged": self._staged,
+            "since_flow": self._since_flow,
+            "last_flow_n": self._last_flow_n,
             "generator": None if self.generator is None else self.generator.get_state(),
             "pool": None if self.pool is None else self.pool.state_dict(),
         }
@@ -825,6 +888,9 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         if state.get("targets") is not None:
             self._ref = (state["targets"]["mean"].double().cpu(), float(state["targets"]["scale"]))
         self._warned_drift = bool(state.get("warned_drift", False))
+        self._staged = state.get("staged")
+        self._since_flow = int(state.get("since_flow", 0))
+        self._last_flow_n = int(state.get("last_flow_n", 0))
         if state.get("pool") is not None:
             if self.pool is None and self._auto_pool:  # its generator state comes with the pool's state
                 self.pool = self._new_auto_pool("cpu")
@@ -841,6 +907,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         return (
             f"{type(self).__name__}(sigma={self.sigma:g}, flow_steps={self.flow_steps}, step_size={eta}, "
             f"path={self.path!r}, sinkhorn={self.sinkhorn}, pool={pool}, refresh_every={self.refresh_every}"
+            + ("" if self.flow_size is None else f", flow_size={self.flow_size}")
             + (", balanced=True)" if self.balanced else ")")
         )
 
