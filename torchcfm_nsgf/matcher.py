@@ -56,7 +56,7 @@ from ._validation import (
     check_same_features,
 )
 from .pool import TrajectoryPool
-from .sampling import SampleResult, odeint_sample, solver_spec
+from .sampling import SampleResult, default_steps, odeint_sample
 from .sinkhorn import HIGH_DIM_BLUR, SinkhornConvergenceWarning, SinkhornOptions, SinkhornSolution
 
 __all__ = ["HIGH_DIM_FEATURES", "PATHS", "SinkhornFlowMatcher", "SinkhornTrajectory"]
@@ -688,8 +688,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         Fixed-step solvers default to ``n_steps = flow_steps``, the matcher's grid (exact for a field equal
         to the served velocity); adaptive solvers (``dopri5``, ``tsit5``) choose their own steps.
         """
-        if n_steps is None and not solver_spec(solver).adaptive:
-            n_steps = self.flow_steps
+        n_steps = default_steps(solver, n_steps, self.flow_steps)
         return odeint_sample(field, x0, solver=solver, n_steps=n_steps, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
