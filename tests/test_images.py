@@ -68,7 +68,8 @@ def _config(root: Path, method: str, dataset: str = "mnist", **kw) -> TrainConfi
 
 def _tiny_nsgf(config: TrainConfig) -> TrainConfig:
     s = config.nsgf
-    s.flow_steps, s.phase1_steps, s.pool_capacity, s.refresh_every = 3, 2, 64, 2
+    s.flow_steps, s.pool_capacity, s.refresh_every = 3, 64, 2
+    s.nsgfpp = s.nsgfpp.replace(flow_steps=2)
     s.sinkhorn = SinkhornOptions(blur=5.0, relative_blur=False, scaling=0.5)
     return config
 
@@ -142,7 +143,7 @@ def test_resume_with_other_settings_is_refused(data_root, tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny", "mnist"])
 def test_unet_presets_see_the_time_and_the_label(preset):
-    from torchcfm_nsgf.images.methods import build_unet
+    from torchcfm_nsgf.images.unet import build_unet
 
     torch.manual_seed(0)
     net = build_unet((1, 28, 28), preset, num_classes=10)
@@ -161,7 +162,8 @@ def test_unet_presets_see_the_time_and_the_label(preset):
 
 def test_device_names_resolve_to_this_process_gpu(monkeypatch):
     # torch.cuda.set_device refuses a bare "cuda" (no index): the loop must name the process's GPU
-    from torchcfm_nsgf.images.training import ConfigError, _resolve_device
+    from torchcfm_nsgf.images.config import ConfigError
+    from torchcfm_nsgf.images.distributed import resolve_device as _resolve_device
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert _resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
@@ -178,10 +180,10 @@ def test_device_names_resolve_to_this_process_gpu(monkeypatch):
 
 
 def test_time_budget_follows_the_chosen_clock(data_root, monkeypatch):
-    from torchcfm_nsgf.images import training
+    from torchcfm_nsgf.images import config as training
 
     ticks = iter(range(1000))  # a clock that advances one second per reading
-    monkeypatch.setitem(training._CLOCKS, "cpu", lambda: float(next(ticks)))
+    monkeypatch.setitem(training.CLOCKS, "cpu", lambda: float(next(ticks)))
     # read once at the start, then once per step: step k reads k seconds, over 2.5 s at step 3
     result = train(_config(data_root, "icfm", total_steps=50, time_budget_s=2.5, budget_clock="cpu"))
     assert result.step == 3 and result.cpu_time_s > 0 and result.wall_time_s > 0

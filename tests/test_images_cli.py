@@ -125,8 +125,10 @@ def test_phase1_batch_fraction_flag_reaches_the_nsgfpp_objective(capsys):
     from torchcfm_nsgf.images.cli import config_from_args
 
     parser = build_parser("mnist")
-    config = config_from_args(parser.parse_args(["--method", "nsgf++", "--phase1-batch-fraction", "0.25"]))
-    assert config.nsgf.phase1_batch_fraction == 0.25
+    config = config_from_args(
+        parser.parse_args(["--method", "nsgf++", "--nsgfpp-phase1-batch-fraction", "0.25"])
+    )
+    assert config.nsgf.nsgfpp.phase1_batch_fraction == 0.25
     if "nsgf++" in available_methods():
         method = make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=config.nsgf)
         assert method.objective.phase1_batch_fraction == 0.25

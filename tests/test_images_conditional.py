@@ -52,7 +52,8 @@ def _config(root: Path, method: str, **kw) -> TrainConfig:
     base.update(kw)
     config = TrainConfig(**base)
     s = config.nsgf
-    s.flow_steps, s.phase1_steps, s.pool_capacity, s.refresh_every = 2, 2, 64, 2
+    s.flow_steps, s.pool_capacity, s.refresh_every = 2, 64, 2
+    s.nsgfpp = s.nsgfpp.replace(flow_steps=2)
     s.sinkhorn = SinkhornOptions(blur=5.0, relative_blur=False, scaling=0.5)
     return config
 

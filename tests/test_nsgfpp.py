@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions
+from torchcfm_nsgf import NSGFPlusPlusOptions, SinkhornFlowMatcher, SinkhornOptions
 from torchcfm_nsgf.networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
 from torchcfm_nsgf.nsgfpp import (
     MAX_PHASE1_STEPS,
@@ -696,10 +696,10 @@ def test_bad_input_messages():
 # ---------------------------------------------------------------------------------------------- images
 def _image_settings(phase2: str):
     from torchcfm_nsgf.images import NSGFSettings
+    from torchcfm_nsgf.images.settings import IMAGE_NSGFPP
 
     return NSGFSettings(
-        phase2=phase2,
-        phase1_steps=2,
+        nsgfpp=IMAGE_NSGFPP.replace(phase2=phase2, flow_steps=2),
         pool_capacity=64,
         refresh_every=2,
         sinkhorn=SinkhornOptions(blur=5.0, relative_blur=False, scaling=0.5),
@@ -733,8 +733,10 @@ def test_image_method_budget_and_nfe_equal_network_calls(phase2):
         method.sample(nets, torch.randn(3, 1, 8, 8), nfe=least - 1)
     from torchcfm_nsgf.images import NSGFSettings
 
-    with pytest.raises(ValueError, match="phase1_steps must be at most 5"):
-        make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=NSGFSettings(phase1_steps=6))
+    with pytest.raises(ValueError, match="flow_steps must be at most 5"):
+        make_method(
+            "nsgf++", (1, 8, 8), preset="tiny", nsgf=NSGFSettings(nsgfpp=NSGFPlusPlusOptions(flow_steps=6))
+        )
 
 
 @pytest.fixture(scope="module")

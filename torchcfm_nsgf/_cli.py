@@ -13,23 +13,73 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def add_option_flags(parser: Any, cls: type, *, prefix: str = "", defaults: Any = None) -> None:
-    """Add ``--{prefix}{field-name}`` for every field of the dataclass ``cls`` to ``parser`` (or a group), with
-    the values of ``defaults`` (default: ``cls()``) as the flags' defaults."""
+def add_option_flags(
+    parser: Any, cls: type, *, prefix: str = "", defaults: Any = None, exclude: tuple[str, ...] = ()
+) -> None:
+    """Add ``--{prefix}{field-name}`` for every field of the dataclass ``cls`` but those in ``exclude`` to
+    ``parser`` (or a group), with the values of ``defaults`` (default: ``cls()``) as the flags' defaults.
+
+    A field's ``metadata`` gives the flag's ``help`` and, optionally, its ``choices``; either may be a
+    function, called now (so that a registry lists what it holds when the parser is built)."""
     defaults = cls() if defaults is None else defaults
     for f in fields(cls):
+        if f.name in exclude:
+            continue
         default = getattr(defaults, f.name)
         flag = "--" + (prefix + f.name).replace("_", "-")
         help_text = f.metadata.get("help", "")
+        help_text = help_text() if callable(help_text) else help_text
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=help_text)
+            continue
+        extra = {}
+        if "choices" in f.metadata:
+            choices = f.metadata["choices"]
+            extra["choices"] = list(choices() if callable(choices) else choices)
+        parser.add_argument(flag, type=type(default), default=default, help=help_text, **extra)
 
 
-def options_from_args(args: argparse.Namespace, cls: type[T], *, prefix: str = "") -> T:
-    """The ``cls`` instance described by flags added with :func:`add_option_flags`."""
-    return cls(**{f.name: getattr(args, prefix.replace("-", "_") + f.name) for f in fields(cls)})
+def options_from_args(
+    args: argparse.Namespace,
+    cls: type[T],
+    *,
+    prefix: str = "",
+    defaults: Any = None,
+    exclude: tuple[str, ...] = (),
+) -> T:
+    """The ``cls`` instance described by flags added with :func:`add_option_flags` (the fields in ``exclude``
+    from ``defaults``)."""
+    defaults = cls() if defaults is None and exclude else defaults
+    return cls(
+        **{
+            f.name: getattr(defaults, f.name)
+            if f.name in exclude
+            else getattr(args, prefix.replace("-", "_") + f.name)
+            for f in fields(cls)
+        }
+    )
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old flag name: stores into the new flag's ``dest`` with a ``DeprecationWarning`` naming the new flag
+    (hidden from ``--help``)."""
+
+    def __init__(self, option_strings: list[str], dest: str, new_flag: str = "", **kwargs: Any) -> None:
+        self.new_flag = new_flag
+        kwargs["help"] = argparse.SUPPRESS
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None
+    ) -> None:
+        import warnings
+
+        warnings.warn(
+            f"{option_string} is renamed {self.new_flag}; the old flag will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        setattr(namespace, self.dest, values)
 
 
 _MATCHER_FLAGS = {

@@ -24,23 +24,34 @@ from typing import Any, NoReturn
 
 import torch
 
-from .._cli import add_option_flags, options_from_args
+from .._cli import DeprecatedFlag, add_option_flags, options_from_args
 from .._io import check_writable_dir
 from ..matcher import PATHS
-from ..nsgfpp import ENDPOINT_SOURCES, PHASE2_VARIANTS
+from ..nsgfpp import NSGFPlusPlusOptions
 from ..sinkhorn import SinkhornOptions
 from .checkpoint import CheckpointError
-from .data import load_images, to_uint8
+from .data import DATASETS, load_images, to_uint8
 from .fid import InceptionUnavailableError, check_inception_available, inception_metrics
 from .generation import generate, save_grid
-from .methods import UNET_PRESETS, NSGFSettings, available_methods
+from .registry import available_methods
+from .settings import NSGFSettings
 from .training import ConfigError, TrainConfig, checkpoint_step, train
+from .unet import UNET_PRESETS
 
 __all__ = ["RUN_PRESETS", "UsageError", "build_parser", "config_from_args", "main", "report_lines", "run"]
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_STEPS = {"cifar10": 400_000, "mnist": 20_000}
+# NSGF++'s fields that follow the image pool's flags (--refresh-every, --pool-capacity), shared with nsgf
+_SHARED_POOL = ("refresh_every", "pool_capacity")
+# flags of earlier releases -> the generated NSGF++ flags (dest) that replace them
+_OLD_NSGFPP_FLAGS = {
+    "--phase1-steps": "flow_steps",
+    "--phase1-step-size": "step_size",
+    "--phase1-batch-fraction": "phase1_batch_fraction",
+    "--phase2": "phase2",
+    "--endpoints": "endpoints",
+}
 
 # Values a preset gives to flags (argparse dests) that are not given explicitly. Warm-up and EMA decay are
 # left out: they scale with total_steps.
@@ -175,9 +186,11 @@ def _preset_help() -> str:
 
 
 def build_parser(dataset: str) -> argparse.ArgumentParser:
-    """Argument parser for ``dataset`` (``"mnist"`` or ``"cifar10"``); defaults are torchcfm's recipe."""
-    if dataset not in _DEFAULT_STEPS:
-        raise ValueError(f"dataset must be 'mnist' or 'cifar10', got {dataset!r}")
+    """Argument parser for ``dataset`` (a key of :data:`~torchcfm_nsgf.images.data.DATASETS`); defaults are
+    torchcfm's recipe and the dataset's record."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
+    record = DATASETS[dataset]
     nsgf = NSGFSettings()
     p = _Parser(
         description=f"Train NSGF / NSGF++ or a torchcfm flow-matching baseline on {dataset} with one loop.",
@@ -188,7 +201,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default="./data", help="torchvision root folder of the dataset")
     g.add_argument("--download", action="store_true", help="let torchvision download missing files")
-    if dataset == "cifar10":
+    if record.checksums:
         g.add_argument(
             "--verify-checksums",
             action=argparse.BooleanOptionalAction,
@@ -199,13 +212,13 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         "--hflip",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="random horizontal flips (default: on for cifar10, off for mnist)",
+        help=f"random horizontal flips (default: {'on' if record.hflip else 'off'} for {dataset})",
     )
     g = p.add_argument_group("recipe")
     g.add_argument(
         "--total-steps",
         type=_positive_int,
-        default=_DEFAULT_STEPS[dataset],
+        default=record.default_steps,
         help="optimiser steps of the whole run, resumptions included",
     )
     g.add_argument("--batch-size", type=_positive_int, default=128, help="images per step and per process")
@@ -237,7 +250,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         default=0.0,
         help="label-dropout probability for classifier-free guidance, e.g. 0.1 (needs --conditional)",
     )
-    g.add_argument("--unet", default=dataset, choices=sorted(UNET_PRESETS), help="UNet configuration")
+    g.add_argument(
+        "--unet", default=record.unet_preset, choices=sorted(UNET_PRESETS), help="UNet configuration"
+    )
     g.add_argument(
         "--tiny",
         dest="unet",
@@ -296,31 +311,20 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     g.add_argument("--flow-steps", type=int, default=nsgf.flow_steps, help="T of nsgf's simulated flow")
     g.add_argument("--step-size", type=float, default=nsgf.step_size, help="eta of nsgf's simulated flow")
     g.add_argument("--path", default=nsgf.path, choices=list(PATHS), help="targets nsgf serves")
-    g.add_argument("--phase1-steps", type=int, default=nsgf.phase1_steps, help="T of nsgf++'s NSGF phase")
-    g.add_argument(
-        "--phase1-step-size", type=float, default=nsgf.phase1_step_size, help="eta of nsgf++'s NSGF phase"
-    )
-    g.add_argument(
-        "--phase1-batch-fraction",
-        type=_fraction,
-        default=nsgf.phase1_batch_fraction,
-        help="share of each batch nsgf++'s NSGF network is trained on, in (0, 1] (the straight flow takes it all)",
-    )
-    g.add_argument(
-        "--phase2",
-        default=nsgf.phase2,
-        choices=list(PHASE2_VARIANTS),
-        help="nsgf++'s straight flow: from noise with a time predictor (paper), or from the NSGF end points "
-        "paired with the data by exact OT (ot: OT between end points and data; ot-source: the batch's own "
-        "end points, OT between their noise and the data; ot-predictor: ot with a time predictor)",
-    )
-    g.add_argument(
-        "--endpoints",
-        default=nsgf.endpoints,
-        choices=list(ENDPOINT_SOURCES),
-        help="nsgf++ ot variants: the end points X_T the straight flow starts from, from the simulated "
-        "Sinkhorn flow or from the NSGF network being trained",
-    )
+    g = p.add_argument_group("NSGF++ (phase 1 on the Sinkhorn flow above, its pool below)")
+    add_option_flags(g, NSGFPlusPlusOptions, prefix="nsgfpp_", defaults=nsgf.nsgfpp, exclude=_SHARED_POOL)
+    for old, field_name in _OLD_NSGFPP_FLAGS.items():
+        new = "--nsgfpp-" + field_name.replace("_", "-")
+        kind = _fraction if field_name == "phase1_batch_fraction" else type(getattr(nsgf.nsgfpp, field_name))
+        g.add_argument(
+            old,
+            dest="nsgfpp_" + field_name,
+            type=kind,
+            action=DeprecatedFlag,
+            new_flag=new,
+            default=argparse.SUPPRESS,
+        )
+    g = p.add_argument_group("NSGF / NSGF++ trajectory pool")
     g.add_argument("--pool-capacity", type=int, default=nsgf.pool_capacity, help="items per process")
     g.add_argument("--pool-max-bytes", type=int, default=None, help="byte bound per process (default: none)")
     g.add_argument(
@@ -390,16 +394,19 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` described by parsed arguments."""
+    defaults = NSGFSettings().nsgfpp
+    try:
+        nsgfpp = options_from_args(
+            args, NSGFPlusPlusOptions, prefix="nsgfpp_", defaults=defaults, exclude=_SHARED_POOL
+        )
+    except ValueError as err:
+        raise UsageError(f"NSGF++ flags (--nsgfpp-*): {err}") from err
     nsgf = NSGFSettings(
         sinkhorn=options_from_args(args, SinkhornOptions),
         flow_steps=args.flow_steps,
         step_size=args.step_size,
         path=args.path,
-        phase1_steps=args.phase1_steps,
-        phase1_step_size=args.phase1_step_size,
-        phase2=args.phase2,
-        phase1_batch_fraction=args.phase1_batch_fraction,
-        endpoints=args.endpoints,
+        nsgfpp=nsgfpp,
         pool_capacity=args.pool_capacity,
         pool_max_bytes=args.pool_max_bytes,
         pool_dtype=args.pool_dtype,
@@ -573,7 +580,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 real_batches,
                 fake_batches(),
                 weights_path=args.inception_weights,
-                inception_score=config.dataset == "cifar10",
+                inception_score=DATASETS[config.dataset].inception_score,
                 device=device,
             )
         )
