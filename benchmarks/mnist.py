@@ -321,12 +321,12 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scale
     if not args.score_kept:
         shutil.rmtree(run_dir, ignore_errors=True)
 
-    def config(total_steps: int, budget: float, resume: bool) -> TrainConfig:
+    def config(train_steps: int, budget: float, resume: bool) -> TrainConfig:
         return TrainConfig(
             dataset="mnist",
             data_root=args.data_root,
             method=name,
-            total_steps=total_steps,
+            train_steps=train_steps,
             batch_size=args.batch_size,
             lr=args.lr,
             warmup=args.warmup,

@@ -30,7 +30,7 @@ def test_each_dataset_record_is_what_the_loop_and_the_command_line_use():
             record.classes,
         )
         args = build_parser(name).parse_args([])
-        assert (args.total_steps, args.unet) == (record.default_steps, record.unet_preset)
+        assert (args.train_steps, args.unet) == (record.default_steps, record.unet_preset)
         assert hasattr(args, "verify_checksums") == record.checksums
         assert [p.split("/")[-1] for p in expected_files(name, "/r")] == list(record.files)
     # the recipe's facts as the README states them
@@ -147,3 +147,19 @@ def test_old_nsgfpp_options_reach_the_image_objective():
     method = make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=settings)
     m = method.objective.matcher
     assert (m.flow_steps, m.refresh_every, m.path, method.objective.phase2) == (2, 3, "grid", "ot-source")
+
+
+def test_the_run_length_is_train_steps_and_the_old_names_still_work():
+    with pytest.warns(DeprecationWarning, match="'total_steps' is renamed 'train_steps'"):
+        config = TrainConfig(total_steps=300)
+    assert config.train_steps == 300
+    with pytest.warns(DeprecationWarning, match="renamed train_steps"):
+        assert config.total_steps == 300
+    parser = build_parser("mnist")
+    with pytest.warns(DeprecationWarning, match="--total-steps is renamed --train-steps"):
+        args = parser.parse_args(["--total-steps", "300"])
+    assert args.train_steps == 300
+    # a preset does not override the old flag either
+    with pytest.warns(DeprecationWarning):
+        assert parser.parse_args(["--preset", "quick", "--total-steps", "300"]).train_steps == 300
+    assert parser.parse_args(["--preset", "quick"]).train_steps == 800

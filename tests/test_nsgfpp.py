@@ -755,7 +755,7 @@ def _image_config(root, phase2: str, **kw):
         dataset="mnist",
         data_root=str(root),
         method="nsgf++",
-        total_steps=2,
+        train_steps=2,
         batch_size=4,
         preset="tiny",
         warmup=1,

@@ -136,9 +136,9 @@ def read_checkpoint(
     if main["format"] != _FORMAT:
         raise CheckpointError(f"checkpoint {path!r} has format {main['format']!r}, expected {_FORMAT!r}")
     config = resolve_defaults(config, main.get("config"))
-    if config.total_steps < main["step"]:
+    if config.train_steps < main["step"]:
         raise ConfigError(
-            f"total_steps={config.total_steps} is below the step {main['step']} of checkpoint {path!r}: "
+            f"train_steps={config.train_steps} is below the step {main['step']} of checkpoint {path!r}: "
             "raise it to continue the run"
         )
     if main["world_size"] != world:

@@ -10,7 +10,7 @@ Sample grids go to the run's folder ``--ckpt-dir`` unless ``--sample-out`` names
 class, ``--n-samples / classes`` images per row (``--n-samples 100``: 10 x 10 for MNIST), classifier-free
 guided with ``--guidance-scale`` (a run trained with ``--cfg-dropout``).
 
-``--resume`` with ``--total-steps`` below the checkpoint's step is an error; equal to it, nothing is
+``--resume`` with ``--train-steps`` below the checkpoint's step is an error; equal to it, nothing is
 trained, which is allowed only to sample or score the checkpoint (``--sample``, ``--fid``).
 """
 
@@ -54,10 +54,10 @@ _OLD_NSGFPP_FLAGS = {
 }
 
 # Values a preset gives to flags (argparse dests) that are not given explicitly. Warm-up and EMA decay are
-# left out: they scale with total_steps.
+# left out: they scale with train_steps.
 RUN_PRESETS: dict[str, dict[str, Any]] = {
     # a first try on a laptop CPU: recognisable MNIST digits in a few minutes (CIFAR-10: a smoke test only)
-    "quick": dict(unet="tiny", batch_size=32, lr=1e-3, total_steps=800, sample=True, nfe=20, log_every=50),
+    "quick": dict(unet="tiny", batch_size=32, lr=1e-3, train_steps=800, sample=True, nfe=20, log_every=50),
 }
 
 
@@ -181,7 +181,7 @@ def _preset_help() -> str:
     ]
     return (
         "set several flags at once; flags given explicitly override it; warm-up and EMA decay scale with "
-        f"--total-steps ({'; '.join(lines)}) (default: none)"
+        f"--train-steps ({'; '.join(lines)}) (default: none)"
     )
 
 
@@ -216,10 +216,18 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("recipe")
     g.add_argument(
-        "--total-steps",
+        "--train-steps",
         type=_positive_int,
         default=record.default_steps,
         help="optimiser steps of the whole run, resumptions included",
+    )
+    g.add_argument(
+        "--total-steps",
+        dest="train_steps",
+        type=_positive_int,
+        action=DeprecatedFlag,
+        new_flag="--train-steps",
+        default=argparse.SUPPRESS,
     )
     g.add_argument("--batch-size", type=_positive_int, default=128, help="images per step and per process")
     g.add_argument("--lr", type=_positive_float, default=2e-4, help="Adam learning rate")
@@ -227,7 +235,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         "--warmup",
         type=_non_negative_int,
         default=None,
-        help="linear learning-rate warm-up steps (default: min(5000, total-steps / 20); a resumed run keeps "
+        help="linear learning-rate warm-up steps (default: min(5000, train-steps / 20); a resumed run keeps "
         "its own)",
     )
     g.add_argument("--grad-clip", type=_positive_float, default=1.0, help="gradient-norm clip, per network")
@@ -236,7 +244,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         type=_decay,
         default=None,
         help="decay of the exponential moving average of the weights (default: 0.9999, lowered until the "
-        "EMA horizon 1 / (1 - decay) is at most total-steps / 10; a resumed run keeps its own)",
+        "EMA horizon 1 / (1 - decay) is at most train-steps / 10; a resumed run keeps its own)",
     )
     g.add_argument("--sigma", type=float, default=0.0, help="sigma of the icfm/otcfm/fm probability paths")
     g.add_argument(
@@ -295,7 +303,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --ckpt-dir; with --total-steps equal to its step nothing is trained, to "
+        help="continue the run in --ckpt-dir; with --train-steps equal to its step nothing is trained, to "
         "--sample or --fid it",
     )
     g.add_argument(
@@ -418,7 +426,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dataset=args.dataset,
         data_root=args.data_root,
         method=args.method,
-        total_steps=args.total_steps,
+        train_steps=args.train_steps,
         batch_size=args.batch_size,
         lr=args.lr,
         warmup=args.warmup,
@@ -471,15 +479,15 @@ def _check_paths(args: argparse.Namespace) -> None:
         step = checkpoint_step(args.ckpt_dir)
     except FileNotFoundError as err:
         raise UsageError(f"--resume: there is no checkpoint.pt in --ckpt-dir {args.ckpt_dir!r}") from err
-    if args.total_steps < step:
+    if args.train_steps < step:
         raise UsageError(
-            f"--total-steps {args.total_steps} is below the step {step} of the checkpoint in --ckpt-dir: "
+            f"--train-steps {args.train_steps} is below the step {step} of the checkpoint in --ckpt-dir: "
             "raise it to continue the run"
         )
-    if args.total_steps == step and not (args.sample or args.fid):
+    if args.train_steps == step and not (args.sample or args.fid):
         raise UsageError(
-            f"--total-steps {args.total_steps}: the checkpoint in --ckpt-dir is at that step already, so "
-            "there is nothing to train; raise --total-steps to continue, or add --sample / --fid to use it"
+            f"--train-steps {args.train_steps}: the checkpoint in --ckpt-dir is at that step already, so "
+            "there is nothing to train; raise --train-steps to continue, or add --sample / --fid to use it"
         )
 
 
@@ -590,7 +598,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report_lines(method: str, out: dict[str, Any]) -> list[str]:
     """The lines an example prints for the result of :func:`run` (the library itself never prints)."""
     if out.get("steps_this_run", 1) == 0:
-        lines = [f"the checkpoint of {method} is at step {out['step']} = --total-steps: nothing trained"]
+        lines = [f"the checkpoint of {method} is at step {out['step']} = --train-steps: nothing trained"]
     else:
         lines = [f"trained {method} to step {out['step']} ({out['wall_time_s']:.1f} s this run)"]
     if "grid" in out:

@@ -1,6 +1,6 @@
 """The settings of one image training run (:class:`TrainConfig`) and the defaults that scale with its length.
 
-Short runs: unless given, the warm-up and the EMA decay scale with ``total_steps`` (:func:`default_warmup`,
+Short runs: unless given, the warm-up and the EMA decay scale with ``train_steps`` (:func:`default_warmup`,
 :func:`default_ema_decay`), so that a run of a few hundred steps still ends with an EMA of trained weights;
 the values a run starts with are stored in its checkpoint and kept when it resumes
 (:func:`resolve_defaults`). Dataset facts (UNet preset, horizontal flips, classes) come from the dataset's
@@ -10,12 +10,14 @@ record (:data:`~torchcfm_nsgf.images.data.DATASETS`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._deprecation import rename_keywords
 from .data import DATASETS
 from .settings import NSGFSettings
 
@@ -32,15 +34,15 @@ class ConfigError(ValueError):
     """Settings that cannot work: with each other, with the checkpoint being resumed, or with the disk."""
 
 
-def default_warmup(total_steps: int) -> int:
+def default_warmup(train_steps: int) -> int:
     """Warm-up steps when none is given: 5% of the run, at most torchcfm's 5000."""
-    return min(_MAX_WARMUP, total_steps // 20)
+    return min(_MAX_WARMUP, train_steps // 20)
 
 
-def default_ema_decay(total_steps: int) -> float:
+def default_ema_decay(train_steps: int) -> float:
     """EMA decay when none is given: torchcfm's 0.9999, lowered until the EMA horizon ``1 / (1 - decay)``
     is at most a tenth of the run (0.98 for 500 steps, 0.9995 for 20 000, 0.9999 from 100 000 on)."""
-    return max(0.0, min(_MAX_EMA_DECAY, 1.0 - 10.0 / total_steps))
+    return max(0.0, min(_MAX_EMA_DECAY, 1.0 - 10.0 / train_steps))
 
 
 @dataclass
@@ -54,16 +56,17 @@ class TrainConfig:
         torchvision root holding ``MNIST/raw`` or ``cifar-10-batches-py``.
     method : str
         ``nsgf++``, ``nsgf``, ``otcfm``, ``icfm``, ``fm`` or ``rf`` (those this installation offers).
-    total_steps : int
-        Optimiser steps of the whole run (across resumptions).
+    train_steps : int
+        Optimiser steps of the whole run (across resumptions); formerly ``total_steps`` (still accepted, with
+        a ``DeprecationWarning``).
     batch_size : int
         Images per step and per process.
     lr, grad_clip : float
         Adam learning rate, gradient-norm clip per network.
     warmup : int, optional
-        Linear learning-rate warm-up steps; default :func:`default_warmup` of ``total_steps``.
+        Linear learning-rate warm-up steps; default :func:`default_warmup` of ``train_steps``.
     ema_decay : float, optional
-        EMA decay; default :func:`default_ema_decay` of ``total_steps``. A decay too slow for the run (the
+        EMA decay; default :func:`default_ema_decay` of ``train_steps``. A decay too slow for the run (the
         initial random weights keep more than 10% of the final EMA) draws a warning.
     hflip : bool, optional
         Random horizontal flips; default on for CIFAR-10, off for MNIST.
@@ -108,7 +111,7 @@ class TrainConfig:
     dataset: str = "cifar10"
     data_root: str = "./data"
     method: str = "otcfm"
-    total_steps: int = 400_000
+    train_steps: int = 400_000
     batch_size: int = 128
     lr: float = 2e-4
     warmup: int | None = None
@@ -135,7 +138,7 @@ class TrainConfig:
     nsgf: NSGFSettings = field(default_factory=NSGFSettings)
 
     def __post_init__(self) -> None:
-        for name in ("total_steps", "batch_size", "ckpt_every", "log_every", "sample_steps"):
+        for name in ("train_steps", "batch_size", "ckpt_every", "log_every", "sample_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -167,6 +170,16 @@ class TrainConfig:
             raise TypeError(f"nsgf must be an NSGFSettings, got {type(self.nsgf).__name__}")
 
     @property
+    def total_steps(self) -> int:
+        """Deprecated name of :attr:`train_steps`."""
+        warnings.warn(
+            "TrainConfig.total_steps is renamed train_steps; the old name will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.train_steps
+
+    @property
     def resolved_preset(self) -> str:
         """``preset``, or the dataset's UNet preset."""
         return self.preset or DATASETS[self.dataset].unet_preset
@@ -182,34 +195,45 @@ class TrainConfig:
         return DATASETS[self.dataset].classes if self.conditional else None
 
 
+_dataclass_init = TrainConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
+    _dataclass_init(self, *args, **rename_keywords(kwargs, {"total_steps": "train_steps"}, "TrainConfig"))
+
+
+TrainConfig.__init__ = _init  # type: ignore[method-assign]
+
+
 def resolve_defaults(config: TrainConfig, stored: dict[str, Any] | None = None) -> TrainConfig:
     """``config`` with a warm-up and EMA decay left unset filled in: the values ``stored`` in the checkpoint
-    being resumed (a run keeps those it started with), else the defaults for ``total_steps``."""
+    being resumed (a run keeps those it started with), else the defaults for ``train_steps``."""
     stored = stored or {}
     warmup, decay = config.warmup, config.ema_decay
     if warmup is None:
         warmup = stored.get("warmup")
-        warmup = default_warmup(config.total_steps) if warmup is None else int(warmup)
+        warmup = default_warmup(config.train_steps) if warmup is None else int(warmup)
     if decay is None:
         decay = stored.get("ema_decay")
-        decay = default_ema_decay(config.total_steps) if decay is None else float(decay)
+        decay = default_ema_decay(config.train_steps) if decay is None else float(decay)
     return dataclasses.replace(config, warmup=warmup, ema_decay=decay)
 
 
 def warn_if_too_short(config: TrainConfig) -> None:
     """Warn when the run ends before its warm-up, or while the EMA is still mostly its initial weights."""
-    if config.warmup > config.total_steps:
+    if config.warmup > config.train_steps:
         warnings.warn(
-            f"warmup={config.warmup} > total_steps={config.total_steps}: the learning rate never reaches "
-            f"lr={config.lr}; lower warmup or leave it unset to scale it with total_steps",
+            f"warmup={config.warmup} > train_steps={config.train_steps}: the learning rate never reaches "
+            f"lr={config.lr}; lower warmup or leave it unset to scale it with train_steps",
             stacklevel=4,  # the caller of train()
         )
-    left = config.ema_decay**config.total_steps
+    left = config.ema_decay**config.train_steps
     if left > 0.1:
         warnings.warn(
             f"ema_decay={config.ema_decay} averages over ~{1 / (1 - config.ema_decay):.0f} steps but the run "
-            f"has total_steps={config.total_steps}: {left:.0%} of the final EMA weights are the initial random "
+            f"has train_steps={config.train_steps}: {left:.0%} of the final EMA weights are the initial random "
             "ones, so samples drawn with the EMA look like noise; lower ema_decay (or leave it unset to scale "
-            "it with total_steps), or sample with the raw weights",
+            "it with train_steps), or sample with the raw weights",
             stacklevel=4,  # the caller of train()
         )

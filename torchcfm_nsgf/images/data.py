@@ -147,7 +147,7 @@ class DatasetRecord:
     hflip : bool
         Whether its recipe flips images horizontally at random.
     default_steps : int
-        Optimiser steps of a run when none are given (the command line's ``--total-steps``).
+        Optimiser steps of a run when none are given (the command line's ``--train-steps``).
     inception_score : bool
         Whether the Inception Score is computed next to the FID (natural images of ImageNet-like classes).
     checksums : bool

@@ -167,7 +167,7 @@ def train(config: TrainConfig, data: ImageData | None = None) -> TrainResult:
     CheckpointError
         The checkpoint is corrupt; nothing is written in that case.
     ConfigError
-        ``ckpt_dir`` is not writable; settings that differ from the checkpoint's, or ``total_steps`` below
+        ``ckpt_dir`` is not writable; settings that differ from the checkpoint's, or ``train_steps`` below
         its step (equal to it: nothing is trained, the checkpoint's state is returned).
     ValueError
         Unknown method.
@@ -306,7 +306,7 @@ def _train(
         logger.info(
             "%s: %d steps, warm-up %d steps, EMA decay %g (horizon %.0f steps)",
             config.method,
-            config.total_steps,
+            config.train_steps,
             config.warmup,
             config.ema_decay,
             1.0 / (1.0 - config.ema_decay),
@@ -317,8 +317,8 @@ def _train(
         _restore(run, main_state, rank_state)
         if rank == 0:
             logger.info("resumed from %s at step %d", config.ckpt_dir, run.step)
-            if run.step == config.total_steps:
-                logger.info("the checkpoint is at total_steps=%d already: nothing to train", run.step)
+            if run.step == config.train_steps:
+                logger.info("the checkpoint is at train_steps=%d already: nothing to train", run.step)
     order = DataOrder(len(data), config.batch_size, rank, world, config.seed)
     hflip = config.resolved_hflip
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -356,14 +356,14 @@ def _loop(
     losses: list[float] = []
     start_step = run.step
     bar = tqdm(
-        total=config.total_steps,
+        total=config.train_steps,
         initial=run.step,
         disable=not (config.progress and rank == 0),
         desc=f"train {config.method}",
         dynamic_ncols=True,
     )
     run.nets.train()
-    while run.step < config.total_steps:
+    while run.step < config.train_steps:
         x1, y1 = _data_batch(data, order.indices(run.step), device, hflip, config.conditional)
         x0 = torch.randn_like(x1)
         loss = run.objective(x0, x1) if y1 is None else run.objective(x0, x1, y1)
@@ -387,7 +387,7 @@ def _loop(
             break  # as if killed: no final checkpoint
         over_budget = _over_budget(config, clock() - clock_start, world, device)
         if config.ckpt_dir is not None and (
-            run.step % config.ckpt_every == 0 or run.step == config.total_steps or over_budget
+            run.step % config.ckpt_every == 0 or run.step == config.train_steps or over_budget
         ):
             write_checkpoint(
                 config.ckpt_dir,
