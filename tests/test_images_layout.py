@@ -163,3 +163,45 @@ def test_the_run_length_is_train_steps_and_the_old_names_still_work():
     with pytest.warns(DeprecationWarning):
         assert parser.parse_args(["--preset", "quick", "--total-steps", "300"]).train_steps == 300
     assert parser.parse_args(["--preset", "quick"]).train_steps == 800
+
+
+def test_the_run_flags_are_generated_from_train_config():
+    from dataclasses import fields
+
+    from torchcfm_nsgf._cli import field_flag
+
+    parser = build_parser("cifar10")
+    flags = {s for a in parser._actions for s in a.option_strings}
+    with_flags = [f for f in fields(TrainConfig) if "help" in f.metadata]
+    assert {f.name for f in fields(TrainConfig)} - {f.name for f in with_flags} == {
+        "dataset",
+        "method",
+        "sample_steps",
+        "nsgf",
+    }
+    assert {field_flag(f) for f in with_flags} <= flags
+    # no flag given: the dataclass's defaults, but the dataset's run length and UNet preset
+    config = config_from_args(parser.parse_args([]))
+    assert config == TrainConfig(dataset="cifar10", train_steps=400_000, preset="cifar10")
+    argv = [
+        "--time-budget",
+        "5",
+        "--unet",
+        "tiny",
+        "--no-progress",
+        "--resume",
+        "--ckpt-dir",
+        "x",
+        "--seed",
+        "3",
+    ]
+    config = config_from_args(parser.parse_args(argv))
+    assert (config.time_budget_s, config.preset, config.progress, config.resume, config.seed) == (
+        5.0,
+        "tiny",
+        False,
+        True,
+        3,
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--batch-size", "0"])

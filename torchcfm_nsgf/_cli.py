@@ -7,7 +7,7 @@ One definition of each setting: the dataclass field gives the flag's name, type,
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -80,6 +80,122 @@ class DeprecatedFlag(argparse.Action):
             stacklevel=2,
         )
         setattr(namespace, self.dest, values)
+
+
+# ------------------------------------------------------------------------------ value types of flags
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {value}")
+    return number
+
+
+def fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 < number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
+    return number
+
+
+def probability(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+    return number
+
+
+def decay(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+    return number
+
+
+# ------------------------------------------------------------------------------ flags of a settings dataclass
+def field_flag(f: Any) -> str:
+    """The flag of a dataclass field: ``metadata["flag"]``, else ``--field-name``."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def field_dest(f: Any) -> str:
+    """The argparse ``dest`` of :func:`field_flag`."""
+    return field_flag(f).lstrip("-").replace("-", "_")
+
+
+def add_dataclass_flags(
+    parser: Any,
+    cls: type,
+    *,
+    groups: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+    skip: tuple[str, ...] = (),
+) -> None:
+    """Add a flag for every field of the settings dataclass ``cls`` whose ``metadata`` has a ``help``.
+
+    ``metadata`` may also give the flag's name (``"flag"``), its value type (``"type"``, a function such as
+    :func:`positive_int`), ``"choices"`` (or a function returning them) and the argument ``"group"`` (a key of
+    ``groups``). A bool field that defaults to False is a switch (``--flag``); another bool is
+    ``--flag/--no-flag``. ``defaults`` replace the dataclass defaults of the fields they name."""
+    groups = groups or {}
+    defaults = defaults or {}
+    for f in fields(cls):
+        meta = f.metadata
+        if "help" not in meta or f.name in skip:
+            continue
+        if f.name in defaults:
+            default = defaults[f.name]
+        else:
+            default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = meta["help"]() if callable(meta["help"]) else meta["help"]
+        kwargs: dict[str, Any] = {"default": default, "help": help_text}
+        annotation = str(f.type)
+        if annotation.startswith("bool"):
+            if default is False:
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kind = meta.get("type")
+            if kind is None:
+                kind = (
+                    int if annotation.startswith("int") else float if annotation.startswith("float") else str
+                )
+            kwargs["type"] = kind
+            if "choices" in meta:
+                choices = meta["choices"]
+                kwargs["choices"] = list(choices() if callable(choices) else choices)
+        groups.get(meta.get("group"), parser).add_argument(field_flag(f), **kwargs)
+
+
+def dataclass_kwargs(args: argparse.Namespace, cls: type, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The values of the flags :func:`add_dataclass_flags` added for ``cls``, keyed by field name (fields
+    without a flag, or whose flag the parser does not have, are left out)."""
+    out = {}
+    for f in fields(cls):
+        if "help" in f.metadata and f.name not in skip and hasattr(args, field_dest(f)):
+            out[f.name] = getattr(args, field_dest(f))
+    return out
 
 
 _MATCHER_FLAGS = {

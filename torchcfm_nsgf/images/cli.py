@@ -24,7 +24,16 @@ from typing import Any, NoReturn
 
 import torch
 
-from .._cli import DeprecatedFlag, add_option_flags, options_from_args
+from .._cli import (
+    DeprecatedFlag,
+    add_dataclass_flags,
+    add_option_flags,
+    dataclass_kwargs,
+    fraction,
+    non_negative_float,
+    options_from_args,
+    positive_int,
+)
 from .._io import check_writable_dir
 from ..matcher import PATHS
 from ..nsgfpp import NSGFPlusPlusOptions
@@ -124,55 +133,6 @@ def _preset_name(value: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown preset {value!r} (choose from {', '.join(RUN_PRESETS)}){hint}")
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    number = float(value)
-    if not number >= 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {value}")
-    return number
-
-
-def _fraction(value: str) -> float:
-    number = float(value)
-    if not 0.0 < number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
-    return number
-
-
-def _probability(value: str) -> float:
-    number = float(value)
-    if not 0.0 <= number < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
-    return number
-
-
-def _decay(value: str) -> float:
-    number = float(value)
-    if not 0.0 <= number < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
-    return number
-
-
 def _preset_help() -> str:
     lines = [
         f"{name}: "
@@ -198,68 +158,22 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--method", default="otcfm", choices=available_methods(), help="training method")
     p.add_argument("--preset", type=_preset_name, default=None, metavar="NAME", help=_preset_help())
-    g = p.add_argument_group("data")
-    g.add_argument("--data-root", default="./data", help="torchvision root folder of the dataset")
-    g.add_argument("--download", action="store_true", help="let torchvision download missing files")
-    if record.checksums:
-        g.add_argument(
-            "--verify-checksums",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="torchvision's md5 check of the CIFAR-10 batches",
-        )
-    g.add_argument(
-        "--hflip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=f"random horizontal flips (default: {'on' if record.hflip else 'off'} for {dataset})",
+    groups = {name: p.add_argument_group(name) for name in ("data", "recipe", "checkpoints")}
+    add_dataclass_flags(
+        p,
+        TrainConfig,
+        groups=groups,
+        defaults={"train_steps": record.default_steps, "preset": record.unet_preset},
+        skip=() if record.checksums else ("verify_checksums",),
     )
-    g = p.add_argument_group("recipe")
-    g.add_argument(
-        "--train-steps",
-        type=_positive_int,
-        default=record.default_steps,
-        help="optimiser steps of the whole run, resumptions included",
-    )
+    g = groups["recipe"]
     g.add_argument(
         "--total-steps",
         dest="train_steps",
-        type=_positive_int,
+        type=positive_int,
         action=DeprecatedFlag,
         new_flag="--train-steps",
         default=argparse.SUPPRESS,
-    )
-    g.add_argument("--batch-size", type=_positive_int, default=128, help="images per step and per process")
-    g.add_argument("--lr", type=_positive_float, default=2e-4, help="Adam learning rate")
-    g.add_argument(
-        "--warmup",
-        type=_non_negative_int,
-        default=None,
-        help="linear learning-rate warm-up steps (default: min(5000, train-steps / 20); a resumed run keeps "
-        "its own)",
-    )
-    g.add_argument("--grad-clip", type=_positive_float, default=1.0, help="gradient-norm clip, per network")
-    g.add_argument(
-        "--ema-decay",
-        type=_decay,
-        default=None,
-        help="decay of the exponential moving average of the weights (default: 0.9999, lowered until the "
-        "EMA horizon 1 / (1 - decay) is at most train-steps / 10; a resumed run keeps its own)",
-    )
-    g.add_argument("--sigma", type=float, default=0.0, help="sigma of the icfm/otcfm/fm probability paths")
-    g.add_argument(
-        "--conditional",
-        action="store_true",
-        help="class-conditional training on the dataset's labels (every method; fixed on resume)",
-    )
-    g.add_argument(
-        "--cfg-dropout",
-        type=_probability,
-        default=0.0,
-        help="label-dropout probability for classifier-free guidance, e.g. 0.1 (needs --conditional)",
-    )
-    g.add_argument(
-        "--unet", default=record.unet_preset, choices=sorted(UNET_PRESETS), help="UNet configuration"
     )
     g.add_argument(
         "--tiny",
@@ -269,51 +183,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="--unet tiny",
     )
-    g.add_argument("--seed", type=int, default=0, help="random seed (each process adds its rank)")
     g.add_argument(
-        "--device",
-        default=None,
-        help="torch device (default: cuda:LOCAL_RANK when CUDA is available, else cpu)",
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
-    g.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    g.add_argument(
-        "--time-budget",
-        type=_positive_float,
-        default=None,
-        help="stop (and checkpoint) after this many seconds of training (default: no limit)",
-    )
-    g.add_argument(
-        "--budget-clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="clock of --time-budget: wall time, or this process's CPU time (fair budgets for runs sharing "
-        "a machine, one thread each) (default: wall)",
-    )
-    g = p.add_argument_group("checkpoints")
-    g.add_argument(
-        "--ckpt-dir",
-        default=None,
-        help="the run's folder: checkpoints and the sample grid (default: none, no checkpoints)",
-    )
-    g.add_argument(
-        "--ckpt-every", type=_positive_int, default=5000, help="checkpoint every N steps and at the end"
-    )
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --ckpt-dir; with --train-steps equal to its step nothing is trained, to "
-        "--sample or --fid it",
-    )
-    g.add_argument(
-        "--stop-after",
-        type=_positive_int,
-        default=None,
-        help="stop after N steps of this invocation without checkpointing, as if killed (default: never)",
-    )
-    g.add_argument("--log-every", type=_positive_int, default=100, help="log the loss every N steps")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     g = p.add_argument_group("NSGF / NSGF++ Sinkhorn flow")
     add_option_flags(g, SinkhornOptions, defaults=nsgf.sinkhorn)
     g.add_argument("--flow-steps", type=int, default=nsgf.flow_steps, help="T of nsgf's simulated flow")
@@ -323,7 +195,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     add_option_flags(g, NSGFPlusPlusOptions, prefix="nsgfpp_", defaults=nsgf.nsgfpp, exclude=_SHARED_POOL)
     for old, field_name in _OLD_NSGFPP_FLAGS.items():
         new = "--nsgfpp-" + field_name.replace("_", "-")
-        kind = _fraction if field_name == "phase1_batch_fraction" else type(getattr(nsgf.nsgfpp, field_name))
+        kind = fraction if field_name == "phase1_batch_fraction" else type(getattr(nsgf.nsgfpp, field_name))
         g.add_argument(
             old,
             dest="nsgfpp_" + field_name,
@@ -362,9 +234,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         default=False,
         help="after training, write a PNG grid and print the NFE",
     )
-    g.add_argument("--n-samples", type=_positive_int, default=64, help="images in the grid")
+    g.add_argument("--n-samples", type=positive_int, default=64, help="images in the grid")
     g.add_argument(
-        "--nfe", type=_positive_int, default=None, help="sampling step budget (default: the method's own)"
+        "--nfe", type=positive_int, default=None, help="sampling step budget (default: the method's own)"
     )
     g.add_argument("--solver", default="euler", help="euler, or a torchdyn solver (midpoint, rk4, dopri5)")
     g.add_argument(
@@ -376,12 +248,12 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling noise")
     g.add_argument(
         "--guidance-scale",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=None,
         help="classifier-free guidance scale w of a --conditional run trained with --cfg-dropout "
         "(0: unconditional, 1: conditional; default: no guidance)",
     )
-    g.add_argument("--sample-batch-size", type=_positive_int, default=256, help="images per sampler call")
+    g.add_argument("--sample-batch-size", type=positive_int, default=256, help="images per sampler call")
     g.add_argument(
         "--ema",
         dest="use_ema",
@@ -390,7 +262,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         help="sample with the EMA weights (--no-ema: the raw weights)",
     )
     g.add_argument("--fid", action="store_true", help="FID (and IS for cifar10) with torchmetrics")
-    g.add_argument("--fid-samples", type=_positive_int, default=50_000, help="generated images for FID")
+    g.add_argument("--fid-samples", type=positive_int, default=50_000, help="generated images for FID")
     g.add_argument(
         "--inception-weights",
         default=None,
@@ -423,33 +295,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         refresh_every=args.refresh_every,
     )
     return TrainConfig(
-        dataset=args.dataset,
-        data_root=args.data_root,
-        method=args.method,
-        train_steps=args.train_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay,
-        hflip=args.hflip,
-        preset=args.unet,
-        sigma=args.sigma,
-        seed=args.seed,
-        ckpt_dir=args.ckpt_dir,
-        ckpt_every=args.ckpt_every,
-        resume=args.resume,
-        stop_after=args.stop_after,
-        time_budget_s=args.time_budget,
-        budget_clock=args.budget_clock,
-        device=args.device,
-        progress=args.progress,
-        log_every=args.log_every,
-        download=args.download,
-        verify_checksums=getattr(args, "verify_checksums", True),
-        conditional=args.conditional,
-        cfg_dropout=args.cfg_dropout,
-        nsgf=nsgf,
+        dataset=args.dataset, method=args.method, nsgf=nsgf, **dataclass_kwargs(args, TrainConfig)
     )
 
 

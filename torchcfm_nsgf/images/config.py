@@ -17,9 +17,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._cli import decay, non_negative_int, positive_float, positive_int, probability
 from .._deprecation import rename_keywords
 from .data import DATASETS
 from .settings import NSGFSettings
+from .unet import UNET_PRESETS
 
 __all__ = ["CLOCKS", "ConfigError", "TrainConfig", "default_ema_decay", "default_warmup", "resolve_defaults"]
 
@@ -28,6 +30,11 @@ _MAX_WARMUP = 5000
 _MAX_EMA_DECAY = 0.9999
 #: The clocks of ``time_budget_s``.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _flag(default: Any, group: str, help: str, **metadata: Any) -> Any:  # noqa: A002
+    """A field with the command-line flag it generates (``torchcfm_nsgf._cli.add_dataclass_flags``)."""
+    return field(default=default, metadata={"group": group, "help": help, **metadata})
 
 
 class ConfigError(ValueError):
@@ -47,7 +54,8 @@ def default_ema_decay(train_steps: int) -> float:
 
 @dataclass
 class TrainConfig:
-    """Settings of :func:`train` (the example scripts expose each as a ``--flag``).
+    """Settings of :func:`train`. The example scripts' flags are generated from the fields' ``metadata`` (help,
+    flag name, value type, group; :func:`~torchcfm_nsgf._cli.add_dataclass_flags`).
 
     Attributes
     ----------
@@ -109,32 +117,84 @@ class TrainConfig:
     """
 
     dataset: str = "cifar10"
-    data_root: str = "./data"
+    data_root: str = _flag("./data", "data", "torchvision root folder of the dataset")
     method: str = "otcfm"
-    train_steps: int = 400_000
-    batch_size: int = 128
-    lr: float = 2e-4
-    warmup: int | None = None
-    grad_clip: float = 1.0
-    ema_decay: float | None = None
-    hflip: bool | None = None
-    preset: str | None = None
-    sigma: float = 0.0
-    seed: int = 0
-    ckpt_dir: str | None = None
-    ckpt_every: int = 5000
-    resume: bool = False
-    stop_after: int | None = None
-    time_budget_s: float | None = None
-    budget_clock: str = "wall"
-    device: str | None = None
-    progress: bool = True
-    log_every: int = 100
-    download: bool = False
-    verify_checksums: bool = True
+    train_steps: int = _flag(
+        400_000, "recipe", "optimiser steps of the whole run, resumptions included", type=positive_int
+    )
+    batch_size: int = _flag(128, "recipe", "images per step and per process", type=positive_int)
+    lr: float = _flag(2e-4, "recipe", "Adam learning rate", type=positive_float)
+    warmup: int | None = _flag(
+        None,
+        "recipe",
+        "linear learning-rate warm-up steps (default: min(5000, train-steps / 20); a resumed run keeps its own)",
+        type=non_negative_int,
+    )
+    grad_clip: float = _flag(1.0, "recipe", "gradient-norm clip, per network", type=positive_float)
+    ema_decay: float | None = _flag(
+        None,
+        "recipe",
+        "decay of the exponential moving average of the weights (default: 0.9999, lowered until the EMA "
+        "horizon 1 / (1 - decay) is at most train-steps / 10; a resumed run keeps its own)",
+        type=decay,
+    )
+    hflip: bool | None = _flag(None, "data", "random horizontal flips (default: the dataset's recipe)")
+    preset: str | None = _flag(
+        None, "recipe", "UNet configuration", flag="--unet", choices=lambda: sorted(UNET_PRESETS)
+    )
+    sigma: float = _flag(0.0, "recipe", "sigma of the icfm/otcfm/fm probability paths")
+    seed: int = _flag(0, "recipe", "random seed (each process adds its rank)")
+    ckpt_dir: str | None = _flag(
+        None,
+        "checkpoints",
+        "the run's folder: checkpoints and the sample grid (default: none, no checkpoints)",
+    )
+    ckpt_every: int = _flag(5000, "checkpoints", "checkpoint every N steps and at the end", type=positive_int)
+    resume: bool = _flag(
+        False,
+        "checkpoints",
+        "continue the run in --ckpt-dir; with --train-steps equal to its step nothing is trained, to --sample "
+        "or --fid it",
+    )
+    stop_after: int | None = _flag(
+        None,
+        "checkpoints",
+        "stop after N steps of this invocation without checkpointing, as if killed (default: never)",
+        type=positive_int,
+    )
+    time_budget_s: float | None = _flag(
+        None,
+        "recipe",
+        "stop (and checkpoint) after this many seconds of training (default: no limit)",
+        flag="--time-budget",
+        type=positive_float,
+    )
+    budget_clock: str = _flag(
+        "wall",
+        "recipe",
+        "clock of --time-budget: wall time, or this process's CPU time (fair budgets for runs sharing a "
+        "machine, one thread each) (default: wall)",
+        choices=("wall", "cpu"),
+    )
+    device: str | None = _flag(
+        None, "recipe", "torch device (default: cuda:LOCAL_RANK when CUDA is available, else cpu)"
+    )
+    progress: bool = _flag(True, "checkpoints", "progress bars")
+    log_every: int = _flag(100, "checkpoints", "log the loss every N steps", type=positive_int)
+    download: bool = _flag(False, "data", "let torchvision download missing files")
+    verify_checksums: bool = _flag(True, "data", "torchvision's md5 check of the dataset's files")
     sample_steps: int = 100
-    conditional: bool = False
-    cfg_dropout: float = 0.0
+    conditional: bool = _flag(
+        False,
+        "recipe",
+        "class-conditional training on the dataset's labels (every method; fixed on resume)",
+    )
+    cfg_dropout: float = _flag(
+        0.0,
+        "recipe",
+        "label-dropout probability for classifier-free guidance, e.g. 0.1 (needs --conditional)",
+        type=probability,
+    )
     nsgf: NSGFSettings = field(default_factory=NSGFSettings)
 
     def __post_init__(self) -> None:
