@@ -19,7 +19,7 @@ def w2(x: Tensor, y: Tensor) -> float:
     r"""Exact 2-Wasserstein distance between the uniform empirical measures on ``x`` (n, d) and ``y`` (m, d).
 
     Solved by POT's network simplex (``ot.emd2``) on the squared Euclidean cost in float64; returns
-    :math:`W_2` (not its square). Exact, hence :math:`O(n^3)`-ish: about 0.4 s for n = m = 1000 on one core.
+    :math:`W_2` (not its square). Exact, hence :math:`O(n^3)`-ish in time (BENCHMARKS.md has timings).
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(

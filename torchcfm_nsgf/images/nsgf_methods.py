@@ -36,7 +36,7 @@ from ..matcher import SinkhornFlowMatcher
 from ..networks import TimePredictorCNN
 from ..nsgfpp import NSGFPlusPlusObjective
 from ..pool import TrajectoryPool
-from ..sampling import SampleResult, solver_spec
+from ..sampling import SampleResult, default_steps, solver_spec
 from .methods import FlowMatchingMethod
 from .settings import NSGFSettings
 from .unet import build_unet, unet_classes
@@ -159,9 +159,9 @@ class NSGFPlusPlusMethod(NSGFMethod):
         counts steps: the reported ``nfe`` counts network calls, two per guided step."""
         y = self._check_labels(y, x0, guidance_scale)
         before = self.objective.phase1_nfe()
-        budget = self.default_steps if nfe is None else nfe
         adaptive = solver_spec(solver).adaptive
-        if not adaptive and budget < before + 1:
+        budget = default_steps(solver, None if adaptive else nfe, self.default_steps)  # None: adaptive
+        if budget is not None and budget < before + 1:
             raise ValueError(
                 f"nfe must be at least {before + 1} for nsgf++ ({self.objective.phase2!r}: {before} network "
                 f"calls before phase 2, then one straight-flow step), got {budget}"
@@ -170,7 +170,7 @@ class NSGFPlusPlusMethod(NSGFMethod):
             nets,
             x0,
             solver=solver,
-            straight_steps=None if adaptive else budget - before,
+            straight_steps=None if budget is None else budget - before,
             y=y,
             guidance_scale=guidance_scale,
         )

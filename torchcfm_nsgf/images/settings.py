@@ -10,7 +10,11 @@ from .._deprecation import rename_keywords
 from ..nsgfpp import NSGFPlusPlusOptions
 from ..sinkhorn import HIGH_DIM_BLUR, SinkhornOptions
 
-__all__ = ["IMAGE_NSGFPP", "NSGFSettings"]
+__all__ = ["IMAGE_NSGFPP", "IMAGE_POOL_CAPACITY", "IMAGE_REFRESH_EVERY", "NSGFSettings"]
+
+#: Items of the image trajectory pool per process, and its refresh period in training batches (both methods).
+IMAGE_POOL_CAPACITY = 200_000
+IMAGE_REFRESH_EVERY = 10
 
 #: NSGF++'s options on images. T = 1, η = 0.5 (a full network step contracts the noise onto a cloud far
 #: narrower than the data, which the straight flow cannot spread out again; half a step keeps half of the
@@ -23,8 +27,8 @@ IMAGE_NSGFPP = NSGFPlusPlusOptions(
     phase2="ot",
     endpoints="network",
     phase1_batch_fraction=0.25,
-    refresh_every=10,
-    pool_capacity=200_000,
+    refresh_every=IMAGE_REFRESH_EVERY,
+    pool_capacity=IMAGE_POOL_CAPACITY,
 )
 
 # keywords of NSGFSettings before NSGF++'s options became one object: old name -> NSGFPlusPlusOptions field
@@ -73,12 +77,12 @@ class NSGFSettings:
     step_size: float = 1.0
     path: str = "straight"
     nsgfpp: NSGFPlusPlusOptions = IMAGE_NSGFPP
-    pool_capacity: int = 200_000
+    pool_capacity: int = IMAGE_POOL_CAPACITY
     pool_max_bytes: int | None = None
     pool_dtype: str = "float16"
     pool_storage: str = "memory"
     pool_path: str | None = None
-    refresh_every: int = 10
+    refresh_every: int = IMAGE_REFRESH_EVERY
 
     def __post_init__(self) -> None:
         if isinstance(self.nsgfpp, dict):  # from a checkpoint's config
