@@ -31,7 +31,15 @@ from .options import (
 )
 from .sampler import STRAIGHT_STEPS, nsgfpp_sample, predict_time, straight_flow_from
 from .trainer import NSGFPlusPlus
-from .variants import PHASE2, PHASE2_VARIANTS, PREDICTOR_VARIANTS, Phase2Variant, register_phase2
+from .variants import PHASE2, Phase2Variant, register_phase2
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``PHASE2_VARIANTS`` and ``PREDICTOR_VARIANTS``, read from the registry (:mod:`.variants`)."""
+    from . import variants
+
+    return variants.__getattr__(name)
+
 
 __all__ = [
     "DEFAULT_ENDPOINTS",

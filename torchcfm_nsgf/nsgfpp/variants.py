@@ -30,12 +30,22 @@ from .._validation import check_labels
 if TYPE_CHECKING:
     from .objective import NSGFPlusPlusObjective
 
-__all__ = ["PHASE2", "PHASE2_VARIANTS", "PREDICTOR_VARIANTS", "Phase2Variant", "register_phase2"]
+__all__ = ["PHASE2", "Phase2Variant", "register_phase2"]
 
 Pairs = tuple[Tensor, Tensor, "Tensor | None"]
 
 #: The registry: variant name -> class.
 PHASE2: dict[str, type[Phase2Variant]] = {}
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``PHASE2_VARIANTS`` (the registered names) and ``PREDICTOR_VARIANTS`` (those with a time predictor),
+    read from the registry when asked, so that they list every variant of this file wherever it is defined."""
+    if name == "PHASE2_VARIANTS":
+        return tuple(PHASE2)
+    if name == "PREDICTOR_VARIANTS":
+        return tuple(key for key, cls in PHASE2.items() if cls.uses_predictor)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register_phase2(cls: type[Phase2Variant]) -> type[Phase2Variant]:
@@ -197,9 +207,3 @@ class OTPredictor(OT):
     name = "ot-predictor"
     help = "ot, with a time predictor"
     uses_predictor = True
-
-
-#: The registered variant names (at import; :data:`PHASE2` is the live registry).
-PHASE2_VARIANTS = tuple(PHASE2)
-#: The variants that start phase 2 at a predicted time (a third network).
-PREDICTOR_VARIANTS = tuple(name for name, cls in PHASE2.items() if cls.uses_predictor)
