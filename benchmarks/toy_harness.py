@@ -154,7 +154,7 @@ def train_flow_matching(
     losses: list[float] = []
     start = time.perf_counter() - time_offset_s
     total = train_steps
-    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+    with tqdm(total=total, desc=desc, disable=None if progress else True, leave=False) as bar:
         while True:
             batch = sample_batch(batch_size)
             conditional = len(batch) == 3

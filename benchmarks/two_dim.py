@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> None:
     jobs = [(t, s) for s in range(args.seeds) for t in args.tasks]
     index, count = (int(v) for v in args.shard.split("/"))
     jobs = jobs[index::count]
-    for task_name, seed in tqdm(jobs, desc="task x seed", disable=args.no_progress):
+    for task_name, seed in tqdm(jobs, desc="task x seed", disable=True if args.no_progress else None):
         task = get_task(task_name)
         eval_gen = torch.Generator().manual_seed(10_000 + seed)
         x0 = task.source(args.n_eval, eval_gen)

@@ -42,7 +42,7 @@ def train(FM, sample_batch, train_steps: int, width: int, progress: bool, desc: 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     start = time.perf_counter()
-    for _ in tqdm(range(train_steps), desc=desc, disable=not progress, leave=False):
+    for _ in tqdm(range(train_steps), desc=desc, disable=None if progress else True, leave=False):
         x0, x1 = sample_batch(256)
         t, xt, ut = FM.sample_location_and_conditional_flow(x0, x1)  # the only line NSGF changes
         loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)

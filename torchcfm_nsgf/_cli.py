@@ -132,6 +132,13 @@ def decay(value: str) -> float:
     return number
 
 
+def resume_mode(value: str) -> str:
+    """The value of ``--resume``: only ``auto`` (a bare ``--resume`` means resume)."""
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"must be 'auto' or nothing, got {value!r}")
+    return value
+
+
 # ------------------------------------------------------------------------------ flags of a settings dataclass
 def field_flag(f: Any) -> str:
     """The flag of a dataclass field: ``metadata["flag"]``, else ``--field-name``."""
@@ -154,8 +161,8 @@ def add_dataclass_flags(
     """Add a flag for every field of the settings dataclass ``cls`` whose ``metadata`` has a ``help``.
 
     ``metadata`` may also give the flag's name (``"flag"``), its value type (``"type"``, a function such as
-    :func:`positive_int`), ``"choices"`` (or a function returning them) and the argument ``"group"`` (a key of
-    ``groups``). A bool field that defaults to False is a switch (``--flag``); another bool is
+    :func:`positive_int`), ``"choices"`` (or a function returning them), ``"nargs"``, ``"const"``,
+    ``"metavar"`` and the argument ``"group"`` (a key of ``groups``). A bool field that defaults to False is a switch (``--flag``); another bool is
     ``--flag/--no-flag``. ``defaults`` replace the dataclass defaults of the fields they name."""
     groups = groups or {}
     defaults = defaults or {}
@@ -170,7 +177,7 @@ def add_dataclass_flags(
         help_text = meta["help"]() if callable(meta["help"]) else meta["help"]
         kwargs: dict[str, Any] = {"default": default, "help": help_text}
         annotation = str(f.type)
-        if annotation.startswith("bool"):
+        if annotation in ("bool", "bool | None"):
             if default is False:
                 kwargs["action"] = "store_true"
             else:
@@ -185,6 +192,7 @@ def add_dataclass_flags(
             if "choices" in meta:
                 choices = meta["choices"]
                 kwargs["choices"] = list(choices() if callable(choices) else choices)
+            kwargs.update({k: meta[k] for k in ("nargs", "const", "metavar") if k in meta})
         groups.get(meta.get("group"), parser).add_argument(field_flag(f), **kwargs)
 
 

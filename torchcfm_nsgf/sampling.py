@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._progress import bar_disable
 from ._validation import check_cloud, check_positive
 
 __all__ = ["SOLVERS", "NFECounter", "SampleResult", "SolverSpec", "euler_sample", "odeint_sample"]
@@ -346,7 +347,7 @@ def odeint_sample(
         else:
             step = spec.build(x0)
             x, states = x0, ([x0] if return_trajectory else None)
-            for k in tqdm(range(len(t_span) - 1), disable=not progress, desc=solver, leave=False):
+            for k in tqdm(range(len(t_span) - 1), disable=bar_disable(progress), desc=solver, leave=False):
                 x = step(f, x, t_span[k], t_span[k + 1] - t_span[k])
                 if states is not None:
                     states.append(x)

@@ -11,7 +11,9 @@ class, ``--n-samples / classes`` images per row (``--n-samples 100``: 10 x 10 fo
 guided with ``--guidance-scale`` (a run trained with ``--cfg-dropout``).
 
 ``--resume`` with ``--train-steps`` below the checkpoint's step is an error; equal to it, nothing is
-trained, which is allowed only to sample or score the checkpoint (``--sample``, ``--fid``).
+trained, which is allowed only to sample or score the checkpoint (``--sample``, ``--fid``). ``--resume auto``
+resumes when ``--ckpt-dir`` holds a checkpoint and starts a fresh run otherwise, and the report says which:
+a job that a scheduler requeues can run the same command every time.
 """
 
 from __future__ import annotations
@@ -324,6 +326,8 @@ def _check_paths(args: argparse.Namespace) -> None:
     try:
         step = checkpoint_step(args.ckpt_dir)
     except FileNotFoundError as err:
+        if args.resume == "auto":
+            return  # a fresh run
         raise UsageError(f"--resume: there is no checkpoint.pt in --ckpt-dir {args.ckpt_dir!r}") from err
     if args.train_steps < step:
         raise UsageError(
@@ -372,6 +376,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps_this_run": result.steps_this_run,
         "wall_time_s": result.wall_time_s,
         "rank": rank,
+        "resume": args.resume,
+        "resumed_from": result.resumed_from,
     }
     if rank != 0 or not (args.sample or args.fid):
         return out
@@ -443,10 +449,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report_lines(method: str, out: dict[str, Any]) -> list[str]:
     """The lines an example prints for the result of :func:`run` (the library itself never prints)."""
+    lines = []
+    if out.get("resume") == "auto":  # say which
+        if out.get("resumed_from") is None:
+            lines.append("--resume auto: no checkpoint in --ckpt-dir, started a fresh run")
+        else:
+            lines.append(f"--resume auto: resumed the checkpoint at step {out['resumed_from']}")
     if out.get("steps_this_run", 1) == 0:
-        lines = [f"the checkpoint of {method} is at step {out['step']} = --train-steps: nothing trained"]
+        lines.append(f"the checkpoint of {method} is at step {out['step']} = --train-steps: nothing trained")
     else:
-        lines = [f"trained {method} to step {out['step']} ({out['wall_time_s']:.1f} s this run)"]
+        lines.append(f"trained {method} to step {out['step']} ({out['wall_time_s']:.1f} s this run)")
     if "grid" in out:
         parts = ", ".join(f"{k} {v}" for k, v in out["nfe_breakdown"].items())
         lines += [f"wrote {out['grid']}", f"NFE: {out['nfe']} ({parts})"]

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._cli import decay, non_negative_int, positive_float, positive_int, probability
+from .._cli import decay, non_negative_int, positive_float, positive_int, probability, resume_mode
 from .._deprecation import rename_keywords
 from .data import DATASETS
 from .settings import NSGFSettings
@@ -87,9 +87,10 @@ class TrainConfig:
         Where checkpoints go; None disables them.
     ckpt_every : int
         Checkpoint every this many steps (and at the end of the run).
-    resume : bool
+    resume : bool or "auto"
         Continue from ``ckpt_dir/checkpoint.pt`` (an error if it is missing). Without it, an existing
-        checkpoint is never overwritten: the run refuses to start.
+        checkpoint is never overwritten: the run refuses to start. ``"auto"``: continue when the checkpoint
+        exists, else start a fresh run (:attr:`TrainResult.resumed_from` and the log say which).
     stop_after : int, optional
         Stop after this many steps of this invocation without a final checkpoint, as if killed (tests).
     time_budget_s : float, optional
@@ -150,11 +151,16 @@ class TrainConfig:
         "the run's folder: checkpoints and the sample grid (default: none, no checkpoints)",
     )
     ckpt_every: int = _flag(5000, "checkpoints", "checkpoint every N steps and at the end", type=positive_int)
-    resume: bool = _flag(
+    resume: bool | str = _flag(
         False,
         "checkpoints",
         "continue the run in --ckpt-dir; with --train-steps equal to its step nothing is trained, to --sample "
-        "or --fid it",
+        "or --fid it. --resume auto: continue when --ckpt-dir holds a checkpoint, else start fresh (for a "
+        "job that is requeued with the same command)",
+        type=resume_mode,
+        nargs="?",
+        const=True,
+        metavar="auto",
     )
     stop_after: int | None = _flag(
         None,
@@ -220,8 +226,10 @@ class TrainConfig:
             raise ValueError(f"time_budget_s must be positive or None, got {self.time_budget_s!r}")
         if self.budget_clock not in CLOCKS:
             raise ValueError(f"budget_clock must be one of {sorted(CLOCKS)}, got {self.budget_clock!r}")
+        if self.resume not in (False, True, "auto"):
+            raise ValueError(f"resume must be False, True or 'auto', got {self.resume!r}")
         if self.resume and self.ckpt_dir is None:
-            raise ValueError("resume=True needs ckpt_dir: the folder that holds checkpoint.pt")
+            raise ValueError(f"resume={self.resume!r} needs ckpt_dir: the folder that holds checkpoint.pt")
         if not isinstance(self.cfg_dropout, (int, float)) or not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"cfg_dropout must lie in [0, 1), got {self.cfg_dropout!r}")
         if self.cfg_dropout > 0 and not self.conditional:

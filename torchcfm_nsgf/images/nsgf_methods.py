@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._progress import bar_disable
 from ..matcher import SinkhornFlowMatcher
 from ..networks import TimePredictorCNN
 from ..nsgfpp import NSGFPlusPlusObjective
@@ -90,7 +91,7 @@ class NSGFMethod(FlowMatchingMethod):
         """Simulate the first flow into the pool before training (a progress bar shows the pool's size); a
         guided flow with the batch's labels for a class-conditional method."""
         pool = self.matcher.pool
-        bar = tqdm(total=1, desc="NSGF pool", disable=not progress, leave=False)
+        bar = tqdm(total=1, desc="NSGF pool", disable=bar_disable(progress), leave=False)
         x1, y1 = batch_fn()
         self.matcher.fill_pool(torch.randn_like(x1), x1, y1=y1)
         bar.update(1)

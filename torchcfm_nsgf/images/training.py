@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._io import check_writable_dir
+from .._progress import bar_disable
 from .checkpointing import CHECKPOINT_NAME, checkpoint_step, read_checkpoint, remove_temps, write_checkpoint
 from .config import (
     CLOCKS,
@@ -93,6 +94,8 @@ class TrainResult:
         CPU time of this process (all threads) over the same span.
     losses : list[float]
         Loss of each step of this invocation (this process's batch).
+    resumed_from : int, optional
+        The step of the checkpoint this invocation resumed from; None for a fresh run.
     shape : (C, H, W)
         Image shape.
     """
@@ -105,6 +108,7 @@ class TrainResult:
     shape: tuple[int, int, int]
     cpu_time_s: float = 0.0
     losses: list[float] = field(default_factory=list)
+    resumed_from: int | None = None
 
 
 class _Objective(nn.Module):
@@ -192,14 +196,17 @@ def _open_run(config: TrainConfig, rank: int, world: int) -> tuple[TrainConfig, 
         if reason is not None:
             raise ConfigError(f"ckpt_dir {ckpt_dir!r} is not a writable folder ({reason})")
         path = os.path.join(ckpt_dir, CHECKPOINT_NAME)
-        if config.resume:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"resume=True but there is no checkpoint at {path!r}")
+        if config.resume and os.path.isfile(path):
             config, main_state, rank_state = read_checkpoint(ckpt_dir, rank, world, config)
+        elif config.resume == "auto":
+            if rank == 0:
+                logger.info("resume='auto': no checkpoint at %s, starting a fresh run", path)
+        elif config.resume:
+            raise FileNotFoundError(f"resume=True but there is no checkpoint at {path!r}")
         elif os.path.exists(path):
             raise FileExistsError(
-                f"{path!r} already exists: pass --resume to continue that run, or choose another --ckpt-dir "
-                "(it is never overwritten by a fresh run)"
+                f"{path!r} already exists: pass --resume (or --resume auto) to continue that run, or choose "
+                "another --ckpt-dir (it is never overwritten by a fresh run)"
             )
         remove_temps(ckpt_dir, rank)
     if main_state is None:
@@ -313,8 +320,10 @@ def _train(
         )
     data = _load_data(config, data, rank, world)
     run = _build(config, data, rank, world, device)
+    resumed_from = None
     if main_state is not None:
         _restore(run, main_state, rank_state)
+        resumed_from = run.step
         if rank == 0:
             logger.info("resumed from %s at step %d", config.ckpt_dir, run.step)
             if run.step == config.train_steps:
@@ -345,6 +354,7 @@ def _train(
         cpu_time_s=cpu,
         shape=data.shape,
         losses=losses,
+        resumed_from=resumed_from,
     )
 
 
@@ -358,7 +368,7 @@ def _loop(
     bar = tqdm(
         total=config.train_steps,
         initial=run.step,
-        disable=not (config.progress and rank == 0),
+        disable=bar_disable(config.progress and rank == 0),
         desc=f"train {config.method}",
         dynamic_ncols=True,
     )

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .._deprecation import rename_keywords, renamed_keywords
 from .._io import atomic_save
+from .._progress import bar_disable
 from .._validation import check_cloud, check_labels, check_positive, check_same_features
 from ..matcher import SinkhornFlowMatcher
 from ..sampling import SampleResult
@@ -228,7 +229,12 @@ class NSGFPlusPlus:
             target_labels = check_labels(target_labels, target.shape[0], "target_labels", "target")
         self.nets.train()
         history: dict[str, list[float]] = {k: [] for k in self.nets}
-        bar = tqdm(range(train_steps), desc=f"NSGF++ ({self.phase2})", disable=not self.progress, leave=False)
+        bar = tqdm(
+            range(train_steps),
+            desc=f"NSGF++ ({self.phase2})",
+            disable=bar_disable(self.progress),
+            leave=False,
+        )
         for _ in bar:
             x0, x1, y1 = self._pair(source, target, batch_size, target_labels)
             losses = self.objective.losses(self.nets, x0, x1, y1)
