@@ -30,7 +30,16 @@ from tqdm.auto import tqdm
 from ._progress import bar_disable
 from ._validation import check_cloud, check_positive
 
-__all__ = ["SOLVERS", "NFECounter", "SampleResult", "SolverSpec", "euler_sample", "odeint_sample"]
+__all__ = [
+    "SOLVERS",
+    "NFECounter",
+    "SampleResult",
+    "SolverSpec",
+    "check_step_budget",
+    "default_steps",
+    "euler_sample",
+    "odeint_sample",
+]
 
 Field = Callable[..., Tensor]
 #: ``step(f, x, t, dt) -> x_next``: one step of a fixed-step solver (``t`` and ``dt`` 0-d tensors).

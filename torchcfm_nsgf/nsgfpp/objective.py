@@ -78,12 +78,10 @@ class NSGFPlusPlusObjective:
         The NSGF phase: ``flow_steps`` (``T``, at most 5), ``step_size`` (η), Sinkhorn options and pool. Its
         targets train the NSGF field; in the ``"ot"`` variant its :meth:`~SinkhornFlowMatcher.simulate` also
         gives the phase-1 end points.
-    phase2 : {"paper", "ot", "ot-source", "ot-predictor"}
-        Where the straight flow's training segments start (module docstring): noise, with a time predictor
-        (``"paper"``), or the phase-1 end points paired with the data by exact minibatch OT (``"ot"``: end
-        points from the buffer, OT between them and the data; ``"ot-source"``: the end points of the call's
-        own sources, OT between the sources and the data; ``"ot-predictor"``: the ``"ot"`` segments with a
-        time predictor).
+    phase2 : str
+        The phase-2 variant, a key of :data:`~torchcfm_nsgf.nsgfpp.variants.PHASE2` (``"paper"``, ``"ot"``,
+        ``"ot-source"``, ``"ot-predictor"``, ...): where the straight flow's training segments start and end,
+        and whether a time predictor goes with them (:attr:`variant`).
     generator : torch.Generator, optional
         CPU generator for the straight-flow times, the end-point draws and the OT pair order; None draws
         from torch's global RNG.
@@ -112,6 +110,10 @@ class NSGFPlusPlusObjective:
 
     Attributes
     ----------
+    variant : Phase2Variant
+        The phase-2 variant object (:meth:`phase2_pairs` asks it for the segments).
+    buffer : EndpointBuffer
+        The ``"ot"`` variants' end points (:mod:`~torchcfm_nsgf.nsgfpp.endpoints`).
     net_names : tuple of str
         The networks :meth:`losses` and :meth:`sample` expect in ``nets``: ``("nsgf", "predictor",
         "straight")`` or ``("nsgf", "straight")``.
