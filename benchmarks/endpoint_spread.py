@@ -28,7 +28,8 @@ import torch
 import torchvision
 from _report import emit  # benchmarks/, next to this script
 
-from torchcfm_nsgf.images.methods import NSGFSettings, make_method
+from torchcfm_nsgf.images.registry import make_method
+from torchcfm_nsgf.images.settings import NSGFSettings
 from torchcfm_nsgf.sinkhorn import SinkhornOptions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,8 +87,13 @@ def main() -> None:
     for path in args.checkpoints:
         method, step, s = load(path)
         objective = method.objective
+        p = s.get("nsgfpp") or {
+            "phase2": s["phase2"],
+            "flow_steps": s["phase1_steps"],
+            "step_size": s["phase1_step_size"],
+        }
         label = (
-            f"`{s['phase2']}`, T = {s['phase1_steps']}, η = {s['phase1_step_size']:g}, "
+            f"`{p['phase2']}`, T = {p['flow_steps']}, η = {p['step_size']:g}, "
             f"blur {s['sinkhorn']['blur']:g}, step {step}"
         )
         simulated = torch.cat(

@@ -29,7 +29,8 @@ from torchcfm.models import MLP
 from torchcfm.utils import torch_wrapper
 
 from torchcfm_nsgf import SinkhornCouplingMatcher, SinkhornFlowMatcher, odeint_sample
-from torchcfm_nsgf.toy import TASKS, w2
+from torchcfm_nsgf.datasets import TASKS
+from torchcfm_nsgf.metrics import w2
 
 NFES = (1, 2, 10)
 

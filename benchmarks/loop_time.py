@@ -18,7 +18,7 @@ from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalF
 from torchcfm.models import MLP
 
 from torchcfm_nsgf import SinkhornFlowMatcher
-from torchcfm_nsgf.toy import TASKS, get_task
+from torchcfm_nsgf.datasets import TASKS, get_task
 
 
 def main() -> None:

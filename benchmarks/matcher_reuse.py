@@ -27,7 +27,8 @@ from torchcfm.utils import torch_wrapper
 
 import torchcfm_nsgf
 from torchcfm_nsgf import SinkhornFlowMatcher, odeint_sample
-from torchcfm_nsgf.toy import TASKS, w2
+from torchcfm_nsgf.datasets import TASKS
+from torchcfm_nsgf.metrics import w2
 
 NFES = (1, 2, 10)
 ARMS = ("fresh", "dummy", "reseeded")

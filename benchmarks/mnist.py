@@ -13,7 +13,7 @@ Inception network) and its values are not comparable with published FIDs. The fl
 for ``--n-eval`` training images.
 
 A method is a name with optional :class:`~torchcfm_nsgf.images.NSGFSettings` fields and ``blur`` (the
-relative Sinkhorn blur), e.g. ``nsgf++:phase2=paper:phase1_steps=3:phase1_step_size=0.5`` or
+relative Sinkhorn blur; NSGF++'s options as ``nsgfpp.FIELD``), e.g. ``nsgf++:nsgfpp.phase2=paper:nsgfpp.flow_steps=3`` or
 ``nsgf:blur=0.1``. ``--conditional`` trains class-conditional models and scores label accuracy and the
 classifier FID per class; with ``--cfg-dropout`` and ``--guidance-scale 1,2`` every guidance scale is scored
 from the same run, and ``--nfe`` counts network calls (two per guided step). One JSON file per method goes to
@@ -137,26 +137,45 @@ class ClassScores:
 NAMES = {"nsgf++": "NSGF++", "otcfm": "OT-CFM", "icfm": "I-CFM", "nsgf": "NSGF", "fm": "FM", "rf": "RF"}
 
 
+# the spec keys of NSGF++'s options before they became one object (NSGFSettings.nsgfpp)
+OLD_NSGFPP_KEYS = {
+    "phase1_steps": "nsgfpp.flow_steps",
+    "phase1_step_size": "nsgfpp.step_size",
+    "phase2": "nsgfpp.phase2",
+    "phase1_batch_fraction": "nsgfpp.phase1_batch_fraction",
+    "endpoints": "nsgfpp.endpoints",
+}
+
+
 def parse_method(spec: str, base: NSGFSettings) -> tuple[str, NSGFSettings, str]:
     """``name[:field=value...]`` -> (method name, settings, label)."""
     name, *pairs = spec.split(":")
     if name not in available_methods():
         raise SystemExit(f"method {name!r} is not available here (available: {available_methods()})")
     changes = {}
+    nsgfpp = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key == "blur":  # the Sinkhorn blur, relative to the data's RMS radius
             changes["sinkhorn"] = dataclasses.replace(base.sinkhorn, blur=float(value))
             continue
-        if key not in {f.name for f in dataclasses.fields(NSGFSettings)} or key == "sinkhorn":
-            raise SystemExit(f"{spec!r}: {key!r} is not an NSGFSettings field (or blur)")
+        key = OLD_NSGFPP_KEYS.get(key, key)
+        if key.startswith("nsgfpp."):  # a field of NSGF++'s options
+            field_name = key.removeprefix("nsgfpp.")
+            current = getattr(base.nsgfpp, field_name)
+            nsgfpp[field_name] = value if isinstance(current, str) else type(current)(value)
+            continue
+        if key not in {f.name for f in dataclasses.fields(NSGFSettings)} or key in ("sinkhorn", "nsgfpp"):
+            raise SystemExit(f"{spec!r}: {key!r} is not an NSGFSettings field (or blur, or nsgfpp.FIELD)")
         current = getattr(base, key)
         changes[key] = value if isinstance(current, str) or current is None else type(current)(value)
+    if nsgfpp:
+        changes["nsgfpp"] = base.nsgfpp.replace(**nsgfpp)
     settings = dataclasses.replace(base, **changes)
     label = NAMES.get(name, name)
     if name == "nsgf++":
-        s = settings
-        label += f" `{s.phase2}` (T={s.phase1_steps}, η={s.phase1_step_size:g})"
+        s = settings.nsgfpp
+        label += f" `{s.phase2}` (T={s.flow_steps}, η={s.step_size:g})"
         if s.phase1_batch_fraction != 1:
             label += f", NSGF field on {s.phase1_batch_fraction:g} of each batch"
         if s.phase2 != "paper":
@@ -302,12 +321,12 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scale
     if not args.score_kept:
         shutil.rmtree(run_dir, ignore_errors=True)
 
-    def config(total_steps: int, budget: float, resume: bool) -> TrainConfig:
+    def config(train_steps: int, budget: float, resume: bool) -> TrainConfig:
         return TrainConfig(
             dataset="mnist",
             data_root=args.data_root,
             method=name,
-            total_steps=total_steps,
+            train_steps=train_steps,
             batch_size=args.batch_size,
             lr=args.lr,
             warmup=args.warmup,

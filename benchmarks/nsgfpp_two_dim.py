@@ -1,13 +1,13 @@
 """NSGF++ on the 2D tasks: its phase-2 variants and phase-1 lengths next to NSGF and torchcfm's baselines.
 
-For each task and seed, trains with the same optimiser steps, batch and MLP width (``torchcfm_nsgf.toy``):
+For each task and seed, trains with the same optimiser steps, batch and MLP width (``torchcfm_nsgf.datasets``):
 
-* NSGF++ (``toy.train_nsgfpp``) for every ``--phase1`` setting ``T:eta`` in the ``"ot"`` variant, and the
+* NSGF++ (``toy_harness.train_nsgfpp``) for every ``--phase1`` setting ``T:eta`` in the ``"ot"`` variant, and the
   other ``--variants`` (``"ot-predictor"``, ``"paper"``) at the first ``--phase1`` setting;
-* NSGF (``SinkhornFlowMatcher()`` with its defaults in torchcfm's loop, ``toy.train_nsgf``), OT-CFM and I-CFM
+* NSGF (``SinkhornFlowMatcher()`` with its defaults in torchcfm's loop, ``toy_harness.train_nsgf``), OT-CFM and I-CFM
   (torchcfm's matchers, σ = ``--sigma``).
 
-Then reports the exact 2-Wasserstein distance (``toy.w2``) between generated points and fresh target points at
+Then reports the exact 2-Wasserstein distance (``torchcfm_nsgf.metrics.w2``) between generated points and fresh target points at
 each total NFE of ``--totals`` (Euler everywhere; NSGF++'s NFE counted from network calls as NSGF + predictor +
 straight flow), mean ± std over seeds, with two extra rows per task: the ``"paper"`` variant's straight flow
 alone from noise (NSGF++'s "own straight flow") and the NSGF phase of the first ``"ot"`` model alone (NFE T).
@@ -32,9 +32,11 @@ from torchcfm.conditional_flow_matching import (
     ConditionalFlowMatcher,
     ExactOptimalTransportConditionalFlowMatcher,
 )
+from toy_harness import make_model, train_flow_matching, train_nsgf, train_nsgfpp
 
 from torchcfm_nsgf import odeint_sample
-from torchcfm_nsgf.toy import TASKS, get_task, make_model, train_flow_matching, train_nsgf, train_nsgfpp, w2
+from torchcfm_nsgf.datasets import TASKS, get_task
+from torchcfm_nsgf.metrics import w2
 
 BASELINES = {
     "NSGF (`SinkhornFlowMatcher()`)": None,
@@ -69,7 +71,7 @@ def run_seed(task, seed: int, args, phase1: list[tuple[int, float]], totals: lis
             generator=torch.Generator().manual_seed(seed),
             batch_size=args.batch_size,
             width=args.width,
-            n_steps=T,
+            flow_steps=T,
             step_size=eta,
             refresh_every=args.refresh_every,
             endpoints=args.endpoints,
@@ -105,7 +107,7 @@ def run_seed(task, seed: int, args, phase1: list[tuple[int, float]], totals: lis
     x0, ref = task.source(args.n_eval, gen), task.target(args.n_eval, gen)
     rows: dict[str, list[float | None]] = {}
     for label, model in models.items():
-        first_cost = model.n_steps + int(model.objective.uses_predictor)
+        first_cost = model.flow_steps + int(model.objective.uses_predictor)
         cells = []
         for total in totals:
             if total < first_cost + 1:
@@ -124,7 +126,7 @@ def run_seed(task, seed: int, args, phase1: list[tuple[int, float]], totals: lis
     for label, field in fields.items():
         rows[label] = [w2(odeint_sample(field, x0, n_steps=n).samples, ref) for n in totals]
     first = next(m for label, m in models.items() if label.startswith("NSGF++ `ot` "))
-    nsgf_phase = w2(odeint_sample(first.nets["nsgf"].eval(), x0, n_steps=first.n_steps).samples, ref)
+    nsgf_phase = w2(odeint_sample(first.nets["nsgf"].eval(), x0, n_steps=first.flow_steps).samples, ref)
     floor = w2(task.target(args.n_eval, gen), ref)
     return {"rows": rows, "train_s": train_s, "nsgf_phase": nsgf_phase, "floor": floor}
 

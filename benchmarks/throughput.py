@@ -43,7 +43,7 @@ def measure(method: str, data: ImageData, args: argparse.Namespace) -> dict:
                 dataset="cifar10",
                 data_root=tmp,
                 method=method,
-                total_steps=total,
+                train_steps=total,
                 batch_size=args.batch_size,
                 preset=args.preset,
                 warmup=0,

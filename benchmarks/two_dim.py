@@ -12,10 +12,10 @@ wall time (simulation included) of the same task and seed.
     python benchmarks/two_dim.py --report benchmarks/results/two_dim_0.json benchmarks/results/two_dim_1.json
 
 Methods live in the registry ``METHODS``: ``name -> fn(task, config, seed)`` returning an object with
-``sample(x0, nfe, solver) -> (samples, nfe_used)`` and ``train_time_s`` (``torchcfm_nsgf.toy.Sampler``);
+``sample(x0, nfe, solver) -> (samples, nfe_used)`` and ``train_time_s`` (``toy_harness.Sampler``);
 ``config.train_steps`` is None exactly when ``config.time_budget_s`` is set. NSGF is torchcfm's loop with
 ``SinkhornFlowMatcher`` at its defaults, or as the matcher flags (``--flow-steps``, ``--blur``, ...) say. NSGF++
-(``nsgf++``: the default variant; ``nsgf++paper``: the paper's) is ``torchcfm_nsgf.toy.train_nsgfpp``.
+(``nsgf++``: the default variant; ``nsgf++paper``: the paper's) is ``toy_harness.train_nsgfpp``.
 """
 
 from __future__ import annotations
@@ -40,23 +40,14 @@ from torchcfm.conditional_flow_matching import (
     SchrodingerBridgeConditionalFlowMatcher,
     TargetConditionalFlowMatcher,
 )
+from toy_harness import Sampler, TrainedField, make_model, train_flow_matching, train_nsgf, train_nsgfpp
 from tqdm.auto import tqdm
 
 from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions, euler_sample
 from torchcfm_nsgf._cli import add_matcher_flags, matcher_from_args
+from torchcfm_nsgf.datasets import TASKS, Task, get_task
+from torchcfm_nsgf.metrics import w2
 from torchcfm_nsgf.nsgfpp import DEFAULT_PHASE2
-from torchcfm_nsgf.toy import (
-    TASKS,
-    Sampler,
-    Task,
-    TrainedField,
-    get_task,
-    make_model,
-    train_flow_matching,
-    train_nsgf,
-    train_nsgfpp,
-    w2,
-)
 
 NFES = (1, 2, 5, 10, 100)
 TARGET_NFES = (1, 2, 10)
@@ -229,7 +220,7 @@ class _NSGFPlusPlusSampler:
 
 def _nsgfpp(phase2: str) -> MethodFn:
     def fn(task: Task, config: BenchConfig, seed: int) -> Sampler:
-        """NSGF++ by ``torchcfm_nsgf.toy.train_nsgfpp`` at its defaults (T = 2 NSGF steps of η = 1) with ``config.nsgf``'s
+        """NSGF++ by ``toy_harness.train_nsgfpp`` at its defaults (T = 2 NSGF steps of η = 1) with ``config.nsgf``'s
         Sinkhorn options, ``train_steps`` steps of every network in one loop. No time-budget variant."""
         if config.time_budget_s is not None:
             raise NotApplicable("NSGF++ is trained for a number of steps only")
@@ -292,7 +283,7 @@ def run(args: argparse.Namespace) -> None:
     jobs = [(t, s) for s in range(args.seeds) for t in args.tasks]
     index, count = (int(v) for v in args.shard.split("/"))
     jobs = jobs[index::count]
-    for task_name, seed in tqdm(jobs, desc="task x seed", disable=args.no_progress):
+    for task_name, seed in tqdm(jobs, desc="task x seed", disable=True if args.no_progress else None):
         task = get_task(task_name)
         eval_gen = torch.Generator().manual_seed(10_000 + seed)
         x0 = task.source(args.n_eval, eval_gen)

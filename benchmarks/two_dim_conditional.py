@@ -1,14 +1,14 @@
 """Class-conditional 2D generation: conditional NSGF, NSGF++, guided OT-CFM and I-CFM, W2 per class.
 
-Task ``gaussian-8gaussians-conditional`` (``torchcfm_nsgf.toy``): N(0, I) to torchcfm's 8gaussians, the label
+Task ``gaussian-8gaussians-conditional`` (``torchcfm_nsgf.datasets``): N(0, I) to torchcfm's 8gaussians, the label
 being the mode index. Every method takes the same number of optimiser steps, batch, learning rate, MLP width
 and seed; the label enters each network through a 16-dimensional embedding in its input
-(``toy.make_conditional_model`` / ``VelocityMLP(num_classes=8)``):
+(``toy_harness.make_conditional_model`` / ``VelocityMLP(num_classes=8)``):
 
 * NSGF: ``SinkhornFlowMatcher()`` (its defaults: 2 Sinkhorn steps of size 1, straight targets, pool) through
   ``guided_sample_location_and_conditional_flow`` (one Sinkhorn flow per class in the batch), trained with
-  torchcfm's loop (``toy.train_flow_matching``);
-* NSGF++: ``toy.train_nsgfpp`` (``NSGFPlusPlus.fit`` on the labelled target; default variant ``phase2="ot"``)
+  torchcfm's loop (``toy_harness.train_flow_matching``);
+* NSGF++: ``toy_harness.train_nsgfpp`` (``NSGFPlusPlus.fit`` on the labelled target; default variant ``phase2="ot"``)
   with phase 1 T = 2 Sinkhorn steps of η = 1.0; sampled with ``y`` at total NFE = T + straight steps, so
   only at NFE >= 3;
 * OT-CFM (guided): torchcfm's ``ExactOptimalTransportConditionalFlowMatcher(sigma)`` through its own
@@ -18,7 +18,7 @@ and seed; the label enters each network through a 16-dimensional embedding in it
   its data point (the natural conditional baseline).
 
 Evaluation: for every class, ``--n-eval`` noise points sampled with that label (Euler) against ``--n-eval``
-fresh target points of that class; exact W2 (``toy.w2``), per class and averaged over the classes, for
+fresh target points of that class; exact W2 (``torchcfm_nsgf.metrics.w2``), per class and averaged over the classes, for
 ``--seeds`` seeds (``--seed``, ``--seed`` + 1, ...). The per-class table is the first seed's; the summary is
 mean ± std over the seeds of the class-mean W2.
 
@@ -40,9 +40,11 @@ from torchcfm.conditional_flow_matching import (
     ConditionalFlowMatcher,
     ExactOptimalTransportConditionalFlowMatcher,
 )
+from toy_harness import make_conditional_model, train_flow_matching, train_nsgfpp
 
 from torchcfm_nsgf import SinkhornFlowMatcher
-from torchcfm_nsgf.toy import get_task, make_conditional_model, train_flow_matching, train_nsgfpp, w2
+from torchcfm_nsgf.datasets import get_task
+from torchcfm_nsgf.metrics import w2
 
 TASK = "gaussian-8gaussians-conditional"
 METHODS = ("NSGF", "NSGF++", "OT-CFM (guided)", "I-CFM")
@@ -75,7 +77,7 @@ def train_all(task, seed: int, args) -> tuple[dict, dict]:
                 batch_size=args.batch_size,
                 lr=args.lr,
                 width=args.width,
-                n_steps=args.nsgfpp_T,
+                flow_steps=args.nsgfpp_T,
                 step_size=args.nsgfpp_eta,
             )
         else:

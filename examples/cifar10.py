@@ -5,7 +5,7 @@
 Examples
 --------
     torchrun --nproc_per_node=4 examples/cifar10.py --method otcfm --data-root ./data --download --ckpt-dir runs/c10_otcfm
-    python examples/cifar10.py --method icfm --unet tiny --total-steps 200 --batch-size 16 --sample --nfe 20
+    python examples/cifar10.py --method icfm --unet tiny --train-steps 200 --batch-size 16 --sample --nfe 20
     python examples/cifar10.py --method otcfm --ckpt-dir RUN --resume --sample --nfe 100   # continue / sample
 
 Every flag, with its default (torchcfm's recipe), and the presets: `python examples/cifar10.py --help`.

@@ -6,7 +6,7 @@ Examples
 --------
     python examples/mnist.py --preset quick --download --ckpt-dir runs/quick   # digits in minutes on a CPU
     python examples/mnist.py --method nsgf --data-root ./data --download --ckpt-dir runs/mnist_nsgf --sample
-    python examples/mnist.py --method icfm --unet tiny --total-steps 200 --batch-size 16 --sample --nfe 20
+    python examples/mnist.py --method icfm --unet tiny --train-steps 200 --batch-size 16 --sample --nfe 20
     python examples/mnist.py --method otcfm --ckpt-dir RUN --resume --sample --nfe 100   # continue / sample
 
 Every flag, with its default (torchcfm's recipe), and the presets: `python examples/mnist.py --help`.

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from torchcfm_nsgf import sinkhorn_solve
-from torchcfm_nsgf.toy import get_task, w2
+from torchcfm_nsgf.datasets import get_task
+from torchcfm_nsgf.metrics import w2
 
 
 def main() -> None:

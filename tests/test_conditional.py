@@ -41,7 +41,7 @@ def _model(phase2: str, seed: int = 0) -> NSGFPlusPlus:
         TimePredictorMLP(2, 16, num_classes=2) if phase2 in PREDICTOR_VARIANTS else None,
         VelocityMLP(2, 16, num_classes=2),
         phase2=phase2,
-        n_steps=2,
+        flow_steps=2,
         step_size=1.0,
         sinkhorn=SinkhornOptions(blur=0.5, relative_blur=False),
         refresh_every=2,
@@ -133,7 +133,7 @@ def test_ot_pairs_join_end_points_and_data_of_the_same_class(phase2):
     state = objective.state_dict()
     copy = NSGFPlusPlusObjective(matcher, phase2="ot", generator=_gen(6), endpoints="simulated")
     copy.load_state_dict(state)
-    assert torch.equal(copy._endpoint_labels, objective._endpoint_labels)
+    assert torch.equal(copy.buffer.labels, objective.buffer.labels)
     with pytest.raises(ValueError, match="y1 must be given"):
         objective.phase2_pairs(x0, x1)
 

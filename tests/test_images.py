@@ -51,7 +51,7 @@ def _config(root: Path, method: str, dataset: str = "mnist", **kw) -> TrainConfi
         dataset=dataset,
         data_root=str(root),
         method=method,
-        total_steps=4,
+        train_steps=4,
         batch_size=4,
         preset="tiny",
         warmup=2,
@@ -68,7 +68,8 @@ def _config(root: Path, method: str, dataset: str = "mnist", **kw) -> TrainConfi
 
 def _tiny_nsgf(config: TrainConfig) -> TrainConfig:
     s = config.nsgf
-    s.flow_steps, s.phase1_steps, s.pool_capacity, s.refresh_every = 3, 2, 64, 2
+    s.flow_steps, s.pool_capacity, s.refresh_every = 3, 64, 2
+    s.nsgfpp = s.nsgfpp.replace(flow_steps=2)
     s.sinkhorn = SinkhornOptions(blur=5.0, relative_blur=False, scaling=0.5)
     return config
 
@@ -135,14 +136,14 @@ def test_interrupted_run_resumes_exactly(data_root, tmp_path, method):
 
 
 def test_resume_with_other_settings_is_refused(data_root, tmp_path):
-    train(_config(data_root, "icfm", total_steps=2, ckpt_dir=str(tmp_path)))
+    train(_config(data_root, "icfm", train_steps=2, ckpt_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="batch_size"):
-        train(_config(data_root, "icfm", total_steps=3, batch_size=2, ckpt_dir=str(tmp_path), resume=True))
+        train(_config(data_root, "icfm", train_steps=3, batch_size=2, ckpt_dir=str(tmp_path), resume=True))
 
 
 @pytest.mark.parametrize("preset", ["tiny", "mnist"])
 def test_unet_presets_see_the_time_and_the_label(preset):
-    from torchcfm_nsgf.images.methods import build_unet
+    from torchcfm_nsgf.images.unet import build_unet
 
     torch.manual_seed(0)
     net = build_unet((1, 28, 28), preset, num_classes=10)
@@ -161,7 +162,8 @@ def test_unet_presets_see_the_time_and_the_label(preset):
 
 def test_device_names_resolve_to_this_process_gpu(monkeypatch):
     # torch.cuda.set_device refuses a bare "cuda" (no index): the loop must name the process's GPU
-    from torchcfm_nsgf.images.training import ConfigError, _resolve_device
+    from torchcfm_nsgf.images.config import ConfigError
+    from torchcfm_nsgf.images.distributed import resolve_device as _resolve_device
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert _resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
@@ -178,12 +180,12 @@ def test_device_names_resolve_to_this_process_gpu(monkeypatch):
 
 
 def test_time_budget_follows_the_chosen_clock(data_root, monkeypatch):
-    from torchcfm_nsgf.images import training
+    from torchcfm_nsgf.images import config as training
 
     ticks = iter(range(1000))  # a clock that advances one second per reading
-    monkeypatch.setitem(training._CLOCKS, "cpu", lambda: float(next(ticks)))
+    monkeypatch.setitem(training.CLOCKS, "cpu", lambda: float(next(ticks)))
     # read once at the start, then once per step: step k reads k seconds, over 2.5 s at step 3
-    result = train(_config(data_root, "icfm", total_steps=50, time_budget_s=2.5, budget_clock="cpu"))
+    result = train(_config(data_root, "icfm", train_steps=50, time_budget_s=2.5, budget_clock="cpu"))
     assert result.step == 3 and result.cpu_time_s > 0 and result.wall_time_s > 0
     with pytest.raises(ValueError, match="budget_clock must be one of"):
         _config(data_root, "icfm", budget_clock="gpu")
@@ -197,22 +199,22 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_fresh_run_never_overwrites_a_checkpoint(data_root, tmp_path):
-    train(_config(data_root, "rf", total_steps=2, ckpt_dir=str(tmp_path)))
+    train(_config(data_root, "rf", train_steps=2, ckpt_dir=str(tmp_path)))
     before = _snapshot(tmp_path)
     with pytest.raises(FileExistsError, match="--resume"):
-        train(_config(data_root, "rf", total_steps=2, ckpt_dir=str(tmp_path)))
+        train(_config(data_root, "rf", train_steps=2, ckpt_dir=str(tmp_path)))
     assert _snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_written(data_root, tmp_path, damage):
-    train(_config(data_root, "icfm", total_steps=2, ckpt_dir=str(tmp_path)))
+    train(_config(data_root, "icfm", train_steps=2, ckpt_dir=str(tmp_path)))
     path = tmp_path / "checkpoint.pt"
     blob = path.read_bytes()
     path.write_bytes(b"not a checkpoint" if damage == "garbage" else blob[: len(blob) // 2])
     before = _snapshot(tmp_path)
     with pytest.raises(CheckpointError, match="checkpoint.pt"):
-        train(_config(data_root, "icfm", total_steps=4, ckpt_dir=str(tmp_path), resume=True))
+        train(_config(data_root, "icfm", train_steps=4, ckpt_dir=str(tmp_path), resume=True))
     assert _snapshot(tmp_path) == before
 
 
@@ -271,7 +273,7 @@ def test_cuda_run_trains_and_samples_on_the_gpu(data_root, tmp_path, method):
     from torchcfm_nsgf.images import generate
 
     ckpt = str(tmp_path / "run")
-    first = train(_tiny_nsgf(_config(data_root, method, device="cuda", ckpt_dir=ckpt, total_steps=2)))
+    first = train(_tiny_nsgf(_config(data_root, method, device="cuda", ckpt_dir=ckpt, train_steps=2)))
     assert all(p.device.type == "cuda" for p in first.ema.parameters())
     resumed = train(_tiny_nsgf(_config(data_root, method, device="cuda", ckpt_dir=ckpt, resume=True)))
     assert resumed.step == 4 and all(math.isfinite(v) for v in resumed.losses)
@@ -309,7 +311,7 @@ def test_sample_grid_size_and_printed_nfe_equals_network_calls(
         "--ckpt-dir",
         str(tmp_path / "ck"),
         "--no-progress",
-        "--total-steps",
+        "--train-steps",
         "2",
         "--flow-steps",
         "3",
@@ -351,7 +353,7 @@ def test_fid_without_inception_weights_is_a_clear_error(data_root, tmp_path, cap
         "--tiny",
         "--data-root",
         str(data_root),
-        "--total-steps",
+        "--train-steps",
         "1",
         "--batch-size",
         "4",
@@ -409,7 +411,7 @@ _DDP_WORKER = textwrap.dedent(
     def cfg(ckpt, **kw):
         sinkhorn = SinkhornOptions(blur=5.0, relative_blur=False, scaling=0.5)
         nsgf = NSGFSettings(flow_steps=3, sinkhorn=sinkhorn, pool_capacity=64, refresh_every=2)
-        return TrainConfig(dataset="cifar10", data_root=root, method=method, total_steps=4, batch_size=3,
+        return TrainConfig(dataset="cifar10", data_root=root, method=method, train_steps=4, batch_size=3,
                            preset="tiny", warmup=2, ckpt_every=2, progress=False, verify_checksums=False,
                            ema_decay=0.9, ckpt_dir=os.path.join(out, ckpt), nsgf=nsgf, device="cpu", **kw)
 

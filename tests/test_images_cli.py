@@ -45,7 +45,7 @@ def _example(dataset: str):
 def _fast(data_root: Path, ckpt_dir: Path, *extra: str) -> list[str]:
     return [
         "--method", "icfm", "--tiny", "--data-root", str(data_root), "--batch-size", "4",
-        "--no-progress", "--total-steps", "2", "--ckpt-dir", str(ckpt_dir), *extra,
+        "--no-progress", "--train-steps", "2", "--ckpt-dir", str(ckpt_dir), *extra,
     ]  # fmt: skip
 
 
@@ -85,7 +85,7 @@ def test_quick_preset_samples_look_like_the_data_not_like_noise(data_root, tmp_p
     run_dir = tmp_path / "run"
     out = _example("mnist").main(
         ["--preset", "quick", "--data-root", str(data_root), "--ckpt-dir", str(run_dir), "--no-progress"]
-        + ["--total-steps", "24", "--n-samples", "16", "--nfe", "8"]  # the preset, shortened
+        + ["--train-steps", "24", "--n-samples", "16", "--nfe", "8"]  # the preset, shortened
     )
     grid = Path(out["grid"])
     assert grid.parent == run_dir and grid.is_file()  # written in the run's folder
@@ -113,9 +113,9 @@ def test_explicit_flags_override_the_preset():
     args = parser.parse_args(["--preset", "quick", "--batch-size", "8", "--unet", "mnist", "--no-sample"])
     quick = RUN_PRESETS["quick"]
     assert (args.batch_size, args.unet, args.sample) == (8, "mnist", False)
-    assert (args.lr, args.total_steps, args.nfe) == (quick["lr"], quick["total_steps"], quick["nfe"])
+    assert (args.lr, args.train_steps, args.nfe) == (quick["lr"], quick["train_steps"], quick["nfe"])
     plain = parser.parse_args([])
-    assert (plain.batch_size, plain.lr, plain.total_steps, plain.unet, plain.sample) == (
+    assert (plain.batch_size, plain.lr, plain.train_steps, plain.unet, plain.sample) == (
         128, 2e-4, 20_000, "mnist", False,
     )  # fmt: skip
 
@@ -125,8 +125,10 @@ def test_phase1_batch_fraction_flag_reaches_the_nsgfpp_objective(capsys):
     from torchcfm_nsgf.images.cli import config_from_args
 
     parser = build_parser("mnist")
-    config = config_from_args(parser.parse_args(["--method", "nsgf++", "--phase1-batch-fraction", "0.25"]))
-    assert config.nsgf.phase1_batch_fraction == 0.25
+    config = config_from_args(
+        parser.parse_args(["--method", "nsgf++", "--nsgfpp-phase1-batch-fraction", "0.25"])
+    )
+    assert config.nsgf.nsgfpp.phase1_batch_fraction == 0.25
     if "nsgf++" in available_methods():
         method = make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=config.nsgf)
         assert method.objective.phase1_batch_fraction == 0.25
@@ -157,7 +159,7 @@ def test_warmup_and_ema_scale_with_short_runs_only():
 
 def _config(root: Path, **kw) -> TrainConfig:
     base = dict(
-        dataset="mnist", data_root=str(root), method="icfm", total_steps=4, batch_size=4, preset="tiny",
+        dataset="mnist", data_root=str(root), method="icfm", train_steps=4, batch_size=4, preset="tiny",
         progress=False, sample_steps=2, device="cpu",
     )  # fmt: skip
     return TrainConfig(**{**base, **kw})
@@ -166,7 +168,7 @@ def _config(root: Path, **kw) -> TrainConfig:
 def test_too_slow_ema_warns_and_the_scaled_default_does_not(data_root, tmp_path):
     with pytest.warns(UserWarning, match="ema_decay=0.9999.*initial random"):
         train(_config(data_root, ema_decay=0.9999, warmup=0))
-    with pytest.warns(UserWarning, match="warmup=5000 > total_steps=4"):
+    with pytest.warns(UserWarning, match="warmup=5000 > train_steps=4"):
         train(_config(data_root, ema_decay=0.0, warmup=5000))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -174,11 +176,11 @@ def test_too_slow_ema_warns_and_the_scaled_default_does_not(data_root, tmp_path)
 
 
 def test_a_resumed_run_keeps_its_scaled_values(data_root, tmp_path):
-    train(_config(data_root, total_steps=40, stop_after=None, ckpt_dir=str(tmp_path), ckpt_every=20))
+    train(_config(data_root, train_steps=40, stop_after=None, ckpt_dir=str(tmp_path), ckpt_every=20))
     first = load_checkpoint(tmp_path / "checkpoint.pt")["config"]
     assert (first["warmup"], first["ema_decay"]) == (default_warmup(40), default_ema_decay(40))
     # a longer resumption is not refused for a "changed" EMA decay, and keeps the run's values
-    resumed = train(_config(data_root, total_steps=42, ckpt_dir=str(tmp_path), resume=True))
+    resumed = train(_config(data_root, train_steps=42, ckpt_dir=str(tmp_path), resume=True))
     assert resumed.step == 42
     again = load_checkpoint(tmp_path / "checkpoint.pt")["config"]
     assert (again["warmup"], again["ema_decay"]) == (first["warmup"], first["ema_decay"])
@@ -213,9 +215,9 @@ def test_stale_temporaries_of_interrupted_writes_are_removed(data_root, tmp_path
 
     # and when a run resumes
     (tmp_path / stale[0]).write_bytes(b"partial")
-    train(_config(data_root, ckpt_dir=str(tmp_path / "run"), total_steps=2))
+    train(_config(data_root, ckpt_dir=str(tmp_path / "run"), train_steps=2))
     (tmp_path / "run" / stale[0]).write_bytes(b"partial")
-    train(_config(data_root, ckpt_dir=str(tmp_path / "run"), total_steps=4, resume=True))
+    train(_config(data_root, ckpt_dir=str(tmp_path / "run"), train_steps=4, resume=True))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "rank0-step4.pt"]
 
 
@@ -246,12 +248,12 @@ def test_resume_with_no_steps_left_is_an_error_unless_sampling(data_root, tmp_pa
     capsys.readouterr()
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
 
-    line = _cli_error(capsys, _fast(data_root, run_dir, "--resume"))  # --total-steps 2: already there
-    assert "--total-steps 2" in line and "nothing to train" in line
-    line = _cli_error(capsys, _fast(data_root, run_dir, "--resume", "--total-steps", "1"))
-    assert "--total-steps 1" in line and "step 2" in line
-    with pytest.raises(ConfigError, match="total_steps=1 is below the step 2"):
-        train(_config(data_root, total_steps=1, ckpt_dir=str(run_dir), resume=True))
+    line = _cli_error(capsys, _fast(data_root, run_dir, "--resume"))  # --train-steps 2: already there
+    assert "--train-steps 2" in line and "nothing to train" in line
+    line = _cli_error(capsys, _fast(data_root, run_dir, "--resume", "--train-steps", "1"))
+    assert "--train-steps 1" in line and "step 2" in line
+    with pytest.raises(ConfigError, match="train_steps=1 is below the step 2"):
+        train(_config(data_root, train_steps=1, ckpt_dir=str(run_dir), resume=True))
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
     out = _example("mnist").main(

@@ -37,7 +37,7 @@ def _config(root: Path, method: str, **kw) -> TrainConfig:
         dataset="mnist",
         data_root=str(root),
         method=method,
-        total_steps=4,
+        train_steps=4,
         batch_size=4,
         preset="tiny",
         warmup=2,
@@ -52,7 +52,8 @@ def _config(root: Path, method: str, **kw) -> TrainConfig:
     base.update(kw)
     config = TrainConfig(**base)
     s = config.nsgf
-    s.flow_steps, s.phase1_steps, s.pool_capacity, s.refresh_every = 2, 2, 64, 2
+    s.flow_steps, s.pool_capacity, s.refresh_every = 2, 64, 2
+    s.nsgfpp = s.nsgfpp.replace(flow_steps=2)
     s.sinkhorn = SinkhornOptions(blur=5.0, relative_blur=False, scaling=0.5)
     return config
 
@@ -107,7 +108,7 @@ def test_the_loss_sees_the_labels_of_its_images(data_root, monkeypatch):
         return loss(self, nets, x0, x1, y1)
 
     monkeypatch.setattr(FlowMatchingMethod, "loss", spy)
-    train(_config(data_root, "icfm", total_steps=2, ckpt_every=100))
+    train(_config(data_root, "icfm", train_steps=2, ckpt_every=100))
     data = load_images("mnist", data_root)
     by_pixels = {bytes(img.numpy()): int(lab) for img, lab in zip(data.images, data.labels, strict=True)}
     assert len(seen) == 2
@@ -117,10 +118,10 @@ def test_the_loss_sees_the_labels_of_its_images(data_root, monkeypatch):
 
 
 def test_conditional_is_fixed_on_resume(data_root, tmp_path):
-    train(_config(data_root, "icfm", total_steps=2, ckpt_dir=str(tmp_path)))
+    train(_config(data_root, "icfm", train_steps=2, ckpt_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="conditional"):
         train(
-            _config(data_root, "icfm", total_steps=3, ckpt_dir=str(tmp_path), resume=True, conditional=False)
+            _config(data_root, "icfm", train_steps=3, ckpt_dir=str(tmp_path), resume=True, conditional=False)
         )
     with pytest.raises(ValueError, match="cfg_dropout needs conditional"):
         _config(data_root, "icfm", conditional=False, cfg_dropout=0.1)
@@ -136,7 +137,7 @@ def _mnist_example():
 def test_cli_sample_writes_one_row_per_class(data_root, tmp_path, capsys):
     argv = [
         "--method", "nsgf", "--tiny", "--data-root", str(data_root), "--batch-size", "4", "--no-progress",
-        "--total-steps", "2", "--ckpt-dir", str(tmp_path), "--conditional", "--cfg-dropout", "0.2",
+        "--train-steps", "2", "--ckpt-dir", str(tmp_path), "--conditional", "--cfg-dropout", "0.2",
         "--sample", "--n-samples", "20", "--guidance-scale", "1.5", "--blur", "5", "--no-relative-blur",
     ]  # fmt: skip
     out = _mnist_example().main(argv)

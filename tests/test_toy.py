@@ -1,25 +1,22 @@
-"""torchcfm_nsgf.toy: task samplers, the exact W2 metric against closed forms, the training helpers."""
+"""The 2D task samplers (torchcfm_nsgf.datasets), the exact W2 metric (torchcfm_nsgf.metrics) against closed forms,
+and the training harness of the benchmarks (benchmarks/toy_harness.py)."""
 
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torchcfm.utils import torch_wrapper
 
 from torchcfm_nsgf import SinkhornFlowMatcher, euler_sample
-from torchcfm_nsgf.toy import (
-    TASKS,
-    get_task,
-    make_model,
-    sample_checkerboard,
-    sample_scurve,
-    train_flow_matching,
-    train_nsgf,
-    train_nsgfpp,
-    w2,
-)
+from torchcfm_nsgf.datasets import TASKS, get_task, sample_checkerboard, sample_scurve
+from torchcfm_nsgf.metrics import w2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from toy_harness import make_model, train_flow_matching, train_nsgf, train_nsgfpp  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -123,7 +120,7 @@ def test_moons_prefix_is_a_fair_sample() -> None:
 def test_labelled_8gaussians_is_torchcfms_distribution_with_its_modes() -> None:
     from torchcfm.utils import sample_8gaussians
 
-    from torchcfm_nsgf.toy import sample_8gaussians_labelled
+    from torchcfm_nsgf.datasets import sample_8gaussians_labelled
 
     x, y = sample_8gaussians_labelled(4000, torch.Generator().manual_seed(0))
     assert x.shape == (4000, 2) and y.dtype == torch.int64
@@ -168,7 +165,7 @@ def test_conditional_nsgfpp_on_the_2d_task_builds_label_taking_networks_and_samp
     task = get_task("gaussian-8gaussians-conditional")
     g = torch.Generator().manual_seed(1)
     model = train_nsgfpp(
-        task, train_steps=150, generator=g, batch_size=128, width=32, n_steps=2, step_size=1.0
+        task, train_steps=150, generator=g, batch_size=128, width=32, flow_steps=2, step_size=1.0
     )
     assert model.nets["nsgf"].num_classes == model.nets["straight"].num_classes == 8
     y = torch.arange(8).repeat_interleave(25)

@@ -6,7 +6,8 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 * :mod:`torchcfm_nsgf.matcher`: :class:`SinkhornFlowMatcher`, NSGF behind torchcfm's matcher interface;
 * :mod:`torchcfm_nsgf.coupling`: :class:`SinkhornCouplingMatcher`, flow matching on pairs of a large
   entropic OT plan (the large-coupling baseline);
-* :mod:`torchcfm_nsgf.nsgfpp`: NSGF++ (one training objective, two variants of phase 2, two-phase sampler);
+* :mod:`torchcfm_nsgf.nsgfpp`: NSGF++ (one options object, phase-2 variants in a registry, one training
+  objective, the two-phase sampler, the vector trainer);
 * :mod:`torchcfm_nsgf.pool`: the trajectory pool (experience replay);
 * :mod:`torchcfm_nsgf.sampling`: one sampler over a solver registry, with exact NFE accounting;
 * :mod:`torchcfm_nsgf.guidance`: classifier-free guidance for class-conditional fields.
@@ -22,6 +23,7 @@ from .nsgfpp import (
     PHASE2_VARIANTS,
     NSGFPlusPlus,
     NSGFPlusPlusObjective,
+    NSGFPlusPlusOptions,
     nsgfpp_sample,
     predict_time,
     straight_flow_from,
@@ -46,6 +48,7 @@ __all__ = [
     "PHASE2_VARIANTS",
     "NSGFPlusPlus",
     "NSGFPlusPlusObjective",
+    "NSGFPlusPlusOptions",
     "TimePredictorCNN",
     "TimePredictorMLP",
     "VelocityMLP",

@@ -56,7 +56,7 @@ from ._validation import (
     check_same_features,
 )
 from .pool import TrajectoryPool
-from .sampling import SampleResult, odeint_sample, solver_spec
+from .sampling import SampleResult, default_steps, odeint_sample
 from .sinkhorn import HIGH_DIM_BLUR, SinkhornConvergenceWarning, SinkhornOptions, SinkhornSolution
 
 __all__ = ["HIGH_DIM_FEATURES", "PATHS", "SinkhornFlowMatcher", "SinkhornTrajectory"]
@@ -255,6 +255,8 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         self._sim_seconds = 0.0
         self._warned_slow = False
         self._warned_drift = False
+        # the blur of a run resumed from a state written before the blur was resolved per flow
+        self._fixed_blur: float | None = None
         # mean (flattened, float64, CPU) and scale of the latest pooled flow's targets
         self._ref: tuple[Tensor, float] | None = None
         # flow_size: the latest rows of the calls' x0, x1 (and y1), the calls since the latest pooled
@@ -288,7 +290,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         return options.absolute_blur(x1)
 
     def _resolve_blur(self, x1: Tensor) -> float:
-        self.blur = self.flow_blur(x1)
+        self.blur = self.flow_blur(x1) if self._fixed_blur is None else self._fixed_blur
         return self.blur
 
     def simulate(self, x0: Tensor, x1: Tensor) -> SinkhornTrajectory:
@@ -848,8 +850,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         Fixed-step solvers default to ``n_steps = flow_steps``, the matcher's grid (exact for a field equal
         to the served velocity); adaptive solvers (``dopri5``, ``tsit5``) choose their own steps.
         """
-        if n_steps is None and not solver_spec(solver).adaptive:
-            n_steps = self.flow_steps
+        n_steps = default_steps(solver, n_steps, self.flow_steps)
         return odeint_sample(field, x0, solver=solver, n_steps=n_steps, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
@@ -863,6 +864,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
             "blur": self.blur,
             "targets": None if self._ref is None else {"mean": self._ref[0], "scale": self._ref[1]},
             "warned_drift": self._warned_drift,
+            "fixed_blur": self._fixed_blur,
             "staged": self._staged,
             "since_flow": self._since_flow,
             "last_flow_n": self._last_flow_n,
@@ -873,9 +875,9 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (the matcher must have been built the same way).
 
-        The state replaces everything the matcher held (as after :meth:`reset`). States written before the
-        blur was resolved per flow also hold ``"sinkhorn_blur"``, a relative blur fixed by their first call;
-        it is ignored: the next flow resolves its blur from its own targets.
+        The state replaces everything the matcher held (as after :meth:`reset`). A state written before the
+        blur was resolved per flow (it holds ``"sinkhorn_blur"``) continues as it was run: every later flow
+        keeps the blur its first call fixed, until :meth:`reset`.
         """
         self._reset_state()
         if self._auto_pool and state.get("pool") is None:
@@ -885,6 +887,10 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         self.n_solves = int(state.get("solves", 0))
         if state.get("blur") is not None:
             self.blur = float(state["blur"])
+        if state.get("fixed_blur") is not None:
+            self._fixed_blur = float(state["fixed_blur"])
+        elif "sinkhorn_blur" in state and state.get("blur") is not None:
+            self._fixed_blur = float(state["blur"])
         if state.get("targets") is not None:
             self._ref = (state["targets"]["mean"].double().cpu(), float(state["targets"]["scale"]))
         self._warned_drift = bool(state.get("warned_drift", False))

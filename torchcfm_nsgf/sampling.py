@@ -27,9 +27,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._progress import bar_disable
 from ._validation import check_cloud, check_positive
 
-__all__ = ["SOLVERS", "NFECounter", "SampleResult", "SolverSpec", "euler_sample", "odeint_sample"]
+__all__ = [
+    "SOLVERS",
+    "NFECounter",
+    "SampleResult",
+    "SolverSpec",
+    "check_step_budget",
+    "default_steps",
+    "euler_sample",
+    "odeint_sample",
+]
 
 Field = Callable[..., Tensor]
 #: ``step(f, x, t, dt) -> x_next``: one step of a fixed-step solver (``t`` and ``dt`` 0-d tensors).
@@ -190,6 +200,26 @@ def solver_spec(solver: object, name: str = "solver") -> SolverSpec:
     return SOLVERS[solver]
 
 
+def default_steps(solver: object, n_steps: int | None, default: int) -> int | None:
+    """The step budget a sampler uses: ``n_steps`` if given, else ``default`` for a fixed-step ``solver`` and
+    None for an adaptive one (which runs to its tolerance). The one rule of every sampler of the package."""
+    if n_steps is None and not solver_spec(solver).adaptive:
+        return default
+    return n_steps
+
+
+def check_step_budget(solver: object, n_steps: object, name: str = "n_steps") -> None:
+    """``n_steps`` (called ``name`` in messages) fits ``solver``: a positive int for a fixed-step solver,
+    None for an adaptive one."""
+    if solver_spec(solver).adaptive:
+        if n_steps is not None:
+            raise ValueError(f"{name} has no meaning for the adaptive solver {solver!r}; leave it None")
+    elif n_steps is None:
+        raise ValueError(f"{name} is required for the fixed-step solver {solver!r}")
+    else:
+        check_positive(n_steps, name, integer=True)
+
+
 # ---------------------------------------------------------------------------------------------- checks
 def _check_extra_args(extra_args: object) -> dict[str, Any]:
     if extra_args is None:
@@ -326,7 +356,7 @@ def odeint_sample(
         else:
             step = spec.build(x0)
             x, states = x0, ([x0] if return_trajectory else None)
-            for k in tqdm(range(len(t_span) - 1), disable=not progress, desc=solver, leave=False):
+            for k in tqdm(range(len(t_span) - 1), disable=bar_disable(progress), desc=solver, leave=False):
                 x = step(f, x, t_span[k], t_span[k + 1] - t_span[k])
                 if states is not None:
                     states.append(x)

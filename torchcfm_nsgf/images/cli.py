@@ -10,8 +10,10 @@ Sample grids go to the run's folder ``--ckpt-dir`` unless ``--sample-out`` names
 class, ``--n-samples / classes`` images per row (``--n-samples 100``: 10 x 10 for MNIST), classifier-free
 guided with ``--guidance-scale`` (a run trained with ``--cfg-dropout``).
 
-``--resume`` with ``--total-steps`` below the checkpoint's step is an error; equal to it, nothing is
-trained, which is allowed only to sample or score the checkpoint (``--sample``, ``--fid``).
+``--resume`` with ``--train-steps`` below the checkpoint's step is an error; equal to it, nothing is
+trained, which is allowed only to sample or score the checkpoint (``--sample``, ``--fid``). ``--resume auto``
+resumes when ``--ckpt-dir`` holds a checkpoint and starts a fresh run otherwise, and the report says which:
+a job that a scheduler requeues can run the same command every time.
 """
 
 from __future__ import annotations
@@ -24,29 +26,49 @@ from typing import Any, NoReturn
 
 import torch
 
-from .._cli import add_option_flags, options_from_args
+from .._cli import (
+    DeprecatedFlag,
+    add_dataclass_flags,
+    add_option_flags,
+    dataclass_kwargs,
+    fraction,
+    non_negative_float,
+    options_from_args,
+    positive_int,
+)
 from .._io import check_writable_dir
 from ..matcher import PATHS
-from ..nsgfpp import ENDPOINT_SOURCES, PHASE2_VARIANTS
+from ..nsgfpp import NSGFPlusPlusOptions
 from ..sinkhorn import SinkhornOptions
 from .checkpoint import CheckpointError
-from .data import load_images, to_uint8
+from .data import DATASETS, load_images, to_uint8
 from .fid import InceptionUnavailableError, check_inception_available, inception_metrics
 from .generation import generate, save_grid
-from .methods import UNET_PRESETS, NSGFSettings, available_methods
+from .registry import available_methods
+from .settings import NSGFSettings
 from .training import ConfigError, TrainConfig, checkpoint_step, train
+from .unet import UNET_PRESETS
 
 __all__ = ["RUN_PRESETS", "UsageError", "build_parser", "config_from_args", "main", "report_lines", "run"]
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_STEPS = {"cifar10": 400_000, "mnist": 20_000}
+# NSGF++'s fields that follow the image pool's flags (--refresh-every, --pool-capacity), shared with nsgf
+_SHARED_POOL = ("refresh_every", "pool_capacity")
+# flags of earlier releases -> the generated NSGF++ flags (dest) that replace them
+_OLD_NSGFPP_FLAGS = {
+    "--phase1-steps": "flow_steps",
+    "--phase1-step-size": "step_size",
+    "--phase1-batch-fraction": "phase1_batch_fraction",
+    "--phase2": "phase2",
+    "--endpoints": "endpoints",
+}
 
 # Values a preset gives to flags (argparse dests) that are not given explicitly. Warm-up and EMA decay are
-# left out: they scale with total_steps.
+# left out: they scale with train_steps.
 RUN_PRESETS: dict[str, dict[str, Any]] = {
     # a first try on a laptop CPU: recognisable MNIST digits in a few minutes (CIFAR-10: a smoke test only)
-    "quick": dict(unet="tiny", batch_size=32, lr=1e-3, total_steps=800, sample=True, nfe=20, log_every=50),
+    "quick": dict(unet="tiny", batch_size=32, lr=1e-3, train_steps=800, sample=True, nfe=20, log_every=50),
 }
 
 
@@ -113,55 +135,6 @@ def _preset_name(value: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown preset {value!r} (choose from {', '.join(RUN_PRESETS)}){hint}")
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    number = float(value)
-    if not number >= 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {value}")
-    return number
-
-
-def _fraction(value: str) -> float:
-    number = float(value)
-    if not 0.0 < number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
-    return number
-
-
-def _probability(value: str) -> float:
-    number = float(value)
-    if not 0.0 <= number < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
-    return number
-
-
-def _decay(value: str) -> float:
-    number = float(value)
-    if not 0.0 <= number < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
-    return number
-
-
 def _preset_help() -> str:
     lines = [
         f"{name}: "
@@ -170,14 +143,16 @@ def _preset_help() -> str:
     ]
     return (
         "set several flags at once; flags given explicitly override it; warm-up and EMA decay scale with "
-        f"--total-steps ({'; '.join(lines)}) (default: none)"
+        f"--train-steps ({'; '.join(lines)}) (default: none)"
     )
 
 
 def build_parser(dataset: str) -> argparse.ArgumentParser:
-    """Argument parser for ``dataset`` (``"mnist"`` or ``"cifar10"``); defaults are torchcfm's recipe."""
-    if dataset not in _DEFAULT_STEPS:
-        raise ValueError(f"dataset must be 'mnist' or 'cifar10', got {dataset!r}")
+    """Argument parser for ``dataset`` (a key of :data:`~torchcfm_nsgf.images.data.DATASETS`); defaults are
+    torchcfm's recipe and the dataset's record."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
+    record = DATASETS[dataset]
     nsgf = NSGFSettings()
     p = _Parser(
         description=f"Train NSGF / NSGF++ or a torchcfm flow-matching baseline on {dataset} with one loop.",
@@ -185,59 +160,23 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--method", default="otcfm", choices=available_methods(), help="training method")
     p.add_argument("--preset", type=_preset_name, default=None, metavar="NAME", help=_preset_help())
-    g = p.add_argument_group("data")
-    g.add_argument("--data-root", default="./data", help="torchvision root folder of the dataset")
-    g.add_argument("--download", action="store_true", help="let torchvision download missing files")
-    if dataset == "cifar10":
-        g.add_argument(
-            "--verify-checksums",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="torchvision's md5 check of the CIFAR-10 batches",
-        )
-    g.add_argument(
-        "--hflip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="random horizontal flips (default: on for cifar10, off for mnist)",
+    groups = {name: p.add_argument_group(name) for name in ("data", "recipe", "checkpoints")}
+    add_dataclass_flags(
+        p,
+        TrainConfig,
+        groups=groups,
+        defaults={"train_steps": record.default_steps, "preset": record.unet_preset},
+        skip=() if record.checksums else ("verify_checksums",),
     )
-    g = p.add_argument_group("recipe")
+    g = groups["recipe"]
     g.add_argument(
         "--total-steps",
-        type=_positive_int,
-        default=_DEFAULT_STEPS[dataset],
-        help="optimiser steps of the whole run, resumptions included",
+        dest="train_steps",
+        type=positive_int,
+        action=DeprecatedFlag,
+        new_flag="--train-steps",
+        default=argparse.SUPPRESS,
     )
-    g.add_argument("--batch-size", type=_positive_int, default=128, help="images per step and per process")
-    g.add_argument("--lr", type=_positive_float, default=2e-4, help="Adam learning rate")
-    g.add_argument(
-        "--warmup",
-        type=_non_negative_int,
-        default=None,
-        help="linear learning-rate warm-up steps (default: min(5000, total-steps / 20); a resumed run keeps "
-        "its own)",
-    )
-    g.add_argument("--grad-clip", type=_positive_float, default=1.0, help="gradient-norm clip, per network")
-    g.add_argument(
-        "--ema-decay",
-        type=_decay,
-        default=None,
-        help="decay of the exponential moving average of the weights (default: 0.9999, lowered until the "
-        "EMA horizon 1 / (1 - decay) is at most total-steps / 10; a resumed run keeps its own)",
-    )
-    g.add_argument("--sigma", type=float, default=0.0, help="sigma of the icfm/otcfm/fm probability paths")
-    g.add_argument(
-        "--conditional",
-        action="store_true",
-        help="class-conditional training on the dataset's labels (every method; fixed on resume)",
-    )
-    g.add_argument(
-        "--cfg-dropout",
-        type=_probability,
-        default=0.0,
-        help="label-dropout probability for classifier-free guidance, e.g. 0.1 (needs --conditional)",
-    )
-    g.add_argument("--unet", default=dataset, choices=sorted(UNET_PRESETS), help="UNet configuration")
     g.add_argument(
         "--tiny",
         dest="unet",
@@ -246,81 +185,28 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="--unet tiny",
     )
-    g.add_argument("--seed", type=int, default=0, help="random seed (each process adds its rank)")
     g.add_argument(
-        "--device",
-        default=None,
-        help="torch device (default: cuda:LOCAL_RANK when CUDA is available, else cpu)",
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
-    g.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    g.add_argument(
-        "--time-budget",
-        type=_positive_float,
-        default=None,
-        help="stop (and checkpoint) after this many seconds of training (default: no limit)",
-    )
-    g.add_argument(
-        "--budget-clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="clock of --time-budget: wall time, or this process's CPU time (fair budgets for runs sharing "
-        "a machine, one thread each) (default: wall)",
-    )
-    g = p.add_argument_group("checkpoints")
-    g.add_argument(
-        "--ckpt-dir",
-        default=None,
-        help="the run's folder: checkpoints and the sample grid (default: none, no checkpoints)",
-    )
-    g.add_argument(
-        "--ckpt-every", type=_positive_int, default=5000, help="checkpoint every N steps and at the end"
-    )
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --ckpt-dir; with --total-steps equal to its step nothing is trained, to "
-        "--sample or --fid it",
-    )
-    g.add_argument(
-        "--stop-after",
-        type=_positive_int,
-        default=None,
-        help="stop after N steps of this invocation without checkpointing, as if killed (default: never)",
-    )
-    g.add_argument("--log-every", type=_positive_int, default=100, help="log the loss every N steps")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     g = p.add_argument_group("NSGF / NSGF++ Sinkhorn flow")
     add_option_flags(g, SinkhornOptions, defaults=nsgf.sinkhorn)
     g.add_argument("--flow-steps", type=int, default=nsgf.flow_steps, help="T of nsgf's simulated flow")
     g.add_argument("--step-size", type=float, default=nsgf.step_size, help="eta of nsgf's simulated flow")
     g.add_argument("--path", default=nsgf.path, choices=list(PATHS), help="targets nsgf serves")
-    g.add_argument("--phase1-steps", type=int, default=nsgf.phase1_steps, help="T of nsgf++'s NSGF phase")
-    g.add_argument(
-        "--phase1-step-size", type=float, default=nsgf.phase1_step_size, help="eta of nsgf++'s NSGF phase"
-    )
-    g.add_argument(
-        "--phase1-batch-fraction",
-        type=_fraction,
-        default=nsgf.phase1_batch_fraction,
-        help="share of each batch nsgf++'s NSGF network is trained on, in (0, 1] (the straight flow takes it all)",
-    )
-    g.add_argument(
-        "--phase2",
-        default=nsgf.phase2,
-        choices=list(PHASE2_VARIANTS),
-        help="nsgf++'s straight flow: from noise with a time predictor (paper), or from the NSGF end points "
-        "paired with the data by exact OT (ot: OT between end points and data; ot-source: the batch's own "
-        "end points, OT between their noise and the data; ot-predictor: ot with a time predictor)",
-    )
-    g.add_argument(
-        "--endpoints",
-        default=nsgf.endpoints,
-        choices=list(ENDPOINT_SOURCES),
-        help="nsgf++ ot variants: the end points X_T the straight flow starts from, from the simulated "
-        "Sinkhorn flow or from the NSGF network being trained",
-    )
+    g = p.add_argument_group("NSGF++ (phase 1 on the Sinkhorn flow above, its pool below)")
+    add_option_flags(g, NSGFPlusPlusOptions, prefix="nsgfpp_", defaults=nsgf.nsgfpp, exclude=_SHARED_POOL)
+    for old, field_name in _OLD_NSGFPP_FLAGS.items():
+        new = "--nsgfpp-" + field_name.replace("_", "-")
+        kind = fraction if field_name == "phase1_batch_fraction" else type(getattr(nsgf.nsgfpp, field_name))
+        g.add_argument(
+            old,
+            dest="nsgfpp_" + field_name,
+            type=kind,
+            action=DeprecatedFlag,
+            new_flag=new,
+            default=argparse.SUPPRESS,
+        )
+    g = p.add_argument_group("NSGF / NSGF++ trajectory pool")
     g.add_argument("--pool-capacity", type=int, default=nsgf.pool_capacity, help="items per process")
     g.add_argument("--pool-max-bytes", type=int, default=None, help="byte bound per process (default: none)")
     g.add_argument(
@@ -350,9 +236,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         default=False,
         help="after training, write a PNG grid and print the NFE",
     )
-    g.add_argument("--n-samples", type=_positive_int, default=64, help="images in the grid")
+    g.add_argument("--n-samples", type=positive_int, default=64, help="images in the grid")
     g.add_argument(
-        "--nfe", type=_positive_int, default=None, help="sampling step budget (default: the method's own)"
+        "--nfe", type=positive_int, default=None, help="sampling step budget (default: the method's own)"
     )
     g.add_argument("--solver", default="euler", help="euler, or a torchdyn solver (midpoint, rk4, dopri5)")
     g.add_argument(
@@ -364,12 +250,12 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling noise")
     g.add_argument(
         "--guidance-scale",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=None,
         help="classifier-free guidance scale w of a --conditional run trained with --cfg-dropout "
         "(0: unconditional, 1: conditional; default: no guidance)",
     )
-    g.add_argument("--sample-batch-size", type=_positive_int, default=256, help="images per sampler call")
+    g.add_argument("--sample-batch-size", type=positive_int, default=256, help="images per sampler call")
     g.add_argument(
         "--ema",
         dest="use_ema",
@@ -378,7 +264,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         help="sample with the EMA weights (--no-ema: the raw weights)",
     )
     g.add_argument("--fid", action="store_true", help="FID (and IS for cifar10) with torchmetrics")
-    g.add_argument("--fid-samples", type=_positive_int, default=50_000, help="generated images for FID")
+    g.add_argument("--fid-samples", type=positive_int, default=50_000, help="generated images for FID")
     g.add_argument(
         "--inception-weights",
         default=None,
@@ -390,16 +276,19 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` described by parsed arguments."""
+    defaults = NSGFSettings().nsgfpp
+    try:
+        nsgfpp = options_from_args(
+            args, NSGFPlusPlusOptions, prefix="nsgfpp_", defaults=defaults, exclude=_SHARED_POOL
+        )
+    except ValueError as err:
+        raise UsageError(f"NSGF++ flags (--nsgfpp-*): {err}") from err
     nsgf = NSGFSettings(
         sinkhorn=options_from_args(args, SinkhornOptions),
         flow_steps=args.flow_steps,
         step_size=args.step_size,
         path=args.path,
-        phase1_steps=args.phase1_steps,
-        phase1_step_size=args.phase1_step_size,
-        phase2=args.phase2,
-        phase1_batch_fraction=args.phase1_batch_fraction,
-        endpoints=args.endpoints,
+        nsgfpp=nsgfpp,
         pool_capacity=args.pool_capacity,
         pool_max_bytes=args.pool_max_bytes,
         pool_dtype=args.pool_dtype,
@@ -408,33 +297,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         refresh_every=args.refresh_every,
     )
     return TrainConfig(
-        dataset=args.dataset,
-        data_root=args.data_root,
-        method=args.method,
-        total_steps=args.total_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay,
-        hflip=args.hflip,
-        preset=args.unet,
-        sigma=args.sigma,
-        seed=args.seed,
-        ckpt_dir=args.ckpt_dir,
-        ckpt_every=args.ckpt_every,
-        resume=args.resume,
-        stop_after=args.stop_after,
-        time_budget_s=args.time_budget,
-        budget_clock=args.budget_clock,
-        device=args.device,
-        progress=args.progress,
-        log_every=args.log_every,
-        download=args.download,
-        verify_checksums=getattr(args, "verify_checksums", True),
-        conditional=args.conditional,
-        cfg_dropout=args.cfg_dropout,
-        nsgf=nsgf,
+        dataset=args.dataset, method=args.method, nsgf=nsgf, **dataclass_kwargs(args, TrainConfig)
     )
 
 
@@ -463,16 +326,18 @@ def _check_paths(args: argparse.Namespace) -> None:
     try:
         step = checkpoint_step(args.ckpt_dir)
     except FileNotFoundError as err:
+        if args.resume == "auto":
+            return  # a fresh run
         raise UsageError(f"--resume: there is no checkpoint.pt in --ckpt-dir {args.ckpt_dir!r}") from err
-    if args.total_steps < step:
+    if args.train_steps < step:
         raise UsageError(
-            f"--total-steps {args.total_steps} is below the step {step} of the checkpoint in --ckpt-dir: "
+            f"--train-steps {args.train_steps} is below the step {step} of the checkpoint in --ckpt-dir: "
             "raise it to continue the run"
         )
-    if args.total_steps == step and not (args.sample or args.fid):
+    if args.train_steps == step and not (args.sample or args.fid):
         raise UsageError(
-            f"--total-steps {args.total_steps}: the checkpoint in --ckpt-dir is at that step already, so "
-            "there is nothing to train; raise --total-steps to continue, or add --sample / --fid to use it"
+            f"--train-steps {args.train_steps}: the checkpoint in --ckpt-dir is at that step already, so "
+            "there is nothing to train; raise --train-steps to continue, or add --sample / --fid to use it"
         )
 
 
@@ -511,6 +376,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps_this_run": result.steps_this_run,
         "wall_time_s": result.wall_time_s,
         "rank": rank,
+        "resume": args.resume,
+        "resumed_from": result.resumed_from,
     }
     if rank != 0 or not (args.sample or args.fid):
         return out
@@ -573,7 +440,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 real_batches,
                 fake_batches(),
                 weights_path=args.inception_weights,
-                inception_score=config.dataset == "cifar10",
+                inception_score=DATASETS[config.dataset].inception_score,
                 device=device,
             )
         )
@@ -582,10 +449,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report_lines(method: str, out: dict[str, Any]) -> list[str]:
     """The lines an example prints for the result of :func:`run` (the library itself never prints)."""
+    lines = []
+    if out.get("resume") == "auto":  # say which
+        if out.get("resumed_from") is None:
+            lines.append("--resume auto: no checkpoint in --ckpt-dir, started a fresh run")
+        else:
+            lines.append(f"--resume auto: resumed the checkpoint at step {out['resumed_from']}")
     if out.get("steps_this_run", 1) == 0:
-        lines = [f"the checkpoint of {method} is at step {out['step']} = --total-steps: nothing trained"]
+        lines.append(f"the checkpoint of {method} is at step {out['step']} = --train-steps: nothing trained")
     else:
-        lines = [f"trained {method} to step {out['step']} ({out['wall_time_s']:.1f} s this run)"]
+        lines.append(f"trained {method} to step {out['step']} ({out['wall_time_s']:.1f} s this run)")
     if "grid" in out:
         parts = ", ".join(f"{k} {v}" for k, v in out["nfe_breakdown"].items())
         lines += [f"wrote {out['grid']}", f"NFE: {out['nfe']} ({parts})"]

@@ -6,7 +6,10 @@ with the indices of a :class:`~torch.utils.data.distributed.DistributedSampler` 
 needs, and keeps the data order a pure function of ``(seed, epoch, step)``: that is what makes an
 interrupted run resume exactly. Random horizontal flips are applied to the batch by the training loop.
 
-Files are looked for in torchvision's own layout under ``root``:
+Every fact about a dataset is in its :class:`DatasetRecord` in :data:`DATASETS`: its files in torchvision's
+layout under ``root``, image shape, classes, the UNet preset and horizontal flips of its training recipe,
+the default run length of the command line, whether the Inception Score applies, and its reader. Adding a
+dataset is adding a record (and a test):
 
 * MNIST: ``root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (raw idx files);
 * CIFAR-10: ``root/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`` (python pickles).
@@ -15,17 +18,23 @@ Files are looked for in torchvision's own layout under ``root``:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torchvision import datasets
 
-__all__ = ["DATASETS", "NUM_CLASSES", "ImageData", "expected_files", "load_images", "to_unit_range"]
-
-DATASETS = ("mnist", "cifar10")
-#: Classes of each dataset (the labels of class-conditional runs lie in ``[0, NUM_CLASSES[name])``).
-NUM_CLASSES = {"mnist": 10, "cifar10": 10}
+__all__ = [
+    "DATASETS",
+    "NUM_CLASSES",
+    "DatasetRecord",
+    "ImageData",
+    "dataset_record",
+    "expected_files",
+    "load_images",
+    "to_unit_range",
+]
 
 _MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -69,18 +78,15 @@ def _check_name(name: object) -> str:
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     key = name.lower().replace("-", "")
     if key not in DATASETS:
-        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+        raise ValueError(f"name must be one of {tuple(DATASETS)}, got {name!r}")
     return key
 
 
 def expected_files(name: str, root: str | os.PathLike) -> list[str]:
     """The files torchvision reads for dataset ``name`` under ``root`` (absolute paths)."""
-    key = _check_name(name)
-    if key == "mnist":
-        folder = os.path.join(os.fspath(root), "MNIST", "raw")
-        return [os.path.join(folder, f) for f in _MNIST_FILES]
-    folder = os.path.join(os.fspath(root), "cifar-10-batches-py")
-    return [os.path.join(folder, f) for f in _CIFAR_FILES]
+    record = DATASETS[_check_name(name)]
+    folder = os.path.join(os.fspath(root), record.folder)
+    return [os.path.join(folder, f) for f in record.files]
 
 
 class _CIFAR10NoChecksum(datasets.CIFAR10):
@@ -91,6 +97,120 @@ class _CIFAR10NoChecksum(datasets.CIFAR10):
     meta = {**datasets.CIFAR10.meta, "md5": None}
 
 
+#: ``read(root, train, download, verify_checksums) -> (images uint8 (N, C, H, W), labels int64 (N,))``.
+Reader = Callable[[str, bool, bool, bool], "tuple[Tensor, Tensor]"]
+
+
+def _read_idx(cls: type) -> Reader:
+    """A reader of torchvision's idx-file datasets (MNIST and its relatives): one channel."""
+
+    def read(root: str, train: bool, download: bool, verify_checksums: bool) -> tuple[Tensor, Tensor]:
+        ds = cls(root, train=train, download=download)
+        return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
+
+    return read
+
+
+def _read_cifar10(root: str, train: bool, download: bool, verify_checksums: bool) -> tuple[Tensor, Tensor]:
+    cls = datasets.CIFAR10 if verify_checksums or download else _CIFAR10NoChecksum
+    try:
+        ds = cls(root, train=train, download=download)
+    except RuntimeError as err:  # torchvision's message does not say which file failed
+        raise FileNotFoundError(
+            f"cifar10 under root={root!r} failed torchvision's md5 check ({err}); expected the original files "
+            + ", ".join(expected_files("cifar10", root))
+            + " (or pass verify_checksums=False)"
+        ) from err
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(
+        ds.targets, dtype=torch.long
+    )
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """Everything the package knows about one image dataset.
+
+    Attributes
+    ----------
+    name : str
+        The key in :data:`DATASETS` (the example scripts' names).
+    folder : str
+        Folder of the files under torchvision's ``root``.
+    files : tuple of str
+        The files torchvision reads there.
+    shape : (C, H, W)
+        Shape of one image.
+    classes : int
+        Number of classes (class-conditional labels lie in ``[0, classes)``).
+    unet_preset : str
+        The UNet preset of its recipe (a key of ``torchcfm_nsgf.images.unet.UNET_PRESETS``).
+    hflip : bool
+        Whether its recipe flips images horizontally at random.
+    default_steps : int
+        Optimiser steps of a run when none are given (the command line's ``--train-steps``).
+    inception_score : bool
+        Whether the Inception Score is computed next to the FID (natural images of ImageNet-like classes).
+    checksums : bool
+        Whether torchvision can verify its files (the command line then offers ``--verify-checksums``).
+    read : callable
+        ``read(root, train, download, verify_checksums) -> (images, labels)``: uint8 ``(N, C, H, W)`` and
+        int64 ``(N,)``.
+    """
+
+    name: str
+    folder: str
+    files: tuple[str, ...]
+    shape: tuple[int, int, int]
+    classes: int
+    unet_preset: str
+    hflip: bool
+    default_steps: int
+    inception_score: bool
+    checksums: bool
+    read: Reader
+
+
+#: The datasets, by name.
+DATASETS: dict[str, DatasetRecord] = {
+    record.name: record
+    for record in (
+        DatasetRecord(
+            "mnist",
+            folder=os.path.join("MNIST", "raw"),
+            files=_MNIST_FILES,
+            shape=(1, 28, 28),
+            classes=10,
+            unet_preset="mnist",
+            hflip=False,
+            default_steps=20_000,
+            inception_score=False,
+            checksums=False,
+            read=_read_idx(datasets.MNIST),
+        ),
+        DatasetRecord(
+            "cifar10",
+            folder="cifar-10-batches-py",
+            files=_CIFAR_FILES,
+            shape=(3, 32, 32),
+            classes=10,
+            unet_preset="cifar10",
+            hflip=True,
+            default_steps=400_000,
+            inception_score=True,
+            checksums=True,
+            read=_read_cifar10,
+        ),
+    )
+}
+#: Classes of each dataset (the labels of class-conditional runs lie in ``[0, NUM_CLASSES[name])``).
+NUM_CLASSES = {name: record.classes for name, record in DATASETS.items()}
+
+
+def dataset_record(name: str) -> DatasetRecord:
+    """The record of dataset ``name`` (case and dashes ignored); ``ValueError`` naming the choices otherwise."""
+    return DATASETS[_check_name(name)]
+
+
 def load_images(
     name: str,
     root: str | os.PathLike,
@@ -99,11 +219,12 @@ def load_images(
     download: bool = False,
     verify_checksums: bool = True,
 ) -> ImageData:
-    """Load MNIST or CIFAR-10 through torchvision.
+    """Load a dataset of :data:`DATASETS` through torchvision (its record's reader).
 
     Parameters
     ----------
-    name : {"mnist", "cifar10"}
+    name : str
+        A key of :data:`DATASETS` (``"mnist"``, ``"cifar10"``).
     root : path
         The ``root`` torchvision is given (the folder that holds ``MNIST/`` or ``cifar-10-batches-py/``).
     train : bool
@@ -134,21 +255,7 @@ def load_images(
                 + ", ".join(missing)
                 + ". Pass --download (download=True) or point --data-root at the folder that holds them."
             )
-    if key == "mnist":
-        ds = datasets.MNIST(os.fspath(root), train=train, download=download)
-        images = ds.data.unsqueeze(1).contiguous()
-        labels = ds.targets.long()
-    else:
-        cls = datasets.CIFAR10 if verify_checksums or download else _CIFAR10NoChecksum
-        try:
-            ds = cls(os.fspath(root), train=train, download=download)
-        except RuntimeError as err:  # torchvision's message does not say which file failed
-            raise FileNotFoundError(
-                f"cifar10 under root={os.fspath(root)!r} failed torchvision's md5 check ({err}); expected the "
-                "original files " + ", ".join(expected_files(key, root)) + " (or pass verify_checksums=False)"
-            ) from err
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        labels = torch.as_tensor(ds.targets, dtype=torch.long)
+    images, labels = DATASETS[key].read(os.fspath(root), train, download, verify_checksums)
     return ImageData(images=images, labels=labels, name=key)
 
 

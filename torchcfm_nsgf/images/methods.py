@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,86 +34,15 @@ from torchcfm.conditional_flow_matching import (
     ExactOptimalTransportConditionalFlowMatcher,
     TargetConditionalFlowMatcher,
 )
-from torchcfm.models.unet.unet import UNetModelWrapper
 
+from .._deprecation import moved
 from .._validation import check_non_negative
 from ..guidance import CFGField, drop_labels
-from ..sampling import SampleResult, odeint_sample, solver_spec
-from ..sinkhorn import HIGH_DIM_BLUR, SinkhornOptions
+from ..sampling import SampleResult, default_steps, odeint_sample
 
-__all__ = [
-    "BASELINE_METHODS",
-    "UNET_PRESETS",
-    "FlowMatchingMethod",
-    "ImageMethod",
-    "NSGFSettings",
-    "available_methods",
-    "build_unet",
-    "make_method",
-]
+__all__ = ["BASELINE_METHODS", "FlowMatchingMethod", "ImageMethod", "baseline_matcher"]
 
 BASELINE_METHODS = ("otcfm", "icfm", "fm", "rf")
-
-# torchcfm's UNet normalises with GroupNorm(32, ·): every width must be a multiple of 32.
-UNET_PRESETS: dict[str, dict[str, Any]] = {
-    # torchcfm's CIFAR-10 recipe (examples/images/cifar10/train_cifar10.py)
-    "cifar10": dict(
-        num_channels=128,
-        num_res_blocks=2,
-        channel_mult=[1, 2, 2, 2],
-        num_heads=4,
-        num_head_channels=64,
-        attention_resolutions="16",
-        dropout=0.1,
-    ),
-    # MNIST 28x28: levels at 28, 14, 7; attention at 7. The narrow presets condition by scale and shift after
-    # the GroupNorm (use_scale_shift_norm): at 32 channels GroupNorm(32, .) normalises every channel on its
-    # own and removes the per-channel shift torchcfm's default adds, so the network would not see t or y.
-    "mnist": dict(
-        num_channels=32,
-        num_res_blocks=1,
-        channel_mult=[1, 2, 2],
-        num_heads=1,
-        num_head_channels=-1,
-        attention_resolutions="7",
-        dropout=0.0,
-        use_scale_shift_norm=True,
-    ),
-    # tests and smoke runs: three narrow levels, attention only in the middle block (always there)
-    "tiny": dict(
-        num_channels=32,
-        num_res_blocks=1,
-        channel_mult=[1, 1, 1],
-        num_heads=1,
-        num_head_channels=-1,
-        attention_resolutions="-1",
-        dropout=0.0,
-        use_scale_shift_norm=True,
-    ),
-}
-
-
-def build_unet(
-    shape: tuple[int, int, int], preset: str = "cifar10", num_classes: int | None = None, **overrides: Any
-) -> UNetModelWrapper:
-    """torchcfm's ``UNetModelWrapper`` for images of ``shape = (C, H, W)`` from a named preset.
-
-    ``attention_resolutions="-1"`` means no attention layer outside the middle block (the ``tiny`` preset).
-    ``num_classes``: class-conditional (``class_cond=True``), ``forward(t, x, y)`` with labels in
-    ``[0, num_classes)``.
-    """
-    if preset not in UNET_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(UNET_PRESETS)}, got {preset!r}")
-    if len(shape) != 3:
-        raise ValueError(f"shape must be (C, H, W), got {shape}")
-    cfg = {**UNET_PRESETS[preset], **overrides}
-    if cfg["attention_resolutions"] == "-1":
-        # torchcfm turns resolutions into downsampling factors image_size // res; a factor that the
-        # network never reaches disables attention
-        cfg["attention_resolutions"] = str(2 * shape[-1])  # factor 0: never reached
-    if num_classes is not None:
-        cfg.update(class_cond=True, num_classes=num_classes)
-    return UNetModelWrapper(dim=tuple(shape), **cfg)
 
 
 class ImageMethod(ABC):
@@ -282,7 +210,7 @@ class FlowMatchingMethod(ImageMethod):
         steps (default ``default_steps``), an adaptive one runs to its tolerance and ignores ``nfe``. With
         ``guidance_scale`` each step is a classifier-free-guided evaluation (two network calls in ``nfe``)."""
         y = self._check_labels(y, x0, guidance_scale)
-        steps = None if solver_spec(solver).adaptive else (self.default_steps if nfe is None else nfe)
+        steps = default_steps(solver, nfe, self.default_steps)
         field = nets["velocity"]
         if guidance_scale is not None:
             field = CFGField(field, guidance_scale, self.null_label)
@@ -300,14 +228,8 @@ def _check_dropout(cfg_dropout: object, num_classes: int | None) -> float:
     return p
 
 
-def unet_classes(num_classes: int | None, cfg_dropout: float) -> int | None:
-    """Classes of a conditional UNet: the data's, plus the null label when training with label dropout."""
-    if num_classes is None:
-        return None
-    return num_classes + (1 if cfg_dropout > 0 else 0)
-
-
-def _baseline_matcher(name: str, sigma: float) -> ConditionalFlowMatcher:
+def baseline_matcher(name: str, sigma: float) -> ConditionalFlowMatcher:
+    """torchcfm's matcher of the baseline ``name`` with path width ``sigma`` (``rf``: always 0)."""
     if name == "icfm":
         return ConditionalFlowMatcher(sigma=sigma)
     if name == "otcfm":
@@ -319,129 +241,26 @@ def _baseline_matcher(name: str, sigma: float) -> ConditionalFlowMatcher:
     raise ValueError(f"unknown baseline {name!r}")
 
 
-def available_methods() -> tuple[str, ...]:
-    """The method names :func:`make_method` accepts in this installation (NSGF ones need their modules)."""
-    names = list(BASELINE_METHODS)
-    from . import _nsgf_methods
+def _moved(module: str, name: str) -> Any:
+    def load() -> tuple[Any, str]:
+        import importlib
 
-    return tuple(_nsgf_methods.available() + names)
+        return getattr(
+            importlib.import_module(f"torchcfm_nsgf.images.{module}"), name
+        ), f"torchcfm_nsgf.images.{module}"
 
-
-@dataclass
-class NSGFSettings:
-    """Settings of the NSGF and NSGF++ methods.
-
-    Attributes
-    ----------
-    sinkhorn : SinkhornOptions
-        Sinkhorn settings (default: blur 0.05 of the target's scale, what ``SinkhornFlowMatcher()`` uses on
-        images: at 0.1 a quarter of NSGF's MNIST targets are blends of digits, BENCHMARKS.md §5).
-    flow_steps, step_size, path : int, float, str
-        T, η and served path of the simulated flow for ``nsgf`` (``SinkhornFlowMatcher``'s defaults).
-    phase1_steps, phase1_step_size : int, float
-        T and η of the NSGF phase of ``nsgf++`` (1, 0.5: on MNIST T = 1 beat T = 2, and η = 0.5 beat 0.25, 0.4,
-        0.6 and 1.0, BENCHMARKS.md §5a). A full step (η = 1) of the network contracts the noise onto a cloud
-        far narrower than the data, which the straight flow cannot spread out again; half a step keeps half
-        of the noise. The 2D ``NSGFPlusPlus`` keeps T = 2, η = 1 (§4).
-    phase2 : {"paper", "ot", "ot-source", "ot-predictor"}
-        Where ``nsgf++``'s straight flow is trained from (:class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`):
-        noise, with a time predictor, or the phase-1 end points paired with the data by exact OT.
-    phase1_batch_fraction : float
-        Share of each batch the NSGF network of ``nsgf++`` is trained on
-        (:class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`); the straight flow takes the whole batch.
-        0.25 leaves most of each step to the straight flow: on MNIST at equal training time it beat the whole
-        batch (BENCHMARKS.md §5a).
-    endpoints : {"simulated", "network"}
-        Where the ``"ot"`` variants' end points :math:`X_T` come from: the simulated Sinkhorn flow, or ``T``
-        Euler steps of the NSGF network being trained (what phase 2 meets at sampling; the default here:
-        on MNIST it is far better than the simulated end points, BENCHMARKS.md §5).
-    pool_capacity : int
-        Items of the trajectory pool, per process (each DDP rank holds its own shard).
-    pool_max_bytes : int, optional
-        Hard bound on the pool's bytes, per process.
-    pool_dtype : {"float16", "bfloat16", "float32"}
-        Storage dtype of the pool (float16 halves the memory).
-    pool_storage : {"memory", "disk"}
-        RAM, or memory-mapped files under ``pool_path`` (``rank{r}`` sub-folders).
-    pool_path : str, optional
-    refresh_every : int
-        Simulate a new flow batch into the pool every ``refresh_every`` training batches.
-    """
-
-    sinkhorn: SinkhornOptions = field(default_factory=lambda: SinkhornOptions(blur=HIGH_DIM_BLUR))
-    flow_steps: int = 2
-    step_size: float = 1.0
-    path: str = "straight"
-    phase1_steps: int = 1
-    phase1_step_size: float = 0.5
-    phase2: str = "ot"
-    phase1_batch_fraction: float = 0.25
-    endpoints: str = "network"
-    pool_capacity: int = 200_000
-    pool_max_bytes: int | None = None
-    pool_dtype: str = "float16"
-    pool_storage: str = "memory"
-    pool_path: str | None = None
-    refresh_every: int = 10
+    return load
 
 
-def make_method(
-    name: str,
-    shape: tuple[int, int, int],
-    *,
-    preset: str = "cifar10",
-    sigma: float = 0.0,
-    sample_steps: int = 100,
-    nsgf: NSGFSettings | None = None,
-    rank: int = 0,
-    num_classes: int | None = None,
-    cfg_dropout: float = 0.0,
-) -> ImageMethod:
-    """Build the method ``name`` with fresh networks for images of ``shape = (C, H, W)``.
-
-    Parameters
-    ----------
-    name : str
-        One of :func:`available_methods`.
-    shape : (C, H, W)
-    preset : str
-        UNet preset (:data:`UNET_PRESETS`).
-    sigma : float
-        σ of the I-CFM / OT-CFM / FM probability paths (ignored by ``rf`` and the NSGF methods).
-    sample_steps : int
-        Default Euler steps of the baselines' sampler.
-    nsgf : NSGFSettings, optional
-        Settings of ``nsgf`` and ``nsgf++`` (ignored by the baselines).
-    rank : int
-        Process rank (names the pool shard of a disk pool).
-    num_classes : int, optional
-        Class-conditional on this many data classes (module docstring).
-    cfg_dropout : float
-        Label-dropout probability of classifier-free guidance (needs ``num_classes``).
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"method must be a str, got {type(name).__name__}")
-    methods = available_methods()
-    if name not in methods:
-        raise ValueError(f"method must be one of {methods}, got {name!r}")
-    sigma = check_non_negative(sigma, "sigma")
-    if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
-    ):
-        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
-    cfg_dropout = _check_dropout(cfg_dropout, num_classes)
-    if name in BASELINE_METHODS:
-        matcher = _baseline_matcher(name, sigma)
-        net = build_unet(shape, preset, num_classes=unet_classes(num_classes, cfg_dropout))
-        return FlowMatchingMethod(name, matcher, net, sample_steps, num_classes, cfg_dropout)
-    from . import _nsgf_methods
-
-    return _nsgf_methods.make(
-        name,
-        shape,
-        preset=preset,
-        settings=nsgf or NSGFSettings(),
-        rank=rank,
-        num_classes=num_classes,
-        cfg_dropout=cfg_dropout,
-    )
+# names that lived here before the registry broke the methods <-> NSGF methods import circle
+__getattr__ = moved(
+    __name__,
+    {
+        "UNET_PRESETS": _moved("unet", "UNET_PRESETS"),
+        "build_unet": _moved("unet", "build_unet"),
+        "unet_classes": _moved("unet", "unet_classes"),
+        "NSGFSettings": _moved("settings", "NSGFSettings"),
+        "available_methods": _moved("registry", "available_methods"),
+        "make_method": _moved("registry", "make_method"),
+    },
+)

@@ -1,7 +1,4 @@
-"""NSGF and NSGF++ behind the :class:`~torchcfm_nsgf.images.methods.ImageMethod` interface (private).
-
-A method is offered only when the modules it builds on import (``torchcfm_nsgf.matcher`` and
-``torchcfm_nsgf.pool`` for ``nsgf``; ``torchcfm_nsgf.nsgfpp`` as well for ``nsgf++``).
+"""NSGF and NSGF++ behind the :class:`~torchcfm_nsgf.images.methods.ImageMethod` interface.
 
 NSGF on images (paper Algorithm 1 and 2): :class:`~torchcfm_nsgf.matcher.SinkhornFlowMatcher` simulates the
 Sinkhorn flow of each ``(x0, x1)`` batch into a per-process :class:`~torchcfm_nsgf.pool.TrajectoryPool`
@@ -12,13 +9,13 @@ exact for the served velocity; any NFE for ``path="straight"`` and ``"polyline"`
 NSGF++ on images (:mod:`torchcfm_nsgf.nsgfpp`): the networks are trained together by the shared loop (one
 optimiser; the loss is the sum of :meth:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective.losses`, one loss per
 network on disjoint parameters), the same objective that :class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlus` trains on
-vectors: the UNet NSGF field on a short flow (``phase1_steps`` <= 5, ``phase1_step_size``) served by the pool,
-and the UNet straight flow, on noise→data interpolations with the CNN time predictor
-(:class:`~torchcfm_nsgf.networks.TimePredictorCNN`) for ``phase2="paper"``, or on the phase-1 end points
-paired with the data by exact minibatch OT for ``phase2="ot"`` (no predictor). Times and pair orders come from
-the global generator (saved in checkpoints). Sampling: :meth:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective.sample`;
-a budget ``nfe`` counts all calls, so phase 2 gets ``nfe - T - 1`` (``"paper"``) or ``nfe - T`` (``"ot"``)
-Euler steps (default 50).
+vectors, built from ``settings.nsgfpp`` (:class:`~torchcfm_nsgf.NSGFPlusPlusOptions`): the UNet NSGF field on a
+short flow (``flow_steps`` <= 5 of ``step_size``) served by the pool, the UNet straight flow on the segments
+of the phase-2 variant, and for the variants with one the CNN time predictor
+(:class:`~torchcfm_nsgf.networks.TimePredictorCNN`). Times and pair orders come from the global generator
+(saved in checkpoints). Sampling: :meth:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective.sample`; a budget ``nfe``
+counts all calls, so phase 2 gets ``nfe - T - 1`` (with a predictor) or ``nfe - T`` Euler steps (default
+:data:`NSGFPP_STRAIGHT_STEPS`).
 
 Class-conditional (``num_classes``): the UNets take the labels; NSGF's pool stores the label of every item,
 filled by guided flows (one Sinkhorn flow per class); NSGF++'s objective passes the labels to all its
@@ -35,33 +32,29 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..sampling import SampleResult, solver_spec
-from .methods import FlowMatchingMethod, NSGFSettings, build_unet, unet_classes
+from .._progress import bar_disable
+from ..matcher import SinkhornFlowMatcher
+from ..networks import TimePredictorCNN
+from ..nsgfpp import NSGFPlusPlusObjective
+from ..pool import TrajectoryPool
+from ..sampling import SampleResult, default_steps, solver_spec
+from .methods import FlowMatchingMethod
+from .settings import NSGFSettings
+from .unet import build_unet, unet_classes
+
+__all__ = [
+    "NSGFPP_STRAIGHT_STEPS",
+    "NSGFMethod",
+    "NSGFPlusPlusMethod",
+    "make_nsgf",
+    "make_nsgfpp",
+    "make_pool",
+]
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-try:
-    from ..matcher import SinkhornFlowMatcher
-    from ..pool import TrajectoryPool
-except ImportError:  # pragma: no cover - only while the NSGF modules are absent
-    SinkhornFlowMatcher = None
-    TrajectoryPool = None
-
-try:
-    from ..networks import TimePredictorCNN
-    from ..nsgfpp import MAX_PHASE1_STEPS, NSGFPlusPlusObjective
-except ImportError:  # pragma: no cover - only while the NSGF++ modules are absent
-    NSGFPlusPlusObjective = None
-
 #: Phase-2 Euler steps of ``nsgf++`` when no budget is given.
 NSGFPP_STRAIGHT_STEPS = 50
-
-
-def available() -> list[str]:
-    """NSGF method names whose building blocks import in this installation."""
-    if SinkhornFlowMatcher is None:
-        return []
-    return ["nsgf"] if NSGFPlusPlusObjective is None else ["nsgf", "nsgf++"]
 
 
 def make_pool(settings: NSGFSettings, rank: int) -> Any:
@@ -98,7 +91,7 @@ class NSGFMethod(FlowMatchingMethod):
         """Simulate the first flow into the pool before training (a progress bar shows the pool's size); a
         guided flow with the batch's labels for a class-conditional method."""
         pool = self.matcher.pool
-        bar = tqdm(total=1, desc="NSGF pool", disable=not progress, leave=False)
+        bar = tqdm(total=1, desc="NSGF pool", disable=bar_disable(progress), leave=False)
         x1, y1 = batch_fn()
         self.matcher.fill_pool(torch.randn_like(x1), x1, y1=y1)
         bar.update(1)
@@ -167,9 +160,9 @@ class NSGFPlusPlusMethod(NSGFMethod):
         counts steps: the reported ``nfe`` counts network calls, two per guided step."""
         y = self._check_labels(y, x0, guidance_scale)
         before = self.objective.phase1_nfe()
-        budget = self.default_steps if nfe is None else nfe
         adaptive = solver_spec(solver).adaptive
-        if not adaptive and budget < before + 1:
+        budget = default_steps(solver, None if adaptive else nfe, self.default_steps)  # None: adaptive
+        if budget is not None and budget < before + 1:
             raise ValueError(
                 f"nfe must be at least {before + 1} for nsgf++ ({self.objective.phase2!r}: {before} network "
                 f"calls before phase 2, then one straight-flow step), got {budget}"
@@ -178,14 +171,13 @@ class NSGFPlusPlusMethod(NSGFMethod):
             nets,
             x0,
             solver=solver,
-            straight_steps=None if adaptive else budget - before,
+            straight_steps=None if budget is None else budget - before,
             y=y,
             guidance_scale=guidance_scale,
         )
 
 
-def make(
-    name: str,
+def make_nsgf(
     shape: tuple[int, int, int],
     *,
     preset: str,
@@ -193,33 +185,39 @@ def make(
     rank: int,
     num_classes: int | None = None,
     cfg_dropout: float = 0.0,
-) -> Any:
-    """Build ``nsgf`` (or ``nsgf++``) for images of ``shape`` (class-conditional with ``num_classes``)."""
-    if name not in available():
-        raise ValueError(f"method {name!r} is not available in this installation (available: {available()})")
+) -> NSGFMethod:
+    """``nsgf`` for images of ``shape`` (class-conditional with ``num_classes``)."""
     s = settings
-    if name == "nsgf++" and s.phase1_steps > MAX_PHASE1_STEPS:
-        raise ValueError(f"phase1_steps must be at most {MAX_PHASE1_STEPS} for nsgf++, got {s.phase1_steps}")
     matcher = SinkhornFlowMatcher(
-        flow_steps=s.flow_steps if name == "nsgf" else s.phase1_steps,
-        step_size=s.step_size if name == "nsgf" else s.phase1_step_size,
-        path=s.path if name == "nsgf" else "grid",
+        flow_steps=s.flow_steps,
+        step_size=s.step_size,
+        path=s.path,
         sinkhorn=s.sinkhorn,
         pool=make_pool(s, rank),
         refresh_every=s.refresh_every,
     )
-    classes = unet_classes(num_classes, cfg_dropout)
-    if name == "nsgf":
-        return NSGFMethod(matcher, build_unet(shape, preset, num_classes=classes), num_classes, cfg_dropout)
-    null = num_classes if cfg_dropout > 0 else None
-    objective = NSGFPlusPlusObjective(
-        matcher,
-        phase2=s.phase2,
+    net = build_unet(shape, preset, num_classes=unet_classes(num_classes, cfg_dropout))
+    return NSGFMethod(matcher, net, num_classes, cfg_dropout)
+
+
+def make_nsgfpp(
+    shape: tuple[int, int, int],
+    *,
+    preset: str,
+    settings: NSGFSettings,
+    rank: int,
+    num_classes: int | None = None,
+    cfg_dropout: float = 0.0,
+) -> NSGFPlusPlusMethod:
+    """``nsgf++`` for images of ``shape`` from ``settings.nsgfpp`` (class-conditional with ``num_classes``)."""
+    objective = NSGFPlusPlusObjective.from_options(
+        settings.nsgfpp_options(),
+        sinkhorn=settings.sinkhorn,
+        pool=make_pool(settings, rank),
         label_dropout=cfg_dropout,
-        null_label=null,
-        endpoints=s.endpoints,
-        phase1_batch_fraction=s.phase1_batch_fraction,
+        null_label=num_classes if cfg_dropout > 0 else None,
     )
+    classes = unet_classes(num_classes, cfg_dropout)
     nets = {"nsgf": build_unet(shape, preset, num_classes=classes)}
     if objective.uses_predictor:
         nets["predictor"] = TimePredictorCNN(shape[0], num_classes=num_classes)
