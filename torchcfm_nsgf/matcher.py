@@ -32,6 +32,9 @@ has torchcfm's signature and return convention ``(t, xt, ut, y0, y1[, eps])``. A
 batch would pull every particle towards all classes; the guided flow runs one Sinkhorn flow per class, each
 moving the particles assigned to class ``c`` towards the samples of ``x1`` labelled ``c``
 (:meth:`SinkhornFlowMatcher.simulate_guided`), so no target ever pulls a particle towards another class.
+
+This module is longer than the package's others on purpose: it holds one class whose parts (torchcfm's
+template, the flow, the paths, the pool's cadence and the state it keeps between calls) are read together.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from torch import Tensor
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 from tqdm.auto import tqdm
 
+from ._progress import bar_disable
 from ._validation import (
     check_cloud,
     check_labels,
@@ -336,7 +340,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         capped = 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SinkhornConvergenceWarning)
-            for k in tqdm(range(T), desc="Sinkhorn flow", disable=not self.progress, leave=False):
+            for k in tqdm(range(T), desc="Sinkhorn flow", disable=bar_disable(self.progress), leave=False):
                 sol = self.sinkhorn.solve(xs[k], x1, blur=blur, warm_start=sol)
                 capped += not sol.converged
                 errors.append(sol.marginal_error)
