@@ -138,6 +138,26 @@ def test_phase1_batch_fraction_flag_reaches_the_nsgfpp_objective(capsys):
         assert "--phase1-batch-fraction" in capsys.readouterr().err
 
 
+def test_flow_size_flag_reaches_the_nsgf_matcher_and_trains():
+    from torchcfm_nsgf.images import make_method
+    from torchcfm_nsgf.images.cli import config_from_args
+
+    config = config_from_args(build_parser("mnist").parse_args(["--method", "nsgf", "--flow-size", "24"]))
+    assert config.nsgf.flow_size == 24
+    method = make_method("nsgf", (1, 6, 6), preset="tiny", nsgf=config.nsgf)
+    assert method.matcher.flow_size == 24
+    g = torch.Generator().manual_seed(0)
+    method.matcher.refresh_every = 2
+    for _ in range(5):  # flows at call 0 (one batch of 8) and call 2 (the latest 24 images)
+        x1 = torch.rand(8, 1, 6, 6, generator=g) * 2 - 1
+        t, xt, ut = method.matcher.sample_location_and_conditional_flow(
+            torch.randn(8, 1, 6, 6, generator=g), x1
+        )
+        assert xt.shape == ut.shape == (8, 1, 6, 6)
+    assert method.matcher.n_flows == 2 and len(method.matcher.pool) == 8 + 24
+    assert config_from_args(build_parser("mnist").parse_args([])).nsgf.flow_size is None
+
+
 def test_the_old_unet_spelling_of_preset_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         build_parser("mnist").parse_args(["--preset", "tiny"])

@@ -229,6 +229,12 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         default=nsgf.refresh_every,
         help="simulate new flows into the pool every N batches",
     )
+    g.add_argument(
+        "--flow-size",
+        type=int,
+        default=nsgf.flow_size,
+        help="nsgf: particles of each simulated flow, from the latest batches (default: one batch)",
+    )
     g = p.add_argument_group("sampling and evaluation")
     g.add_argument(
         "--sample",
@@ -295,6 +301,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pool_storage=args.pool_storage,
         pool_path=args.pool_path,
         refresh_every=args.refresh_every,
+        flow_size=args.flow_size,
     )
     return TrainConfig(
         dataset=args.dataset, method=args.method, nsgf=nsgf, **dataclass_kwargs(args, TrainConfig)

@@ -195,6 +195,7 @@ def make_nsgf(
         sinkhorn=s.sinkhorn,
         pool=make_pool(s, rank),
         refresh_every=s.refresh_every,
+        flow_size=s.flow_size,
     )
     net = build_unet(shape, preset, num_classes=unet_classes(num_classes, cfg_dropout))
     return NSGFMethod(matcher, net, num_classes, cfg_dropout)

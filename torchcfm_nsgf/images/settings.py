@@ -66,6 +66,9 @@ class NSGFSettings:
     pool_path : str, optional
     refresh_every : int
         Simulate a new flow batch into the pool every ``refresh_every`` training batches.
+    flow_size : int, optional
+        ``nsgf``: particles of each simulated flow, collected from the latest training batches
+        (``SinkhornFlowMatcher(flow_size=...)``); None: flows of one batch.
 
     The keywords ``phase1_steps``, ``phase1_step_size``, ``phase2``, ``phase1_batch_fraction`` and
     ``endpoints`` of earlier releases still work (with a ``DeprecationWarning``) and set the fields of
@@ -83,6 +86,7 @@ class NSGFSettings:
     pool_storage: str = "memory"
     pool_path: str | None = None
     refresh_every: int = IMAGE_REFRESH_EVERY
+    flow_size: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.nsgfpp, dict):  # from a checkpoint's config
