@@ -29,7 +29,7 @@ def sample_labelled_8gaussians(n):
 FM = SinkhornFlowMatcher()
 model = VelocityMLP(2, width=64, num_classes=K + 1)
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-for step in range(1000):
+for _ in range(1000):
     x0, (x1, y1) = torch.randn(256, 2), sample_labelled_8gaussians(256)
     t, xt, ut, _, y = FM.guided_sample_location_and_conditional_flow(x0, x1, y1=y1)
     y = drop_labels(y, 0.1, null_label=K)

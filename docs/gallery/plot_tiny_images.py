@@ -50,7 +50,7 @@ def field(t, x, *args, **kwargs):
 
 
 optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-for step in range(3000):
+for _ in range(3000):
     x1 = data[torch.randint(len(data), (128,))]
     x0 = torch.randn_like(x1)
     t, xt, ut = FM.sample_location_and_conditional_flow(x0, x1)

@@ -23,7 +23,7 @@ from torchdyn.core import NeuralODE
 from torchcfm_nsgf import SinkhornFlowMatcher
 
 torch.manual_seed(0)
-np.random.seed(0)  # torchcfm's exact OT matcher draws its pairs from NumPy's global generator
+np.random.seed(0)  # noqa: NPY002 - torchcfm's exact OT matcher draws its pairs from NumPy's global RNG
 
 
 def train(FM, steps=1000, batch=256):
