@@ -11,6 +11,7 @@ import importlib
 import inspect
 import pkgutil
 import re
+import warnings
 from pathlib import Path
 
 PACKAGE = "torchcfm_nsgf"
@@ -43,10 +44,15 @@ def constant_comment(name: str) -> str | None:
 
     package = importlib.import_module(PACKAGE)
     obj = getattr(package, name)
-    modules = [PACKAGE] + [m.name for m in pkgutil.walk_packages(package.__path__, PACKAGE + ".")]
+    with warnings.catch_warnings():  # deprecated aliases warn on import; they are not what is looked for
+        warnings.simplefilter("ignore")
+        found = pkgutil.walk_packages(package.__path__, PACKAGE + ".", onerror=lambda _: None)
+        modules = [PACKAGE] + [m.name for m in found]
     for modname in modules:
         try:
-            module = importlib.import_module(modname)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(modname)
         except Exception:  # an optional module whose extra is not installed
             continue
         if getattr(module, name, None) is not obj:

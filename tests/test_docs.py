@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from importlib import metadata
 
 import pytest
@@ -89,3 +90,30 @@ def test_gallery_imports_only_public_names():
 def test_version_is_the_package_metadata():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert torchcfm_nsgf.__version__ == metadata.version("torchcfm-nsgf") == pyproject["project"]["version"]
+
+
+README_COMMANDS = (
+    'python3 -m venv .venv && .venv/bin/pip install -e ".[examples]" && .venv/bin/python examples/two_dim.py',
+    'python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .venv/bin/python -m pytest -q',
+)
+
+
+def test_readme_commands_and_ci_run_the_same_test_command():
+    readme = (ROOT / "README.md").read_text()
+    for command in README_COMMANDS:
+        assert command in readme, f"README.md lost the command {command!r}"
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    steps = [line for line in lines if line and not line.startswith(("#", "set ", "cd "))]
+    assert steps[0] == README_COMMANDS[1], ".ci/run's first step must be README's test command"
+
+
+def test_readme_code_imports_only_public_names():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    assert blocks, "README.md has no Python example"
+    public = set(torchcfm_nsgf.__all__)
+    for block in blocks:
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torchcfm_nsgf"):
+                assert node.module == "torchcfm_nsgf", f"README.md imports from {node.module}"
+                assert {a.name for a in node.names} <= public
