@@ -146,6 +146,7 @@ def test_default_blur_is_smaller_on_images_so_end_points_are_samples_not_blends(
     fm2 = SinkhornFlowMatcher(pool=None)
     fm2.simulate(torch.randn(64, 2, generator=g), x2)
     assert fm2.blur == pytest.approx(0.1 * SinkhornOptions.scale_of(x2)) and fm2.sinkhorn.blur == 0.1
+    assert fm2.flow_blur(x2) == fm2.blur  # what the next flow towards x2 would use
     far = {}
     for name, options in [("default", None), ("0.1", SinkhornOptions(blur=0.1))]:
         g = torch.Generator().manual_seed(1)
@@ -157,7 +158,6 @@ def test_default_blur_is_smaller_on_images_so_end_points_are_samples_not_blends(
             n_far += int((torch.cdist(x_end.flatten(1), x1.flatten(1)).min(1).values > 1.0).sum())
         far[name] = n_far
         expected = matcher_module.HIGH_DIM_BLUR if options is None else 0.1
-        assert fm.sinkhorn.blur == expected
         assert fm.blur == pytest.approx(expected * SinkhornOptions.scale_of(x1))
     assert far["default"] <= 4, far  # of 192 end points (2 here)
     assert far["0.1"] >= 5 * max(far["default"], 2), far  # the reason for the smaller blur (28 here)
@@ -176,7 +176,7 @@ def test_cli_flags_at_their_defaults_keep_the_matchers_blur_rule():
     for argv, expected in (([], matcher_module.HIGH_DIM_BLUR), (["--blur", "0.2"], 0.2)):
         fm = matcher_from_args(parser.parse_args(argv), pool=None)
         fm.simulate(torch.randn(16, 32), x1)
-        assert fm.sinkhorn.blur == expected
+        assert fm.blur == pytest.approx(expected * SinkhornOptions.scale_of(x1))
 
 
 # ---------------------------------------------------------------------------------------------- paths and clock
@@ -358,17 +358,14 @@ def test_state_dict_round_trip_resumes_pool_schedule_and_blur():
     b.load_state_dict(state)
     assert b.blur == a.blur
     for _ in range(3):
-        out_a = a.sample_location_and_conditional_flow(x0, 5 * x1)  # a new scale must not change the blur
-        out_b = b.sample_location_and_conditional_flow(x0, 5 * x1)
+        out_a = a.sample_location_and_conditional_flow(x0, 1.5 * x1)
+        out_b = b.sample_location_and_conditional_flow(x0, 1.5 * x1)
         for u, v in zip(out_a, out_b, strict=True):
             torch.testing.assert_close(u, v, rtol=0, atol=0)
     assert len(a.pool) == len(b.pool) == 20 and a.n_flows == b.n_flows == 2  # refreshed at calls 0 and 2
-    # On images the default's relative blur (HIGH_DIM_BLUR) comes back with the state too.
-    c = SinkhornFlowMatcher(pool=None)
-    c.simulate(torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8))
-    d = SinkhornFlowMatcher(pool=None)
-    d.load_state_dict(c.state_dict())
-    assert (d.blur, d.sinkhorn) == (c.blur, c.sinkhorn) and d.sinkhorn.blur == matcher_module.HIGH_DIM_BLUR
+    # the refresh at call 2 flowed towards 1.5 * x1: its blur is resolved from those targets
+    assert a.blur == b.blur == pytest.approx(0.1 * SinkhornOptions.scale_of(1.5 * x1))
+    assert a.state_dict()["targets"]["scale"] == pytest.approx(SinkhornOptions.scale_of(1.5 * x1))
 
 
 # ---------------------------------------------------------------------------------------------- bad input

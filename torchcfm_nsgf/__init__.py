@@ -4,6 +4,8 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 
 * :mod:`torchcfm_nsgf.sinkhorn`: the Sinkhorn velocity engine (:func:`sinkhorn_velocity`);
 * :mod:`torchcfm_nsgf.matcher`: :class:`SinkhornFlowMatcher`, NSGF behind torchcfm's matcher interface;
+* :mod:`torchcfm_nsgf.coupling`: :class:`SinkhornCouplingMatcher`, flow matching on pairs of a large
+  entropic OT plan (the large-coupling baseline);
 * :mod:`torchcfm_nsgf.nsgfpp`: NSGF++ (one training objective, two variants of phase 2, two-phase sampler);
 * :mod:`torchcfm_nsgf.pool`: the trajectory pool (experience replay);
 * :mod:`torchcfm_nsgf.sampling`: one sampler over a solver registry, with exact NFE accounting;
@@ -12,6 +14,7 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 
 from importlib import metadata as _metadata
 
+from .coupling import SinkhornCouplingMatcher
 from .guidance import CFGField, drop_labels
 from .matcher import PATHS, SinkhornFlowMatcher, SinkhornTrajectory
 from .networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
@@ -58,6 +61,7 @@ __all__ = [
     "SOLVERS",
     "SampleResult",
     "SinkhornConvergenceWarning",
+    "SinkhornCouplingMatcher",
     "PATHS",
     "SinkhornFlowMatcher",
     "SinkhornOptions",

@@ -72,6 +72,11 @@ AUTO_POOL_BYTES = 2**30
 SLOW_CALL_S = 1.0
 # SinkhornFlowMatcher() uses HIGH_DIM_BLUR on data with more than this many features per sample.
 HIGH_DIM_FEATURES = 16
+# A call's targets count as a new distribution when their mean lies more than this many of the pool's
+# scales (plus a sampling allowance that shrinks with the batch) from the mean of the pool's latest flow,
+# or when their scale differs from that flow's by more than this factor.
+DRIFT_SCALES = 2.0
+DRIFT_SCALE_RATIO = 3.0
 
 
 @dataclass
@@ -128,13 +133,13 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         continuous in ``t``, so the learned field is right at every NFE; ``"grid"`` is the paper's.
     sinkhorn : SinkhornOptions, optional
         Engine settings (blur, relative or absolute, scaling, tol, max_iter, omega). A relative blur is
-        resolved against the first ``x1`` the matcher sees and then kept fixed (:attr:`blur`; saved in
-        :meth:`state_dict`). Default: ``SinkhornOptions()``, whose relative blur 0.1 is replaced by
-        ``HIGH_DIM_BLUR`` (0.05) when that first ``x1`` has more than ``HIGH_DIM_FEATURES`` (16) features per
-        sample. On MNIST at blur 0.1 a quarter of the end points :math:`X_T` are blends of two or more
-        digits rather than digits, and the network learns to draw them; at 0.05 almost none are, and
-        classifier FID after 800 steps fell from 97.9 to 68.8 (BENCHMARKS.md §5). In 2D, where a blend of
-        nearby samples is still on the target's support, 0.05 was no better and costs 2-3x the iterations.
+        resolved for every simulated flow from that flow's own targets (:meth:`flow_blur`), so no earlier
+        call fixes it; :attr:`blur` is the absolute blur of the latest flow. An absolute blur
+        (``relative_blur=False``) is used as given. Default: ``SinkhornOptions()``, whose relative blur 0.1
+        is replaced by ``HIGH_DIM_BLUR`` (0.05) for targets with more than ``HIGH_DIM_FEATURES`` (16)
+        features per sample: at 0.1 many end points of image flows are blends of two or more images rather
+        than images (BENCHMARKS.md §5), while in 2D a blend of nearby samples is still on the target's
+        support.
     pool : TrajectoryPool, "auto" or None
         Experience replay (paper Algorithm 1). ``"auto"`` (default) builds an in-memory pool at the first call
         on ``x0``'s device, bounded by one million items and 1 GiB, which grows with what it holds. With a
@@ -142,7 +147,15 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         added on the first call and every ``refresh_every`` calls (and whenever the pool holds fewer items
         than the batch). ``None`` simulates a new flow on every call.
     refresh_every : int
-        See ``pool``.
+        See ``pool``. With ``flow_size``, the calls between two flows are ``refresh_every`` times the
+        particles of the latest flow over the call's batch size, so that every flow serves
+        ``refresh_every`` samples per particle whatever its size.
+    flow_size : int, optional
+        Particles of each simulated flow, decoupled from the batch: the matcher keeps the latest
+        ``flow_size`` rows of the calls' ``x0`` and ``x1`` (and of ``y1`` for guided calls) and, when a
+        flow is due and that many are kept, simulates one flow of them (NSGF's mean-field limit: a flow
+        of ``n`` particles carries the bias of ``n`` samples). Until then, flows are of the call's batch.
+        ``None`` (default): every flow is of one call's batch.
     balanced : bool
         Guided calls only (:meth:`guided_sample_location_and_conditional_flow`): serve class-balanced batches
         from the pool (equal numbers per class it holds) instead of uniform ones, which follow the classes'
@@ -160,8 +173,20 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
     :meth:`guided_sample_location_and_conditional_flow`, which returns the label of every served row.
 
     Dtypes follow torchcfm: ``t`` has ``x0``'s dtype, ``xt`` and ``ut`` the promoted dtype of ``x0`` and
-    ``x1``. Counters: :attr:`n_calls` (calls of :meth:`sample_location_and_conditional_flow`),
-    :attr:`n_flows` (simulated flows), :attr:`n_solves` (Sinkhorn solves).
+    ``x1``, all on ``x0``'s device, whatever the pool stores. Counters: :attr:`n_calls` (calls of
+    :meth:`sample_location_and_conditional_flow`), :attr:`n_flows` (simulated flows), :attr:`n_solves`
+    (Sinkhorn solves).
+
+    **State.** Unlike torchcfm's matchers this one keeps state between calls: the pool of earlier flows,
+    the latest flow's blur, the counters, and the mean and scale of the latest flow's targets. It never
+    lets that state change what a call returns in shape or dtype: a call whose samples have another shape
+    than the pool's items raises ``ValueError`` (call :meth:`reset`, or use one matcher per dataset). A
+    call whose targets lie far from those of the pool's latest flow (their mean moved by more than
+    ``DRIFT_SCALES`` of that flow's scales, or their scale changed by more than ``DRIFT_SCALE_RATIO``)
+    empties the pool, whose flows went to other data, and refreshes it with a flow of its own batch; the
+    first such call warns, naming :meth:`reset`. A sanity call on a dummy batch before training is
+    therefore forgotten at the first training call. :meth:`reset` returns the matcher to its freshly
+    constructed state; :meth:`state_dict` saves all of it for an exact resume.
     """
 
     def __init__(
@@ -174,6 +199,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         sinkhorn: SinkhornOptions | None = None,
         pool: TrajectoryPool | Literal["auto"] | None = "auto",
         refresh_every: int = 50,
+        flow_size: int | None = None,
         balanced: bool = False,
         generator: torch.Generator | None = None,
         progress: bool = False,
@@ -191,6 +217,8 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         if not (pool is None or pool == "auto" or isinstance(pool, TrajectoryPool)):
             raise TypeError(f"pool must be a TrajectoryPool, 'auto' or None, got {pool!r}")
         check_positive(refresh_every, "refresh_every", integer=True)
+        if flow_size is not None:
+            check_positive(flow_size, "flow_size", integer=True)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.flow_steps = flow_steps
@@ -199,15 +227,42 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         self.pool: TrajectoryPool | None = None if pool == "auto" else pool
         self._auto_pool = pool == "auto"
         self.refresh_every = refresh_every
+        self.flow_size = flow_size
         self.balanced = bool(balanced)
         self.generator = generator
         self.progress = progress
-        self.blur: float | None = None if sinkhorn.relative_blur else float(sinkhorn.blur)
+        self._reset_state()
+
+    def reset(self) -> None:
+        """Forget everything earlier calls left behind, as a freshly constructed matcher with the same arguments.
+
+        Drops the ``"auto"`` pool (a new one is built at the next call; a pool passed by the caller is
+        emptied with :meth:`TrajectoryPool.clear`, which keeps its item shape), the latest flow's blur, the
+        reference statistics of the distribution-change warning, and the counters :attr:`n_calls`,
+        :attr:`n_flows`, :attr:`n_solves`. The ``generator`` is the caller's and is left as it is.
+        """
+        if self._auto_pool:
+            self.pool = None
+        elif self.pool is not None:
+            self.pool.clear()
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        """Counters, the latest blur and the warnings' memory as at construction (the pool untouched)."""
+        self.blur: float | None = None if self.sinkhorn.relative_blur else float(self.sinkhorn.blur)
         self.n_calls = 0
         self.n_flows = 0
         self.n_solves = 0
         self._sim_seconds = 0.0
         self._warned_slow = False
+        self._warned_drift = False
+        # mean (flattened, float64, CPU) and scale of the latest pooled flow's targets
+        self._ref: tuple[Tensor, float] | None = None
+        # flow_size: the latest rows of the calls' x0, x1 (and y1), the calls since the latest pooled
+        # flow and that flow's particles
+        self._staged: dict[str, Tensor | None] | None = None
+        self._since_flow = 0
+        self._last_flow_n = 0
 
     # ------------------------------------------------------------------ simulation
     @property
@@ -221,11 +276,20 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         check_cloud(x1, "x1")
         check_same_features(x0, x1, "x0", "x1")
 
+    def flow_blur(self, x1: Tensor) -> float:
+        """The absolute blur of a flow towards the targets ``x1`` (m, *dim); reads no state and sets none.
+
+        ``sinkhorn.blur`` times the targets' scale (:meth:`SinkhornOptions.scale_of`) for a relative blur,
+        where the default options take ``HIGH_DIM_BLUR`` instead of their 0.1 on targets with more than
+        ``HIGH_DIM_FEATURES`` features per sample; ``sinkhorn.blur`` itself for an absolute one.
+        """
+        options = self.sinkhorn
+        if self._default_sinkhorn and options.relative_blur and x1[0].numel() > HIGH_DIM_FEATURES:
+            options = replace(options, blur=HIGH_DIM_BLUR)
+        return options.absolute_blur(x1)
+
     def _resolve_blur(self, x1: Tensor) -> float:
-        if self.blur is None:
-            if self._default_sinkhorn and x1[0].numel() > HIGH_DIM_FEATURES:
-                self.sinkhorn = replace(self.sinkhorn, blur=HIGH_DIM_BLUR)
-            self.blur = self.sinkhorn.absolute_blur(x1)
+        self.blur = self.flow_blur(x1)
         return self.blur
 
     def simulate(self, x0: Tensor, x1: Tensor) -> SinkhornTrajectory:
@@ -448,6 +512,79 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
             generator = torch.Generator().manual_seed(seed)
         return TrajectoryPool(AUTO_POOL_ITEMS, max_bytes=AUTO_POOL_BYTES, device=device, generator=generator)
 
+    def _check_pool_shape(self, x0: Tensor) -> None:
+        """Refuse a call whose samples have another shape than the pool's items (never serve wrong shapes)."""
+        held = None if self.pool is None else self.pool.feature_shape
+        if held is not None and tuple(x0.shape[1:]) != tuple(held):
+            advice = (
+                "call reset() to start afresh on the new data, or use one matcher per dataset"
+                if self._auto_pool
+                else "pass a new TrajectoryPool (reset() empties this one but keeps its item shape), or "
+                "use one matcher per dataset"
+            )
+            raise ValueError(
+                f"x0 holds samples of shape {tuple(x0.shape[1:])}, but this matcher's pool holds items of "
+                f"shape {tuple(held)} from earlier calls: {advice}"
+            )
+
+    @staticmethod
+    def _target_stats(x1: Tensor) -> tuple[Tensor, float]:
+        flat = x1.detach().reshape(x1.shape[0], -1).double()
+        mean = flat.mean(0)
+        return mean.cpu(), float((flat - mean).square().sum(1).mean().sqrt())
+
+    def _drifted(self, x1: Tensor) -> bool:
+        """Whether this call's targets lie far from those of the pool's latest flow (no solve); warns once."""
+        if self._ref is None:
+            return False
+        ref_mean, ref_scale = self._ref
+        mean, scale = self._target_stats(x1)
+        m = x1.shape[0]
+        shift = float((mean - ref_mean).norm())
+        allowance = (DRIFT_SCALES + 3.0 / m**0.5) * ref_scale
+        ratio = max(scale, ref_scale) / max(min(scale, ref_scale), 1e-300)
+        drifted = shift > allowance or (m >= 16 and ratio > DRIFT_SCALE_RATIO)
+        if drifted and not self._warned_drift:
+            self._warned_drift = True
+            warnings.warn(
+                f"SinkhornFlowMatcher: this call's targets (mean {shift / max(ref_scale, 1e-300):.1f} scales "
+                f"away, scale x{scale / max(ref_scale, 1e-300):.2g}) differ from those of the flows in its "
+                "pool: the pool's earlier flows were dropped and a flow of this call's batch simulated. "
+                "Call reset() when the data changes (or use one matcher per dataset)",
+                UserWarning,
+                stacklevel=4,
+            )
+        return drifted
+
+    def _stage(self, x0: Tensor, x1: Tensor, y1: Tensor | None) -> None:
+        """Keep the latest ``flow_size`` rows of ``x0``, ``x1`` (and ``y1``) for the next large flow."""
+        new = {"x0": x0.detach(), "x1": x1.detach(), "y1": None if y1 is None else y1.detach()}
+        if self._staged is not None:
+            new = {
+                k: None if v is None else torch.cat([self._staged[k].to(v.device), v])[-self.flow_size :]
+                for k, v in new.items()
+            }
+        else:
+            new = {k: None if v is None else v[-self.flow_size :] for k, v in new.items()}
+        self._staged = new
+
+    def _take_staged(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """The staged ``(x0, x1, y1)`` when ``flow_size`` rows of each are kept (and forget them), else None."""
+        st = self._staged
+        if st is None or min(st["x0"].shape[0], st["x1"].shape[0]) < self.flow_size:
+            return None
+        self._staged = None
+        return st["x0"], st["x1"], st["y1"]
+
+    def _refresh_due(self, bs: int) -> bool:
+        if self.flow_size is None:
+            return self.n_calls % self.refresh_every == 0
+        return self._since_flow >= self._period(bs)
+
+    def _period(self, bs: int) -> int:
+        """Calls between two flows with ``flow_size``: ``refresh_every`` samples served per particle."""
+        return max(1, round(self.refresh_every * self._last_flow_n / bs))
+
     def segment_labels(self, labels: Tensor) -> Tensor:
         """The class of each served segment (:meth:`segments`) from the class of each particle ``(n,)``."""
         return labels if self.path == "straight" else labels.repeat(self.flow_steps)
@@ -465,6 +602,8 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
             raise ValueError(
                 "fill_pool needs a pool: construct the matcher with pool='auto' or a TrajectoryPool"
             )
+        self._check_pool_shape(x0)
+        self._ref = self._target_stats(x1)
         if y1 is None:
             if y0 is not None:
                 raise ValueError("y0 needs y1: give the labels of x1 for a class-conditional flow")
@@ -598,13 +737,33 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
                 )
             if self.pool.labelled is not None and self.pool.labelled != guided:
                 raise ValueError(
-                    "y1 must be given: this matcher's pool holds class-labelled items (guided calls)"
+                    "y1 must be given: this matcher's pool holds class-labelled items (guided calls); "
+                    "call reset() to switch to unconditional calls"
                     if self.pool.labelled
-                    else "y1 must be None: this matcher's pool holds unlabelled items (unconditional calls)"
+                    else "y1 must be None: this matcher's pool holds unlabelled items (unconditional calls); "
+                    "call reset() to switch to guided calls"
                 )
-            if self.n_calls % self.refresh_every == 0 or len(self.pool) < bs:
-                self.fill_pool(x0, x1, y0=y0, y1=y1)
-                self._warn_if_slow()
+            self._check_pool_shape(x0)
+            drifted = self._drifted(x1)
+            if drifted:  # the pool's flows went to other data: never serve them for this data
+                self.pool.clear()
+                self._staged = None
+            if self.flow_size is not None:
+                if y0 is not None:
+                    raise ValueError(
+                        "y0 cannot be given with flow_size: a large flow takes its classes from y1"
+                    )
+                self._stage(x0, x1, y1)
+            if drifted or len(self.pool) < bs or self._refresh_due(bs):
+                staged = None if self.flow_size is None else self._take_staged()
+                if staged is None:
+                    self.fill_pool(x0, x1, y0=y0, y1=y1)
+                else:
+                    self.fill_pool(staged[0], staged[1], y1=staged[2])
+                self._since_flow = 0
+                self._last_flow_n = x0.shape[0] if staged is None else staged[0].shape[0]
+                self._warn_if_slow(self.refresh_every if self.flow_size is None else self._period(bs))
+            self._since_flow += 1
             drawn = self.pool.sample(bs, device=x0.device, dtype=dtype, balanced=guided and self.balanced)
             t_out, xt, ut = self._serve(*drawn[:3])
             if guided:
@@ -614,7 +773,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
                 traj, labels = self.simulate_guided(x0, x1, y1, y0)
             else:
                 traj = self.simulate(x0, x1)
-            self._warn_if_slow()
+            self._warn_if_slow(1)
             if t is None:
                 segs = self.segments(traj)
                 if self.path == "straight":  # every particle is served once, in its own row
@@ -632,7 +791,8 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         t_out = t_out.to(x0.dtype)
         eps = None
         if self.sigma > 0 or return_noise:
-            eps = torch.randn(xt.shape, generator=self.generator).to(device=xt.device, dtype=xt.dtype)
+            # torchcfm draws eps like x0 (its dtype), whatever the dtype of x1
+            eps = torch.randn(xt.shape, generator=self.generator).to(device=xt.device, dtype=x0.dtype)
             if self.sigma > 0:
                 xt = xt + self.sigma * eps
         if y is not None:
@@ -661,10 +821,10 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         self._check_pair(x0, x1)
         return self.path_at(self.simulate(x0, x1), self._check_t(t, x0.shape[0], x0))[1]
 
-    def _warn_if_slow(self) -> None:
+    def _warn_if_slow(self, calls_per_flow: int) -> None:
         if self._warned_slow or self.n_flows == 0:
             return
-        per_call = self._sim_seconds / self.n_flows / (1 if self.pool is None else self.refresh_every)
+        per_call = self._sim_seconds / self.n_flows / calls_per_flow
         if per_call > SLOW_CALL_S:
             self._warned_slow = True
             advice = (
@@ -695,26 +855,43 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Resumable state: counters, the resolved blur, the generator and the pool."""
+        """Resumable state: counters, the latest flow's blur, the statistics of its targets (for the
+        distribution-change warning), the generator and the pool."""
         return {
             "calls": self.n_calls,
             "flows": self.n_flows,
             "solves": self.n_solves,
             "blur": self.blur,
-            "sinkhorn_blur": self.sinkhorn.blur,
+            "targets": None if self._ref is None else {"mean": self._ref[0], "scale": self._ref[1]},
+            "warned_drift": self._warned_drift,
+            "staged": self._staged,
+            "since_flow": self._since_flow,
+            "last_flow_n": self._last_flow_n,
             "generator": None if self.generator is None else self.generator.get_state(),
             "pool": None if self.pool is None else self.pool.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned (the matcher must have been built the same way)."""
+        """Restore what :meth:`state_dict` returned (the matcher must have been built the same way).
+
+        The state replaces everything the matcher held (as after :meth:`reset`). States written before the
+        blur was resolved per flow also hold ``"sinkhorn_blur"``, a relative blur fixed by their first call;
+        it is ignored: the next flow resolves its blur from its own targets.
+        """
+        self._reset_state()
+        if self._auto_pool and state.get("pool") is None:
+            self.pool = None
         self.n_calls = int(state["calls"])
         self.n_flows = int(state.get("flows", 0))
         self.n_solves = int(state.get("solves", 0))
         if state.get("blur") is not None:
             self.blur = float(state["blur"])
-            if self._default_sinkhorn and state.get("sinkhorn_blur") is not None:
-                self.sinkhorn = replace(self.sinkhorn, blur=float(state["sinkhorn_blur"]))
+        if state.get("targets") is not None:
+            self._ref = (state["targets"]["mean"].double().cpu(), float(state["targets"]["scale"]))
+        self._warned_drift = bool(state.get("warned_drift", False))
+        self._staged = state.get("staged")
+        self._since_flow = int(state.get("since_flow", 0))
+        self._last_flow_n = int(state.get("last_flow_n", 0))
         if state.get("pool") is not None:
             if self.pool is None and self._auto_pool:  # its generator state comes with the pool's state
                 self.pool = self._new_auto_pool("cpu")
@@ -731,6 +908,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         return (
             f"{type(self).__name__}(sigma={self.sigma:g}, flow_steps={self.flow_steps}, step_size={eta}, "
             f"path={self.path!r}, sinkhorn={self.sinkhorn}, pool={pool}, refresh_every={self.refresh_every}"
+            + ("" if self.flow_size is None else f", flow_size={self.flow_size}")
             + (", balanced=True)" if self.balanced else ")")
         )
 
