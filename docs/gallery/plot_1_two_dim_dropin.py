@@ -62,7 +62,7 @@ print(f"NSGF matcher: {nsgf.n_calls} calls served from {nsgf.n_flows} simulated 
 x0 = sample_8gaussians(512)
 fig, axes = plt.subplots(1, 2, figsize=(9, 4.5), sharex=True, sharey=True)
 for ax, (name, model) in zip(axes, models.items(), strict=True):
-    node = NeuralODE(torch_wrapper(model), solver="euler", sensitivity="adjoint")
+    node = NeuralODE(torch_wrapper(model), solver="euler")
     with torch.no_grad():
         traj = node.trajectory(x0, t_span=torch.linspace(0, 1, 3))  # (3, 512, 2): 2 Euler steps
     ax.plot(traj[:, :, 0], traj[:, :, 1], color="olive", alpha=0.15, lw=0.8)
