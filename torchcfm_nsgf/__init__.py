@@ -13,6 +13,8 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 * :mod:`torchcfm_nsgf.guidance`: classifier-free guidance for class-conditional fields.
 """
 
+from importlib import metadata as _metadata
+
 from .coupling import SinkhornCouplingMatcher
 from .guidance import CFGField, drop_labels
 from .matcher import PATHS, SinkhornFlowMatcher, SinkhornTrajectory
@@ -38,7 +40,10 @@ from .sinkhorn import (
     sinkhorn_velocity,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("torchcfm-nsgf")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CFGField",

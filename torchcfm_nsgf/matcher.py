@@ -65,6 +65,7 @@ from .sinkhorn import HIGH_DIM_BLUR, SinkhornConvergenceWarning, SinkhornOptions
 
 __all__ = ["HIGH_DIM_FEATURES", "PATHS", "SinkhornFlowMatcher", "SinkhornTrajectory"]
 
+#: The targets the matcher can serve (``path=``): ``"straight"``, ``"polyline"`` or ``"grid"``.
 PATHS = ("straight", "polyline", "grid")
 Path = Literal["straight", "polyline", "grid"]
 
