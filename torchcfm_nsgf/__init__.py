@@ -15,6 +15,7 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 
 from importlib import metadata as _metadata
 
+from . import nsgfpp
 from .coupling import SinkhornCouplingMatcher
 from .guidance import CFGField, drop_labels
 from .matcher import PATHS, SinkhornFlowMatcher, SinkhornTrajectory
@@ -22,7 +23,6 @@ from .networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
 from .nsgfpp import (
     DEFAULT_PHASE2,
     MAX_PHASE1_STEPS,
-    PHASE2_VARIANTS,
     NSGFPlusPlus,
     NSGFPlusPlusObjective,
     NSGFPlusPlusOptions,
@@ -39,6 +39,10 @@ from .sinkhorn import (
     sinkhorn_solve,
     sinkhorn_velocity,
 )
+
+#: Names of NSGF++'s phase-2 variants (``phase2=``), as registered in :mod:`torchcfm_nsgf.nsgfpp.variants`
+#: when the package was imported; ``torchcfm_nsgf.nsgfpp.PHASE2_VARIANTS`` reads the registry afresh.
+PHASE2_VARIANTS: tuple[str, ...] = nsgfpp.PHASE2_VARIANTS
 
 try:
     __version__ = _metadata.version("torchcfm-nsgf")
