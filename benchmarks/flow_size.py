@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import numpy as np
 import torch
 from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
-from torchcfm.models import MLP
-from torchcfm.utils import torch_wrapper
+from toy_harness import make_model, train_flow_matching
 
 from torchcfm_nsgf import SinkhornCouplingMatcher, SinkhornFlowMatcher, odeint_sample
 from torchcfm_nsgf.datasets import TASKS
@@ -53,24 +51,17 @@ def run(task, method: str, seed: int, steps: int, width: int) -> dict:
     data = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed)  # torchcfm's exact OT pairing draws from NumPy's global generator  # noqa: NPY002
-    model = MLP(dim=2, w=width, time_varying=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = make_model(width)
     FM = make_matcher(method, seed)
-    start = time.perf_counter()
-    for _ in range(steps):
-        x0, x1 = task.source(256, data), task.target(256, data)
-        t, xt, ut = FM.sample_location_and_conditional_flow(x0, x1)
-        loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    seconds = time.perf_counter() - start
-    model.eval()
+    trained = train_flow_matching(
+        model, FM, lambda bs: (task.source(bs, data), task.target(bs, data)), train_steps=steps
+    )
+    seconds = trained.train_time_s
     evals = torch.Generator().manual_seed(seed + 3000)
     x0, target = task.source(2000, evals), task.target(2000, evals)
     with torch.no_grad():
         scores = {
-            nfe: w2(odeint_sample(torch_wrapper(model), x0, solver="euler", n_steps=nfe).samples, target)
+            nfe: w2(odeint_sample(trained.field, x0, solver="euler", n_steps=nfe).samples, target)
             for nfe in NFES
         }
     sinkhorn_s = getattr(FM, "_sim_seconds", 0.0)

@@ -19,11 +19,9 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
-from torchcfm.models import MLP
-from torchcfm.utils import torch_wrapper
+from toy_harness import make_model, train_flow_matching
 
 import torchcfm_nsgf
 from torchcfm_nsgf import SinkhornFlowMatcher, odeint_sample
@@ -37,8 +35,7 @@ ARMS = ("fresh", "dummy", "reseeded")
 def train(task, seed: int, steps: int, arm: str, width: int) -> tuple[dict[int, float], float, float]:
     data = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = MLP(dim=2, w=width, time_varying=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = make_model(width)
     FM = SinkhornFlowMatcher(
         generator=torch.Generator().manual_seed(seed + (5000 if arm == "reseeded" else 1000))
     )
@@ -47,21 +44,15 @@ def train(task, seed: int, steps: int, arm: str, width: int) -> tuple[dict[int, 
         FM.sample_location_and_conditional_flow(
             torch.randn(64, 2, generator=g), 3 + torch.randn(64, 2, generator=g)
         )
-    start = time.perf_counter()
-    for _ in range(steps):
-        x0, x1 = task.source(256, data), task.target(256, data)
-        t, xt, ut = FM.sample_location_and_conditional_flow(x0, x1)
-        loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    seconds = time.perf_counter() - start
-    model.eval()
+    trained = train_flow_matching(
+        model, FM, lambda bs: (task.source(bs, data), task.target(bs, data)), train_steps=steps
+    )
+    seconds = trained.train_time_s
     evals = torch.Generator().manual_seed(seed + 3000)
     x0, target = task.source(2000, evals), task.target(2000, evals)
     with torch.no_grad():
         scores = {
-            nfe: w2(odeint_sample(torch_wrapper(model), x0, solver="euler", n_steps=nfe).samples, target)
+            nfe: w2(odeint_sample(trained.field, x0, solver="euler", n_steps=nfe).samples, target)
             for nfe in NFES
         }
     return scores, seconds, float(FM.blur)

@@ -114,6 +114,12 @@ def test_bad_flow_size_is_refused_naming_it(bad, exc):
         SinkhornFlowMatcher(flow_size=bad)
 
 
+def test_a_flow_size_below_the_batch_is_refused_at_the_call():
+    fm = SinkhornFlowMatcher(flow_size=64)
+    with pytest.raises(ValueError, match="flow_size=64 is smaller than this call's batch of 256"):
+        fm.sample_location_and_conditional_flow(torch.randn(256, 2), torch.randn(256, 2))
+
+
 # ---------------------------------------------------------------------------------------------- coupling
 def test_plan_rows_follow_pots_entropic_plan():
     # The row conditionals pi(j | i) of POT's log-domain Sinkhorn plan at reg = eps, cost ½‖x − y‖², against

@@ -755,6 +755,11 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
                 self.pool.clear()
                 self._staged = None
             if self.flow_size is not None:
+                if self.flow_size < bs:
+                    raise ValueError(
+                        f"flow_size={self.flow_size} is smaller than this call's batch of {bs}: a flow must "
+                        "hold at least one batch (use flow_size >= the batch size, or None for flows of one batch)"
+                    )
                 if y0 is not None:
                     raise ValueError(
                         "y0 cannot be given with flow_size: a large flow takes its classes from y1"
