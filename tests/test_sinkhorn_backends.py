@@ -10,6 +10,7 @@ from reference import fixed_point_velocity, rel_err
 
 from torchcfm_nsgf import SinkhornOptions, sinkhorn_solve
 from torchcfm_nsgf.sinkhorn import backends, choose_backend
+from torchcfm_nsgf.sinkhorn.keops import keops_available
 from torchcfm_nsgf.sinkhorn.multiscale import MultiscaleBackend, kd_clusters
 from torchcfm_nsgf.sinkhorn.solver import _schedule, anneal
 
@@ -169,3 +170,19 @@ def test_multiscale_rejects_high_dimension():
     x, y = _problem(20, 20, 4)
     with pytest.raises(ValueError, match="d <= 3"):
         sinkhorn_solve(x, y, blur=0.5, backend="multiscale")
+
+
+@pytest.mark.skipif(not keops_available(), reason="needs pykeops (the optional keops extra)")
+def test_keops_equals_dense():
+    x, y = _problem(150, 120, 2, seed=11, dtype=torch.float64)
+    dense = sinkhorn_solve(x, y, blur=0.3, tol=1e-8, backend="dense")
+    keops = sinkhorn_solve(x, y, blur=0.3, tol=1e-8, backend="keops")
+    assert keops.backend == "keops"
+    assert rel_err(keops.velocity, dense.velocity) <= 1e-9
+
+
+@pytest.mark.skipif(keops_available(), reason="pykeops is installed")
+def test_keops_missing_is_a_clear_error():
+    x, y = _problem(10, 10, 2)
+    with pytest.raises(ImportError, match="pykeops"):
+        sinkhorn_solve(x, y, blur=0.5, backend="keops")

@@ -67,9 +67,9 @@ def half_sq_dist(x: Tensor, y: Tensor, *, out: Tensor | None = None, diag: int |
         for k in range(d):
             out.add_((x[:, k, None] - y[None, :, k]).square_())
         return out.mul_(0.5)
-    torch.addmm(
-        0.5 * (x * x).sum(1, keepdim=True) + 0.5 * (y * y).sum(1)[None, :], x, y.T, alpha=-1.0, out=out
-    ).clamp_min_(0.0)
+    # In place (no n x m temporary): out = ½|x|² + ½|y|² - x·y.
+    torch.add(0.5 * (x * x).sum(1, keepdim=True), 0.5 * (y * y).sum(1)[None, :], out=out)
+    out.addmm_(x, y.T, alpha=-1.0).clamp_min_(0.0)
     if diag is not None:
         k = min(n, m - diag)
         if k > 0:

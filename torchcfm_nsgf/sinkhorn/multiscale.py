@@ -10,24 +10,27 @@ GeomLoss's ``multiscale`` backend, written here in plain torch, without KeOps):
    weighted by their clusters' mass (dense, small); ``switch`` is the squared cluster radius (times
    ``switch_factor**2``), below which the centroids no longer represent their clusters;
 3. extrapolates the coarse potentials to the points (one soft-min of the points against the coarse
-   clouds) and keeps the cluster pairs whose coarse log-plan is within ``truncate``·ε of the largest,
-   widened by the clusters' radii:
+   clouds) and keeps the cluster pairs (I, J) that may hold a pair of points whose gap
+   :math:`C(x_i, y_j) - f_i - g_j` is at most ``truncate``·ε (the plan is
+   :math:`\pi_{ij} = a_i b_j \exp(-\mathrm{gap}_{ij}/\varepsilon)`). The test is a rigorous lower bound of the gap over the block: with
+   :math:`\varphi_i = \tfrac12\|x_i\|^2 - f_i`, :math:`\psi_j = \tfrac12\|y_j\|^2 - g_j`, centroids
+   :math:`X_I, Y_J` and radii :math:`r_I, r_J`,
 
    .. math::
-       f_I + g_J - C(X_I, Y_J) \;\ge\; -\,\mathrm{truncate}\cdot\varepsilon
-       \;-\; 2\,\delta_{IJ}\,(r_I + r_J) - (r_I + r_J)^2, \qquad
-       \delta_{IJ} = \sqrt{2\max(0, C(X_I, Y_J) - f_I - g_J)},
+       C_{ij} - f_i - g_j \;\ge\; \min_{i \in I}(\varphi_i - x_i\cdot Y_J) + \min_{j \in J}(\psi_j - X_I\cdot y_j)
+       + X_I\cdot Y_J - r_I r_J,
 
-   where :math:`r_I` is a cluster's radius (the widening bounds the change of the log-plan over two
-   clusters whose centroids' log-plan is :math:`-\delta^2/2`);
+   so every dropped entry carries at most :math:`e^{-\mathrm{truncate}}` times :math:`a_i b_j` under the
+   potentials of the truncation; it is recomputed after every fine ε level, as the plan narrows;
 4. runs the remaining levels and the final-ε iterations of the loop on the fine points, each soft-min
-   over the kept cluster pairs only (dense tiles of ``rows of a cluster x columns of its kept clusters``).
+   over the kept cluster pairs only (dense tiles of ``rows of a cluster x columns of its kept clusters``,
+   the exponent formed by one batched matrix product).
 
-With a warm start the coarse annealing still runs (it is cheap) to place the truncation; the fine
-iterations begin from the warm potentials.
+A warm start is not used: the coarse annealing (cheap) places the truncation anyway, and the potentials
+extrapolated from it were a better start than the previous flow step's in the measurements (a step of size
+1 moves the particles far), so ``n_anneal`` counts the coarse levels even then.
 
-The result differs from the dense backend's by the truncated kernel mass, which ``truncate`` bounds
-(:math:`e^{-\mathrm{truncate}}` of a row's mass per dropped entry at the coarse solution); the tests
+The result differs from the dense backend's by the truncated mass, which ``truncate`` bounds; the tests
 compare both at equal tolerance.
 """
 
@@ -187,7 +190,7 @@ class MultiscaleBackend(SinkhornBackend):
     max_clusters : int
         Cap on the clusters of one cloud (the coarse problem is dense: ``max_clusters**2`` entries).
     truncate : float
-        Kept cluster pairs: coarse log-plan within ``truncate``·ε of the largest (plus the radii's widening).
+        Kept cluster pairs: those whose lower bound of the gap is at most ``truncate``·ε.
     switch_factor : float
         Levels with ε above ``(switch_factor * r)**2`` (r: the median cluster radius) run on the coarse problem.
     """
