@@ -13,7 +13,7 @@ with :math:`C(u, v) = \tfrac12\|u - v\|^2`, rows :math:`r` and columns :math:`c`
 :math:`h_j = \log w_j + \mathrm{potential}_j/\varepsilon` (the column weights folded in). A backend is
 anything that evaluates them; the loop never sees a cost matrix.
 
-* :class:`DenseBackend`: the cost matrices are formed once (``3 n m`` numbers), the reductions run over
+* :class:`DenseBackend`: the cost matrices are formed once (``n m + n n`` numbers), the reductions run over
   row tiles of them. Fastest while the matrices fit in memory, and the only choice that pays off when the
   cost is expensive to recompute (high dimension).
 * :class:`StreamingBackend`: the cost of each row tile is recomputed at every reduction; memory
@@ -193,12 +193,7 @@ class _TiledBackend(SinkhornBackend):
         self._buf = torch.empty(min(max(tile_elems, widest), rows * widest), dtype=x.dtype, device=x.device)
         self._costs: dict[str, Tensor] = {}
         if self.store:
-            c_xy = half_sq_dist(x, y)
-            self._costs = {
-                "xy": c_xy,
-                "yx": c_xy.T.contiguous(),
-                "xx": half_sq_dist(x, self.x_cols, diag=col_offset),
-            }
+            self._costs = {"xy": half_sq_dist(x, y), "xx": half_sq_dist(x, self.x_cols, diag=col_offset)}
 
     def _tiles(self, pair: str):
         rows, cols = self.clouds[pair]
@@ -208,7 +203,8 @@ class _TiledBackend(SinkhornBackend):
             r1 = min(n, r0 + step)
             z = self._buf[: (r1 - r0) * m].view(r1 - r0, m)
             if self.store:
-                c = self._costs[pair][r0:r1]
+                # "yx" reads column tiles of C_xy (a transposed view: the same numbers, no copy).
+                c = self._costs["xy"][:, r0:r1].T if pair == "yx" else self._costs[pair][r0:r1]
             else:
                 diag = self.col_offset + r0 if pair == "xx" else None
                 c = half_sq_dist(rows[r0:r1], cols, out=z, diag=diag)
@@ -250,7 +246,7 @@ class _TiledBackend(SinkhornBackend):
 
 
 class DenseBackend(_TiledBackend):
-    """Cost matrices formed once: ``C_xy`` (n, m), its transpose and ``C_xx`` (n, n), plus one row tile."""
+    """Cost matrices formed once: ``C_xy`` (n, m) and ``C_xx`` (n, n), plus one row tile."""
 
     name = "dense"
     store = True
@@ -259,7 +255,7 @@ class DenseBackend(_TiledBackend):
     def memory(n: int, m: int, d: int, itemsize: int, n_cols: int | None = None) -> int:
         """Bytes this backend allocates for n particles, m targets, d features."""
         n_cols = n if n_cols is None else n_cols
-        return itemsize * (2 * n * m + n * n_cols + _TILE_ELEMS_CPU + (n + m + n_cols) * d)
+        return itemsize * (n * m + n * n_cols + _TILE_ELEMS_CPU + (n + m + n_cols) * d)
 
 
 class StreamingBackend(_TiledBackend):
