@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument(
         "--ref64-max", type=int, default=16384, help="beyond: float32 multiscale reference at tol 1e-4"
     )
+    ap.add_argument("--ref-max", type=int, default=65536, help="no reference beyond this n")
     ap.add_argument("--ref-max-iter", type=int, default=2000, help="iteration cap of the float64 reference")
     ap.add_argument("--geomloss-scalings", type=float, nargs="+", default=[0.9, 0.99])
     ap.add_argument("--slow-scaling-max", type=int, default=1024, help="largest n for scalings above 0.95")
@@ -136,7 +137,7 @@ def main() -> None:
                 x.double(), y.double(), blur, "multiscale", tol=1e-6, max_iter=args.ref_max_iter
             )
             ref_note = f"float64 multiscale at tol 1e-6 ({note}, {time.perf_counter() - t0:.0f} s)"
-        elif d <= 3:
+        elif d <= 3 and n <= args.ref_max:
             ref, note = engine(x, y, blur, "multiscale", tol=1e-4, max_iter=5000)
             ref_note = f"float32 multiscale at tol 1e-4 ({note}, {time.perf_counter() - t0:.0f} s)"
         else:

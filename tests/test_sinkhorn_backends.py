@@ -29,7 +29,7 @@ def _problem(n: int, m: int, d: int, seed: int = 0, dtype=torch.float32):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of a few rows, so that every reduction runs over many of them."""
-    monkeypatch.setattr(backends, "_TILE_ELEMS_CPU", 512)
+    monkeypatch.setattr(backends, "_TILE_ELEMS_CPU", 2048)
 
 
 @pytest.mark.parametrize(
@@ -87,6 +87,8 @@ def test_defaults_come_from_options():
 def test_choose_backend_rules():
     gib = 1 << 30
     assert choose_backend(256, 256, 2, "cpu", torch.float32) == "dense"
+    assert choose_backend(512, 512, 3, "cpu", torch.float32) == "dense"
+    assert choose_backend(1024, 1024, 2, "cpu", torch.float32) == "multiscale"
     assert choose_backend(1 << 16, 1 << 16, 2, "cpu", torch.float32, free_bytes=64 * gib) == "multiscale"
     assert choose_backend(1 << 16, 1 << 16, 3, "cpu", torch.float32, free_bytes=64 * gib) == "multiscale"
     # High dimension: dense while its two n x n matrices take at most half the free memory, then streaming.

@@ -270,7 +270,7 @@ BACKENDS = ("dense", "streaming", "multiscale", "keops")
 
 # "auto" picks the multiscale backend in d <= MULTISCALE_MAX_DIM from this many cost entries (n * m) on.
 MULTISCALE_MAX_DIM = 3
-MULTISCALE_MIN_ENTRIES = 1 << 26
+MULTISCALE_MIN_ENTRIES = 1 << 20
 # "auto" lets the dense backend take at most this share of the memory available.
 DENSE_MEMORY_SHARE = 0.5
 
