@@ -59,7 +59,8 @@ class SinkhornSolution:
     n_iter : int
         Iterations at the final ε (after annealing).
     n_anneal : int
-        ε-scaling levels run before (0 with a warm start).
+        ε-scaling levels run before (0 with a warm start, except on the multiscale backend, which
+        anneals its coarse problem anyway).
     marginal_error : float
         L1 marginal violation at the last check, the larger of the two problems'.
     converged : bool
@@ -396,7 +397,8 @@ def sinkhorn_solve(
         Iteration cap at the final ε; reaching it first emits :class:`SinkhornConvergenceWarning`.
     warm_start : SinkhornSolution, optional
         A previous solution for the same ``n``, ``m`` and ``blur`` (e.g. the previous flow step):
-        annealing is skipped and the iteration starts from its potentials.
+        annealing is skipped and the iteration starts from its potentials (the multiscale backend
+        starts from its coarse annealing instead, see :mod:`torchcfm_nsgf.sinkhorn.multiscale`).
     omega : float in [1, 2), optional
         Over-relaxation of the cross problem's updates at the final ε (1 = plain Sinkhorn). Values
         near 2 cut the iteration count several-fold in the small-ε regime; every ``check_every``-th
