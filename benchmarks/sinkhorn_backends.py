@@ -26,6 +26,7 @@ import argparse
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 import warnings
@@ -113,7 +114,7 @@ def main() -> None:
     meter = Meter(torch.device("cpu"))
     keops = keops_available()
     lines = [
-        f"Command: `python benchmarks/sinkhorn_backends.py {' '.join(sys.argv[1:])}`",
+        f"Command: `python benchmarks/sinkhorn_backends.py {shlex.join(sys.argv[1:])}`",
         "",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{args.threads} threads, pykeops {'available' if keops else 'not installed'}; "
