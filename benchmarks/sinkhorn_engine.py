@@ -16,7 +16,7 @@ per-step time of the warm-started engine, of a cold engine solve and of GeomLoss
 
 Solvers (cost ½‖x − y‖², ε = blur²):
 
-* engine: ``torchcfm_nsgf.sinkhorn_solve`` with its defaults (scaling 0.9, tol 1e-4);
+* engine: ``torchcfm_nsgf.sinkhorn_solve``, dense backend, scaling 0.9, tol 1e-4, max_iter 5000;
 * GeomLoss: ``SamplesLoss("sinkhorn", p=2, blur, scaling, debias=True, backend="tensorized")`` and
   ``v = -n * grad_x``, at scaling 0.8 (the paper's setting) and at the first scaling of
   ``--geomloss-scalings`` whose velocity is within 1e-3 of the reference;
@@ -105,6 +105,10 @@ def rel_err(v: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_engine(x, y, blur, **kw):
     from torchcfm_nsgf import SinkhornConvergenceWarning, sinkhorn_solve
+
+    kw.setdefault("tol", TOL)
+    kw.setdefault("max_iter", 5000)
+    kw.setdefault("backend", "dense")
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SinkhornConvergenceWarning)

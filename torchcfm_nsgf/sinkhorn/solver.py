@@ -1,47 +1,6 @@
-r"""The Sinkhorn velocity engine: the empirical velocity of the Sinkhorn Wasserstein gradient flow.
+"""The Sinkhorn loop, written once over the backend interface, and the public solve functions.
 
-Conventions (GeomLoss's ``p=2``, so that hyper-parameters quoted as ``blur``/``scaling`` transfer):
-
-* cost :math:`c(x, y) = \tfrac12 \|x - y\|^2`, entropic regularisation :math:`\varepsilon = \mathrm{blur}^2`;
-* :math:`W_\varepsilon(\mu, \nu) = \min_\pi \int c\,d\pi + \varepsilon\,\mathrm{KL}(\pi \,\|\, \mu\otimes\nu)`
-  with dual potentials :math:`(f_{\mu\nu}, g_{\mu\nu})`;
-* Sinkhorn divergence :math:`S_\varepsilon(\mu,\nu) = W_\varepsilon(\mu,\nu) - \tfrac12 W_\varepsilon(\mu,\mu)
-  - \tfrac12 W_\varepsilon(\nu,\nu)`.
-
-The velocity of the Wasserstein gradient flow of :math:`\mu \mapsto S_\varepsilon(\mu, \nu)` (NSGF paper,
-Theorem 1; Feydy et al. 2019, eq. 26) is
-
-.. math::
-    v(x) = \nabla f_{\mu\mu}(x) - \nabla f_{\mu\nu}(x)
-         = \sum_j w^{\nu}_j(x)\, y_j - \sum_k w^{\mu}_k(x)\, x_k,
-
-with the soft assignments :math:`w^{\nu}_j(x) = \mathrm{softmax}_j(\log b_j + (g_{\mu\nu,j} - c(x, y_j))/\varepsilon)`
-and :math:`w^{\mu}_k(x) = \mathrm{softmax}_k(\log a_k + (f_{\mu\mu,k} - c(x, x_k))/\varepsilon)`: the entropic
-barycentric projection onto the target minus the projection onto the particles themselves. For uniform
-weights this equals :math:`-n \nabla_{x_i} S_\varepsilon(\mu_n, \nu)`.
-
-Only the two potentials that the velocity needs are solved for (the cross problem and the symmetric
-problem on the particles); the target's own symmetric problem, which GeomLoss solves for the loss value,
-does not enter the velocity.
-
-Solver. Log-domain Sinkhorn, stable for any data scale:
-
-1. ε-scaling: ε runs geometrically from the largest cost in the problem down to ``blur**2`` with ratio
-   ``scaling**2`` (GeomLoss's schedule), one Sinkhorn update per level;
-2. at ``ε = blur**2`` the updates continue until the marginal error (below) is at most ``tol`` or
-   ``max_iter`` iterations have run; the cap raises a :class:`SinkhornConvergenceWarning`.
-
-The cross problem uses alternating (Gauss-Seidel) updates, the symmetric problem the averaged update
-:math:`f \leftarrow \tfrac12 (f + T(f))`. The marginal error is the L1 distance between the plan's
-marginal and its prescribed weights (a total mass, in [0, 2]), the larger of the two problems'.
-
-With ``warm_start`` (the solution of the previous, nearby flow step) the annealing is skipped and the
-iteration starts from the previous potentials: consecutive flow steps barely move the particles.
-
-Why not POT: ``ot.sinkhorn(method="sinkhorn_log")`` has no ε-scaling and solves one problem per call;
-at d=2, blur 0.3 it needed 1061 + 231 iterations (4.4 s) where this engine needed 33 + 60 (0.24 s) at
-n=256, and did not converge within 60 s at n=1024 (``benchmarks/sinkhorn_engine.py``, BENCHMARKS.md). At
-large ε (image data, blur 2) it takes 0.9x-2.2x this engine's time.
+See the package docstring (:mod:`torchcfm_nsgf.sinkhorn`) for the conventions and the solver.
 """
 
 from __future__ import annotations
@@ -53,7 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-from ._validation import (
+from .._validation import (
     check_cloud,
     check_open_unit,
     check_positive,
@@ -61,6 +20,7 @@ from ._validation import (
     check_same_features,
     check_weights,
 )
+from .backends import SinkhornBackend, check_backend, make_backend
 
 __all__ = [
     "HIGH_DIM_BLUR",
@@ -70,10 +30,6 @@ __all__ = [
     "sinkhorn_solve",
     "sinkhorn_velocity",
 ]
-
-# Below this many features the cost is formed coordinate by coordinate (exact for nearby points);
-# above it through one matrix product, after centring the clouds to limit cancellation.
-_DIRECT_COST_MAX_DIM = 8
 
 
 class SinkhornConvergenceWarning(RuntimeWarning):
@@ -103,13 +59,17 @@ class SinkhornSolution:
     n_iter : int
         Iterations at the final ε (after annealing).
     n_anneal : int
-        ε-scaling levels run before (0 with a warm start).
+        ε-scaling levels run before (0 with a warm start, except on the multiscale backend, which
+        anneals its coarse problem anyway).
     marginal_error : float
         L1 marginal violation at the last check, the larger of the two problems'.
     converged : bool
         ``marginal_error <= tol``.
     omega : float
         Over-relaxation factor in use at the end (differs from the argument only with ``adapt_omega``).
+    backend : str
+        The backend that ran the reductions (``"dense"``, ``"streaming"``, ``"multiscale"``, ``"keops"``;
+        prefixed ``"sharded-"`` when the particles were split over processes), after ``"auto"``'s choice.
     """
 
     velocity: Tensor
@@ -124,6 +84,7 @@ class SinkhornSolution:
     marginal_error: float
     converged: bool
     omega: float = 1.0
+    backend: str = "dense"
 
 
 #: The relative blur of NSGF flows on images (``SinkhornFlowMatcher()`` and the image methods): at the
@@ -149,13 +110,20 @@ class SinkhornOptions:
     scaling : float in (0, 1)
         Ratio between successive blur values of the ε-scaling schedule.
     tol : float
-        L1 marginal error at which the engine stops. Looser than :func:`sinkhorn_solve`'s 1e-4: NSGF's
-        targets are minibatch estimates anyway, and on the 2D tasks 1e-2 trains fields as good as 1e-3 at a
-        fraction of the Sinkhorn time (BENCHMARKS.md, regime study).
+        L1 marginal error at which the engine stops. NSGF's targets are minibatch estimates anyway, and on the
+        2D tasks 1e-2 trains fields as good as 1e-3 at a fraction of the Sinkhorn time (BENCHMARKS.md, regime
+        study); pass 1e-4 for a velocity within about 1e-3 of the converged fixed point.
     max_iter : int
         Iteration cap at the final ε.
     omega : float in [1, 2)
         Over-relaxation of the cross problem's updates.
+    backend : str
+        Which reductions run the loop: ``"auto"`` (by size, dimension, device and free memory, see
+        :func:`~torchcfm_nsgf.sinkhorn.backends.choose_backend`), ``"dense"``, ``"streaming"``,
+        ``"multiscale"`` (d <= 3) or ``"keops"`` (needs pykeops).
+    distributed : bool
+        Solve one problem whose particles are split over the processes of ``torch.distributed``'s
+        default group (each process passes its own particles and targets; the targets are gathered).
     """
 
     blur: float = field(
@@ -167,6 +135,13 @@ class SinkhornOptions:
     tol: float = field(default=1e-2, metadata={"help": "L1 marginal error at which Sinkhorn stops"})
     max_iter: int = field(default=1000, metadata={"help": "Sinkhorn iteration cap at the final eps"})
     omega: float = field(default=1.9, metadata={"help": "over-relaxation factor in [1, 2)"})
+    backend: str = field(
+        default="auto",
+        metadata={"help": "auto, dense, streaming, multiscale (d <= 3) or keops (needs pykeops)"},
+    )
+    distributed: bool = field(
+        default=False, metadata={"help": "split each flow's particles over the torch.distributed processes"}
+    )
 
     def __post_init__(self) -> None:
         check_positive(self.blur, "blur")
@@ -181,6 +156,9 @@ class SinkhornOptions:
             or not 1.0 <= self.omega < 2.0
         ):
             raise ValueError(f"omega must be a number in [1, 2), got {self.omega!r}")
+        check_backend(self.backend)
+        if not isinstance(self.distributed, bool):
+            raise TypeError(f"distributed must be a bool, got {type(self.distributed).__name__}")
 
     @staticmethod
     def scale_of(y: Tensor) -> float:
@@ -212,55 +190,14 @@ class SinkhornOptions:
             max_iter=self.max_iter,
             omega=self.omega,
             warm_start=warm_start,
+            backend=self.backend,
+            distributed=self.distributed,
         )
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
         """``{field name: help text}``, for generated command-line flags."""
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-
-def _half_sq_dist(x: Tensor, y: Tensor, same: bool = False) -> Tensor:
-    """:math:`C_{ij} = \\tfrac12\\|x_i - y_j\\|^2` for flattened clouds x (n, d), y (m, d)."""
-    d = x.shape[1]
-    if d <= _DIRECT_COST_MAX_DIM:
-        C = torch.zeros(x.shape[0], y.shape[0], dtype=x.dtype, device=x.device)
-        for k in range(d):
-            C.add_((x[:, k, None] - y[None, :, k]).square_())
-        return C.mul_(0.5)
-    C = torch.addmm(
-        0.5 * (x * x).sum(1, keepdim=True) + 0.5 * (y * y).sum(1)[None, :], x, y.T, alpha=-1.0
-    ).clamp_min_(0.0)
-    if same:
-        C.fill_diagonal_(0.0)
-    return C
-
-
-def _softmin(C: Tensor, h: Tensor, eps: float, buf: Tensor) -> Tensor:
-    r""":math:`-\varepsilon \log \sum_j \exp(h_j - C_{ij}/\varepsilon)` for C (n, m), h (m,) -> (n,).
-
-    ``buf`` is scratch space of at least n*m elements: reusing it avoids allocating (and page-faulting)
-    an n x m matrix at every iteration, which costs more than the arithmetic on CPU.
-    """
-    z = buf[: C.numel()].view_as(C)
-    torch.add(h[None, :], C, alpha=-1.0 / eps, out=z)
-    zmax = z.amax(dim=1)
-    z.sub_(zmax[:, None]).exp_()
-    return -eps * (zmax + z.sum(1).log())
-
-
-def _soft_projection(C: Tensor, h: Tensor, eps: float, pts: Tensor, buf: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Rows :math:`w_{ij} = \mathrm{softmax}_j(h_j - C_{ij}/\varepsilon)` applied to pts (m, d).
-
-    Returns the projection (n, d) and the matching softmin (n,), as :func:`_softmin` would.
-    """
-    z = buf[: C.numel()].view_as(C)
-    torch.add(h[None, :], C, alpha=-1.0 / eps, out=z)
-    zmax = z.amax(dim=1)
-    z.sub_(zmax[:, None]).exp_()
-    s = z.sum(1)
-    proj = (z @ pts).div_(s[:, None])
-    return proj, -eps * (zmax + s.log())
 
 
 def _marginal_error(w: Tensor, old: Tensor, new: Tensor, eps: float) -> Tensor:
@@ -320,44 +257,149 @@ class _OmegaTuner:
         return self.omega
 
 
+def _schedule(max_cost: float, eps: float, scaling: float) -> list[float]:
+    """ε-scaling levels: geometric from the largest cost down to (not including) ``eps``, ratio ``scaling**2``."""
+    eps0 = max(max_cost, eps)
+    n_levels = int(math.ceil(math.log(eps0 / eps) / (-2.0 * math.log(scaling))))
+    return [eps0 * scaling ** (2 * k) for k in range(n_levels)]
+
+
+def _t_xy(be: SinkhornBackend, g: Tensor, e: float) -> Tensor:
+    """f = T(g): the softmin over the targets."""
+    return be.softmin("xy", be.log_b + g / e, e)
+
+
+def _t_yx(be: SinkhornBackend, f: Tensor, e: float) -> Tensor:
+    """g = T(f): the softmin over the particles."""
+    return be.softmin("yx", be.log_a + f / e, e)
+
+
+def _t_xx(be: SinkhornBackend, p: Tensor, e: float) -> Tensor:
+    """The symmetric problem's update on the particles."""
+    return be.softmin("xx", be.log_a + p / e, e)
+
+
+def anneal(be: SinkhornBackend, g: Tensor, p: Tensor, levels: list[float]) -> tuple[Tensor, Tensor]:
+    """One Sinkhorn update per ε-scaling level: alternating on the cross problem, averaged on the symmetric."""
+    for e in levels:
+        g = _t_yx(be, _t_xy(be, g, e), e)
+        p = 0.5 * (p + _t_xx(be, p, e))
+        be.level_done(g, p, e)
+    return g, p
+
+
+@dataclass
+class _LoopState:
+    g: Tensor
+    p: Tensor
+    n_iter: int
+    err: float
+    omega: float
+
+
+def _iterate(
+    be: SinkhornBackend,
+    g: Tensor,
+    p: Tensor,
+    eps: float,
+    *,
+    tol: float,
+    max_iter: int,
+    omega: float,
+    tuner: _OmegaTuner | None,
+    check_every: int,
+) -> _LoopState:
+    """Sinkhorn at the final ε until the marginal error is at most ``tol`` or ``max_iter`` iterations ran.
+
+    Plain updates on check iterations (their marginal error is exact for the plan whose rows the velocity
+    uses); over-relaxed updates in between (Thibault et al. 2017). The symmetric problem usually converges
+    long before the cross one: while its error at the last check is within tol its updates pause (a third
+    of the work), and each check re-tests it. The particles' share of the errors is summed over processes
+    (:meth:`SinkhornBackend.total`), so that every process takes the same decisions.
+    """
+    f = _t_xy(be, g, eps)
+    err = float("inf")
+    sym_active = True
+    w = float(omega)
+    it = 0
+    while it < max_iter:
+        it += 1
+        if it % check_every == 0 or it == max_iter or it in be.early_checks:
+            f = _t_xy(be, g, eps)
+            g_new = _t_yx(be, f, eps)
+            p_new = _t_xx(be, p, eps)
+            err_xy = _marginal_error(be.b, g, g_new, eps)
+            err_xx = be.total(_marginal_error(be.a, p, p_new, eps))
+            err_xy, err_xx = torch.stack((err_xy, err_xx)).tolist()
+            err = max(err_xy, err_xx)
+            sym_active = err_xx > tol
+            g = g_new
+            p = 0.5 * (p + p_new)
+            if err <= tol:
+                break
+            if tuner is not None:
+                w = tuner.update(err_xy)
+        else:
+            f = torch.lerp(f, _t_xy(be, g, eps), w)
+            g = torch.lerp(g, _t_yx(be, f, eps), w)
+            if sym_active:
+                p = 0.5 * (p + _t_xx(be, p, eps))
+    return _LoopState(g=g, p=p, n_iter=it, err=err, omega=w)
+
+
+def _defaults() -> SinkhornOptions:
+    return SinkhornOptions()
+
+
 def sinkhorn_solve(
     x: Tensor,
     y: Tensor,
     *,
-    blur: float = 0.05,
-    scaling: float = 0.9,
+    blur: float | None = None,
+    scaling: float | None = None,
     a: Tensor | None = None,
     b: Tensor | None = None,
-    tol: float = 1e-4,
-    max_iter: int = 5000,
+    tol: float | None = None,
+    max_iter: int | None = None,
     warm_start: SinkhornSolution | None = None,
-    omega: float = 1.9,
+    omega: float | None = None,
     adapt_omega: bool = False,
     check_every: int = 10,
+    backend: str | None = None,
+    distributed: bool | None = None,
 ) -> SinkhornSolution:
     r"""Solve the two entropic OT problems behind the Sinkhorn-flow velocity and return the velocity.
+
+    Every setting left at ``None`` takes its value from :class:`SinkhornOptions` (one home for the
+    defaults): blur 0.1 of the target's scale, scaling 0.9, tol 1e-2, max_iter 1000, omega 1.9,
+    backend ``"auto"``.
 
     Parameters
     ----------
     x : Tensor, shape (n, *dim)
-        Particles (source cloud :math:`\mu = \sum_i a_i \delta_{x_i}`). Images are flattened inside.
+        Particles (source cloud :math:`\mu = \sum_i a_i \delta_{x_i}`). Images are flattened inside. With
+        ``distributed``, this process's share of the particles.
     y : Tensor, shape (m, *dim)
         Target samples (:math:`\nu = \sum_j b_j \delta_{y_j}`), same feature shape, device and dtype family.
-    blur : float
-        :math:`\sqrt{\varepsilon}`, in the data's length unit (GeomLoss convention, ``p=2``).
-    scaling : float in (0, 1)
+        With ``distributed``, this process's share; the problem's target is all processes' samples.
+    blur : float, optional
+        :math:`\sqrt{\varepsilon}`, in the data's length unit (GeomLoss convention, ``p=2``). Default:
+        ``SinkhornOptions().absolute_blur(y)``, i.e. 0.1 times the target's root-mean-square radius.
+    scaling : float in (0, 1), optional
         Ratio between successive blur values of the ε-scaling schedule (ε shrinks by ``scaling**2``).
     a, b : Tensor, shape (n,) and (m,), optional
-        Non-negative weights summing to one; uniform by default.
-    tol : float
-        Stop when the L1 marginal error is at most ``tol``. The default gives a velocity within 1e-3
-        relative error of the converged float64 fixed point (``tests/test_sinkhorn.py``).
-    max_iter : int
+        Non-negative weights summing to one; uniform by default (required uniform with ``distributed``).
+    tol : float, optional
+        Stop when the L1 marginal error is at most ``tol``. 1e-4 gives a velocity within 1e-3 relative
+        error of the converged float64 fixed point (``tests/test_sinkhorn.py``); the default 1e-2 is
+        NSGF's working tolerance.
+    max_iter : int, optional
         Iteration cap at the final ε; reaching it first emits :class:`SinkhornConvergenceWarning`.
     warm_start : SinkhornSolution, optional
         A previous solution for the same ``n``, ``m`` and ``blur`` (e.g. the previous flow step):
-        annealing is skipped and the iteration starts from its potentials.
-    omega : float in [1, 2)
+        annealing is skipped and the iteration starts from its potentials (the multiscale backend
+        starts from its coarse annealing instead, see :mod:`torchcfm_nsgf.sinkhorn.multiscale`).
+    omega : float in [1, 2), optional
         Over-relaxation of the cross problem's updates at the final ε (1 = plain Sinkhorn). Values
         near 2 cut the iteration count several-fold in the small-ε regime; every ``check_every``-th
         update is a plain one, on which convergence is measured.
@@ -370,6 +412,13 @@ def sinkhorn_solve(
         it is off by default.
     check_every : int
         Marginal error is evaluated (one scalar device-to-host copy) every ``check_every`` iterations.
+    backend : str, optional
+        ``"auto"`` (default), ``"dense"``, ``"streaming"``, ``"multiscale"`` (d <= 3) or ``"keops"``
+        (needs pykeops); see :mod:`torchcfm_nsgf.sinkhorn.backends`. The solution records the one used.
+    distributed : bool, optional
+        Split the problem's particles over the processes of ``torch.distributed``'s default group (all
+        processes call with their own ``x`` and ``y`` and the same settings); each gets its particles'
+        velocity. Default False.
 
     Returns
     -------
@@ -380,14 +429,22 @@ def sinkhorn_solve(
     -----
     No autograd graph is built (the solve runs under ``torch.no_grad``). Half-precision inputs are
     solved in float32 and the results cast back. The small-ε regime (``blur**2`` far below the squared
-    data diameter) needs many iterations at the final ε: the default cap allows 5000; read
-    ``marginal_error`` / ``converged`` or watch for the warning.
+    data diameter) needs many iterations at the final ε: read ``marginal_error`` / ``converged`` or watch
+    for the warning.
     """
+    opts = _defaults()
+    scaling = opts.scaling if scaling is None else scaling
+    tol = opts.tol if tol is None else tol
+    max_iter = opts.max_iter if max_iter is None else max_iter
+    omega = opts.omega if omega is None else omega
+    backend = opts.backend if backend is None else backend
+    distributed = opts.distributed if distributed is None else distributed
     check_same_device(("x", x), ("y", y), ("a", a), ("b", b))
     check_cloud(x, "x")
     check_cloud(y, "y")
     check_same_features(x, y)
-    check_positive(blur, "blur")
+    if blur is not None:
+        check_positive(blur, "blur")
     check_open_unit(scaling, "scaling")
     check_positive(tol, "tol")
     check_positive(max_iter, "max_iter", integer=True)
@@ -396,17 +453,10 @@ def sinkhorn_solve(
         raise ValueError(f"omega must be a number in [1, 2), got {omega!r}")
     if not isinstance(adapt_omega, bool):
         raise TypeError(f"adapt_omega must be a bool, got {type(adapt_omega).__name__}")
-    n, m = x.shape[0], y.shape[0]
-    if warm_start is not None:
-        if not isinstance(warm_start, SinkhornSolution):
-            raise TypeError(f"warm_start must be a SinkhornSolution, got {type(warm_start).__name__}")
-        if warm_start.f_xy.shape[0] != n or warm_start.g_xy.shape[0] != m:
-            raise ValueError(
-                f"warm_start was computed for (n, m) = ({warm_start.f_xy.shape[0]}, {warm_start.g_xy.shape[0]}), "
-                f"not ({n}, {m})"
-            )
-        if not math.isclose(warm_start.eps, blur**2, rel_tol=1e-9):
-            raise ValueError(f"warm_start was computed at blur {math.sqrt(warm_start.eps):g}, not {blur:g}")
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
+    check_backend(backend)
+    n = x.shape[0]
 
     out_dtype = x.dtype
     work_dtype = torch.promote_types(x.dtype, y.dtype)
@@ -414,90 +464,57 @@ def sinkhorn_solve(
         work_dtype = torch.float32
     with torch.no_grad():
         xf = x.reshape(n, -1).to(work_dtype)
-        yf = y.reshape(m, -1).to(work_dtype)
-        a_ = check_weights(a, n, "a", xf)
-        b_ = check_weights(b, m, "b", xf)
+        yf = y.reshape(y.shape[0], -1).to(work_dtype)
+        if distributed:
+            from .sharded import gather_targets
+
+            if a is not None or b is not None:
+                raise ValueError(
+                    "a and b must be None with distributed=True (uniform weights over all processes)"
+                )
+            yf = gather_targets(yf)
+        m = yf.shape[0]
+        if blur is None:
+            blur = opts.absolute_blur(yf)
+        _check_warm_start(warm_start, n, m, blur)
+        if distributed:
+            from .sharded import global_mean, sharded_log_weights
+
+            log_a, log_b = sharded_log_weights(n, m, xf)
+            center = global_mean(xf)
+        else:
+            log_a = check_weights(a, n, "a", xf).log()
+            log_b = check_weights(b, m, "b", xf).log()
+            center = xf.mean(0)
         # The velocity and the potentials are translation invariant: centre for float accuracy.
-        center = xf.mean(0)
         xf = xf - center
         yf = yf - center
-        C_xy = _half_sq_dist(xf, yf)
-        C_yx = C_xy.T.contiguous()
-        C_xx = _half_sq_dist(xf, xf, same=True)
-        log_a, log_b = a_.log(), b_.log()
         eps = float(blur) ** 2
-        buf = torch.empty(max(n * m, n * n), dtype=work_dtype, device=xf.device)
+        be = make_backend(backend, xf, yf, log_a, log_b, distributed=distributed, eps=eps)
 
-        def t_xy(g_: Tensor, e: float) -> Tensor:  # f = T(g): the softmin over the target
-            return _softmin(C_xy, log_b + g_ / e, e, buf)
-
-        def t_yx(f_: Tensor, e: float) -> Tensor:  # g = T(f): the softmin over the particles
-            return _softmin(C_yx, log_a + f_ / e, e, buf)
-
-        def t_xx(p_: Tensor, e: float) -> Tensor:  # symmetric problem on the particles
-            return _softmin(C_xx, log_a + p_ / e, e, buf)
-
+        warm = None
         if warm_start is not None:
-            g = warm_start.g_xy.to(work_dtype)
-            p = warm_start.f_xx.to(work_dtype)
-            n_anneal = 0
-        else:
-            # ε-scaling from the largest cost in the problem down to blur**2, one update per level.
-            eps0 = max(float(torch.maximum(C_xy.max(), C_xx.max())), eps)
-            n_levels = int(math.ceil(math.log(eps0 / eps) / (-2.0 * math.log(scaling))))
-            g = torch.zeros(m, dtype=work_dtype, device=xf.device)
-            p = torch.zeros(n, dtype=work_dtype, device=xf.device)
-            for k in range(n_levels):
-                e = eps0 * scaling ** (2 * k)
-                g = t_yx(t_xy(g, e), e)
-                p = 0.5 * (p + t_xx(p, e))
-            n_anneal = n_levels
+            warm = (warm_start.g_xy.to(work_dtype), warm_start.f_xx.to(work_dtype))
+        g, p, n_anneal = be.start(lambda: _schedule(be.max_cost(), eps, scaling), anneal, warm)
 
-        # Final ε. Plain updates on check iterations (their marginal error is exact for the plan
-        # whose rows the velocity uses); over-relaxed updates in between (Thibault et al. 2017).
-        # The symmetric problem usually converges long before the cross one: while its error at the
-        # last check is within tol its updates pause (a third of the work), and each check re-tests it.
-        f = t_xy(g, eps)
-        err = float("inf")
-        sym_active = True
         w = float(omega)
         if adapt_omega and warm_start is not None:
             w = max(w, min(warm_start.omega, _OmegaTuner.OMEGA_MAX))
         tuner = _OmegaTuner(w, check_every) if adapt_omega else None
-        it = 0
-        while it < max_iter:
-            it += 1
-            if it % check_every == 0 or it == max_iter:
-                f = t_xy(g, eps)
-                g_new = t_yx(f, eps)
-                p_new = t_xx(p, eps)
-                err_xy, err_xx = torch.stack(
-                    (_marginal_error(b_, g, g_new, eps), _marginal_error(a_, p, p_new, eps))
-                ).tolist()
-                err = max(err_xy, err_xx)
-                sym_active = err_xx > tol
-                g = g_new
-                p = 0.5 * (p + p_new)
-                if err <= tol:
-                    break
-                if tuner is not None:
-                    w = tuner.update(err_xy)
-            else:
-                f = torch.lerp(f, t_xy(g, eps), w)
-                g = torch.lerp(g, t_yx(f, eps), w)
-                if sym_active:
-                    p = 0.5 * (p + t_xx(p, eps))
-        converged = err <= tol
+        state = _iterate(
+            be, g, p, eps, tol=tol, max_iter=max_iter, omega=w, tuner=tuner, check_every=check_every
+        )
+        converged = state.err <= tol
         if not converged:
             warnings.warn(
-                f"Sinkhorn stopped at max_iter={max_iter} with marginal error {err:.3g} > tol={tol:g} "
+                f"Sinkhorn stopped at max_iter={max_iter} with marginal error {state.err:.3g} > tol={tol:g} "
                 f"(blur={blur:g}); raise max_iter or blur, or loosen tol",
                 SinkhornConvergenceWarning,
                 stacklevel=2,
             )
 
-        proj_y, f_xy = _soft_projection(C_xy, log_b + g / eps, eps, yf, buf)
-        proj_x, _ = _soft_projection(C_xx, log_a + p / eps, eps, xf, buf)
+        proj_y, f_xy = be.project("xy", be.log_b + state.g / eps, eps)
+        proj_x, _ = be.project("xx", be.log_a + state.p / eps, eps)
         velocity = proj_y - proj_x
 
     shape = x.shape
@@ -506,36 +523,61 @@ def sinkhorn_solve(
         proj_y=(proj_y + center).reshape(shape).to(out_dtype),
         proj_x=(proj_x + center).reshape(shape).to(out_dtype),
         f_xy=f_xy,
-        g_xy=g,
-        f_xx=p,
+        g_xy=state.g,
+        f_xx=state.p,
         eps=eps,
-        n_iter=it,
+        n_iter=state.n_iter,
         n_anneal=n_anneal,
-        marginal_error=err,
+        marginal_error=state.err,
         converged=converged,
-        omega=w,
+        omega=state.omega,
+        backend=be.name,
     )
+
+
+def _check_warm_start(warm_start: SinkhornSolution | None, n: int, m: int, blur: float) -> None:
+    if warm_start is None:
+        return
+    if not isinstance(warm_start, SinkhornSolution):
+        raise TypeError(f"warm_start must be a SinkhornSolution, got {type(warm_start).__name__}")
+    if warm_start.f_xy.shape[0] != n or warm_start.g_xy.shape[0] != m:
+        raise ValueError(
+            f"warm_start was computed for (n, m) = ({warm_start.f_xy.shape[0]}, {warm_start.g_xy.shape[0]}), "
+            f"not ({n}, {m})"
+        )
+    if not math.isclose(warm_start.eps, blur**2, rel_tol=1e-9):
+        raise ValueError(f"warm_start was computed at blur {math.sqrt(warm_start.eps):g}, not {blur:g}")
 
 
 def sinkhorn_velocity(
     x: Tensor,
     y: Tensor,
     *,
-    blur: float = 0.05,
-    scaling: float = 0.9,
+    blur: float | None = None,
+    scaling: float | None = None,
     a: Tensor | None = None,
     b: Tensor | None = None,
-    tol: float = 1e-4,
-    max_iter: int = 5000,
+    tol: float | None = None,
+    max_iter: int | None = None,
     warm_start: SinkhornSolution | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     r"""Velocity of the Sinkhorn gradient flow at every particle: :math:`v(x_i) = \nabla f_{\mu\mu}(x_i) - \nabla f_{\mu\nu}(x_i)`.
 
-    Shorthand for ``sinkhorn_solve(...).velocity``; see :func:`sinkhorn_solve` for the arguments,
-    the conventions (cost ½‖x−y‖², ε = blur²) and the solver. Returns a tensor with x's shape, dtype
-    and device. For a flow, call :func:`sinkhorn_solve` and pass the solution as ``warm_start`` to
-    the next step.
+    Shorthand for ``sinkhorn_solve(...).velocity``; see :func:`sinkhorn_solve` for the arguments, their
+    defaults (from :class:`SinkhornOptions`), the conventions (cost ½‖x−y‖², ε = blur²) and the solver.
+    Returns a tensor with x's shape, dtype and device. For a flow, call :func:`sinkhorn_solve` and pass the
+    solution as ``warm_start`` to the next step.
     """
     return sinkhorn_solve(
-        x, y, blur=blur, scaling=scaling, a=a, b=b, tol=tol, max_iter=max_iter, warm_start=warm_start
+        x,
+        y,
+        blur=blur,
+        scaling=scaling,
+        a=a,
+        b=b,
+        tol=tol,
+        max_iter=max_iter,
+        warm_start=warm_start,
+        backend=backend,
     ).velocity

@@ -1,0 +1,104 @@
+"""Sinkhorn solves sharded over two CPU processes (gloo) against the same solves in one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from reference import rel_err
+
+from torchcfm_nsgf import SinkhornOptions, sinkhorn_solve
+
+SPLIT = (70, 50)  # particles per rank: unequal on purpose
+TARGET_SPLIT = (40, 65)
+BLUR = 0.3
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(SPLIT), 2, generator=g, dtype=torch.float64)
+    y = torch.rand(sum(TARGET_SPLIT), 2, generator=g, dtype=torch.float64) * 2 + 1
+    return x, y
+
+
+def _flow(x, y, steps: int, **kw):
+    sol, out = None, []
+    for _ in range(steps):
+        sol = sinkhorn_solve(x, y, blur=BLUR, warm_start=sol, **kw)
+        out.append(sol)
+        x = x + sol.velocity
+    return x, out
+
+
+def _worker(rank: int, world: int, port: int, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x, y = _data()
+        lo, hi = sum(SPLIT[:rank]), sum(SPLIT[: rank + 1])
+        ylo, yhi = sum(TARGET_SPLIT[:rank]), sum(TARGET_SPLIT[: rank + 1])
+        xr, yr = x[lo:hi], y[ylo:yhi]
+        res = {}
+        for backend in ("dense", "streaming"):
+            sol = sinkhorn_solve(xr, yr, blur=BLUR, tol=1e-8, backend=backend, distributed=True)
+            res[backend] = (sol.velocity, sol.g_xy, sol.n_iter, sol.n_anneal, sol.backend)
+        x_end, sols = _flow(xr, yr, 2, distributed=True)
+        res["flow"] = (x_end, [s.n_iter for s in sols])
+        # Default options through SinkhornOptions (relative blur from the gathered targets).
+        opts = SinkhornOptions(distributed=True)
+        res["options"] = opts.solve(xr, yr, blur=opts.absolute_blur(y)).velocity
+        res["default"] = sinkhorn_solve(xr, yr, distributed=True).velocity
+        torch.save(res, os.path.join(path, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    path = str(tmp_path_factory.mktemp("sharded"))
+    mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    return [torch.load(os.path.join(path, f"rank{r}.pt")) for r in range(2)]
+
+
+@pytest.mark.parametrize("backend", ["dense", "streaming"])
+def test_sharded_solve_equals_single_process(sharded, backend):
+    x, y = _data()
+    ref = sinkhorn_solve(x, y, blur=BLUR, tol=1e-8, backend=backend)
+    v = torch.cat([r[backend][0] for r in sharded])
+    assert rel_err(v, ref.velocity) <= 1e-10
+    for r in sharded:
+        torch.testing.assert_close(r[backend][1], ref.g_xy, rtol=0, atol=1e-10 * BLUR**2)
+        assert r[backend][2:4] == (ref.n_iter, ref.n_anneal)  # the same stopping decisions
+        assert r[backend][4] == "sharded-" + backend
+
+
+def test_sharded_flow_equals_single_process(sharded):
+    x, y = _data()
+    x_end, sols = _flow(x, y, 2)
+    assert rel_err(torch.cat([r["flow"][0] for r in sharded]), x_end) <= 1e-10
+    assert all(r["flow"][1] == [s.n_iter for s in sols] for r in sharded)
+
+
+def test_sharded_defaults_use_the_gathered_target(sharded):
+    x, y = _data()
+    ref = sinkhorn_solve(x, y)
+    assert rel_err(torch.cat([r["default"] for r in sharded]), ref.velocity) <= 1e-10
+    assert rel_err(torch.cat([r["options"] for r in sharded]), ref.velocity) <= 1e-10
+
+
+def test_distributed_needs_an_initialised_group():
+    x, y = _data()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        sinkhorn_solve(x, y, blur=BLUR, distributed=True)
