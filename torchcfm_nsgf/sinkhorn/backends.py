@@ -38,7 +38,6 @@ __all__ = [
     "available_memory",
     "check_backend",
     "choose_backend",
-    "make_backend",
 ]
 
 # Below this many features the cost is formed coordinate by coordinate (exact for nearby points);
@@ -305,29 +304,6 @@ def choose_backend(
     if DenseBackend.memory(n, m, d, itemsize) <= DENSE_MEMORY_SHARE * free_bytes:
         return "dense"
     return "streaming"
-
-
-def make_backend(
-    name: str, x: Tensor, y: Tensor, log_a: Tensor, log_b: Tensor, *, distributed: bool = False, eps: float
-) -> SinkhornBackend:
-    """The backend ``name`` (or ``"auto"``'s choice) for centred, flattened clouds x (n, d), y (m, d)."""
-    if distributed:
-        from .sharded import ShardedBackend
-
-        return ShardedBackend.build(name, x, y, log_a, log_b, eps=eps)
-    if name == "auto":
-        name = choose_backend(x.shape[0], y.shape[0], x.shape[1], x.device, x.dtype)
-    if name == "dense":
-        return DenseBackend(x, y, log_a, log_b)
-    if name == "streaming":
-        return StreamingBackend(x, y, log_a, log_b)
-    if name == "multiscale":
-        from .multiscale import MultiscaleBackend
-
-        return MultiscaleBackend(x, y, log_a, log_b, eps=eps)
-    from .keops import KeOpsBackend
-
-    return KeOpsBackend(x, y, log_a, log_b)
 
 
 def tiled_softmin(rows: Tensor, cols: Tensor, h: Tensor, eps: float) -> Tensor:

@@ -20,7 +20,8 @@ from .._validation import (
     check_same_features,
     check_weights,
 )
-from .backends import SinkhornBackend, check_backend, make_backend
+from .backends import SinkhornBackend, check_backend
+from .factory import make_backend
 
 __all__ = [
     "HIGH_DIM_BLUR",
