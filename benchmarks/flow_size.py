@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 1024, 4096])
     parser.add_argument("--methods", nargs="+", default=["nsgf", "coupling"])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--json", default=None)
@@ -87,7 +88,7 @@ def main() -> None:
             task.target(2000, torch.Generator().manual_seed(1)),
             task.target(2000, torch.Generator().manual_seed(2)),
         )
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for method in methods:
                 row = dict(
                     task=name,
