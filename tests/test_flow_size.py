@@ -114,6 +114,11 @@ def test_bad_flow_size_is_refused_naming_it(bad, exc):
         SinkhornFlowMatcher(flow_size=bad)
 
 
+def test_flow_size_without_a_pool_is_refused():
+    with pytest.raises(ValueError, match="flow_size needs a pool"):
+        SinkhornFlowMatcher(flow_size=512, pool=None)
+
+
 def test_a_flow_size_below_the_batch_is_refused_at_the_call():
     fm = SinkhornFlowMatcher(flow_size=64)
     with pytest.raises(ValueError, match="flow_size=64 is smaller than this call's batch of 256"):

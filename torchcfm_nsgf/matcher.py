@@ -223,6 +223,11 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         check_positive(refresh_every, "refresh_every", integer=True)
         if flow_size is not None:
             check_positive(flow_size, "flow_size", integer=True)
+            if pool is None:
+                raise ValueError(
+                    "flow_size needs a pool (pool='auto' or a TrajectoryPool): without one every "
+                    "call simulates a flow of its own batch"
+                )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.flow_steps = flow_steps
