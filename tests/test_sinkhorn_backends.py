@@ -9,7 +9,7 @@ import torch
 from reference import fixed_point_velocity, rel_err
 
 from torchcfm_nsgf import SinkhornOptions, sinkhorn_solve
-from torchcfm_nsgf.sinkhorn import backends, choose_backend
+from torchcfm_nsgf.sinkhorn import backends, choose_backend, multiscale
 from torchcfm_nsgf.sinkhorn.keops import keops_available
 from torchcfm_nsgf.sinkhorn.multiscale import MultiscaleBackend, kd_clusters
 from torchcfm_nsgf.sinkhorn.solver import _schedule, anneal
@@ -188,3 +188,70 @@ def test_keops_missing_is_a_clear_error():
     x, y = _problem(10, 10, 2)
     with pytest.raises(ImportError, match="pykeops"):
         sinkhorn_solve(x, y, blur=0.5, backend="keops")
+
+
+def _lse_softmin64(rows, cols, h, eps):
+    """float64 reference of the soft-min over all columns."""
+    c = 0.5 * torch.cdist(rows.double(), cols.double()) ** 2
+    return -eps * torch.logsumexp(h.double()[None, :] - c / eps, dim=1)
+
+
+@pytest.mark.parametrize("backend_cls", [backends.DenseBackend, backends.StreamingBackend])
+def test_softmin_with_underflowing_entries_matches_float64(small_tiles, backend_cls):
+    # A small eps puts most exponents far below exp's underflow threshold (the clamped fast path), and a
+    # zero-weight column (log weight -inf) must still carry no mass.
+    x, y = _problem(70, 90, 2, seed=12)
+    log_a = torch.full((70,), -math.log(70))
+    log_b = torch.full((90,), -math.log(89))
+    log_b[5] = -math.inf
+    be = backend_cls(x, y, log_a, log_b)
+    eps = 1e-3
+    g = torch.randn(90, generator=_gen(13)) * 0.1
+    for pair, rows, cols, h in (("xy", x, y, log_b + g / eps), ("yx", y, x, log_a + g[:70] / eps)):
+        out = be.softmin(pair, h, eps)
+        ref = _lse_softmin64(rows, cols, h, eps)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6 * eps * 100)
+    proj, _ = be.project("xy", log_b + g / eps, eps)
+    w = torch.softmax(
+        (log_b + g / eps).double()[None, :] - 0.5 * torch.cdist(x.double(), y.double()) ** 2 / eps, 1
+    )
+    torch.testing.assert_close(proj.double(), w @ y.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_column_softmin_equals_streaming(small_tiles):
+    # The dense "yx" soft-min reduces row tiles of C_xy along columns; streaming recomputes C_yx rows.
+    x, y = _problem(130, 75, 3, seed=14)
+    log_a = torch.full((130,), -math.log(130))
+    log_b = torch.full((75,), -math.log(75))
+    h = log_a + torch.randn(130, generator=_gen(15)) * 3
+    dense = backends.DenseBackend(x, y, log_a, log_b).softmin("yx", h, 0.05)
+    stream = backends.StreamingBackend(x, y, log_a, log_b).softmin("yx", h, 0.05)
+    torch.testing.assert_close(dense, stream, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dense.double(), _lse_softmin64(y, x, h, 0.05), rtol=1e-5, atol=1e-6)
+
+
+def test_multiscale_shifted_reductions_equal_the_maximum_shift(small_clusters, monkeypatch):
+    # The first reduction over a truncation shifts by row maxima; later ones by the previous result
+    # folded into the product, with a fallback when that shift is far off. All give the same numbers.
+    monkeypatch.setattr(multiscale, "_TILE_ELEMS", 4096)  # many chunks
+    x, y = _problem(400, 380, 2, seed=16)
+    center = x.mean(0)
+    la, lb = torch.full((400,), -math.log(400)), torch.full((380,), -math.log(380))
+    be = MultiscaleBackend(x - center, y - center, la, lb, eps=0.05)
+    g, p, _ = be.start(lambda: _schedule(be.max_cost(), 0.05, 0.9), anneal, None)
+    h = lb + g / 0.05
+    pair = be.pairs["xy"]
+    pair._prev = None
+    first, proj_first = pair.reduce(h, 0.05, project=True)
+    again, proj_again = pair.reduce(h, 0.05, project=True)  # shift folded into the product
+    assert pair.redone_chunks == 0 and len(pair.chunks) > 1
+    torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(proj_again, proj_first, rtol=1e-5, atol=1e-5)
+    pair._prev = pair._prev + 1e4  # a shift that would overflow: the chunks are redone with their maxima
+    redone, _ = pair.reduce(h, 0.05, project=False)
+    assert pair.redone_chunks == len(pair.chunks)
+    torch.testing.assert_close(redone, first, rtol=1e-5, atol=1e-6)
+    pair._prev = pair._prev - 2e4  # one that would underflow every entry
+    redone, _ = pair.reduce(h, 0.05, project=False)
+    assert pair.redone_chunks == 2 * len(pair.chunks)
+    torch.testing.assert_close(redone, first, rtol=1e-5, atol=1e-6)

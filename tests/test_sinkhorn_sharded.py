@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from reference import rel_err
 
-from torchcfm_nsgf import SinkhornOptions, sinkhorn_solve
+from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions, sinkhorn_solve
 
 SPLIT = (70, 50)  # particles per rank: unequal on purpose
 TARGET_SPLIT = (40, 65)
@@ -52,6 +52,10 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         opts = SinkhornOptions(distributed=True)
         res["options"] = opts.solve(xr, yr, blur=opts.absolute_blur(y)).velocity
         res["default"] = sinkhorn_solve(xr, yr, distributed=True).velocity
+        # The matcher's sharded flow: relative blur and warm-start decisions from all processes' data.
+        fm = SinkhornFlowMatcher(sinkhorn=SinkhornOptions(distributed=True, tol=1e-8), flow_steps=3)
+        traj = fm.simulate(xr, yr * (1.0 + 2.0 * rank))  # local spreads differ on purpose
+        res["matcher"] = (traj.xs, fm.blur, traj.n_iters)
         torch.save(res, os.path.join(path, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -96,6 +100,17 @@ def test_sharded_defaults_use_the_gathered_target(sharded):
     ref = sinkhorn_solve(x, y)
     assert rel_err(torch.cat([r["default"] for r in sharded]), ref.velocity) <= 1e-10
     assert rel_err(torch.cat([r["options"] for r in sharded]), ref.velocity) <= 1e-10
+
+
+def test_sharded_matcher_flow_equals_single_process(sharded):
+    # Each process passes its own targets; the flow's target (and its relative blur) is all of them.
+    x, y = _data()
+    y_all = torch.cat([y[: TARGET_SPLIT[0]], y[TARGET_SPLIT[0] :] * 3.0])
+    fm = SinkhornFlowMatcher(sinkhorn=SinkhornOptions(tol=1e-8), flow_steps=3)
+    traj = fm.simulate(x, y_all)
+    assert all(r["matcher"][1] == pytest.approx(fm.blur, rel=1e-12) for r in sharded)
+    assert rel_err(torch.cat([r["matcher"][0] for r in sharded], dim=1), traj.xs) <= 1e-9
+    assert all(r["matcher"][2] == traj.n_iters for r in sharded)
 
 
 def test_distributed_needs_an_initialised_group():

@@ -297,6 +297,14 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         options = self.sinkhorn
         if self._default_sinkhorn and options.relative_blur and x1[0].numel() > HIGH_DIM_FEATURES:
             options = replace(options, blur=HIGH_DIM_BLUR)
+        if options.distributed and options.relative_blur:
+            # The targets of one sharded flow are all processes' x1: the same scale (and blur) everywhere.
+            scale = self._target_stats(x1)[1]
+            if not scale > 0:
+                raise ValueError(
+                    "x1 has zero spread: a relative blur needs target samples that are not all equal"
+                )
+            return float(options.blur) * scale
         return options.absolute_blur(x1)
 
     def _resolve_blur(self, x1: Tensor) -> float:
@@ -354,10 +362,19 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
                 step = self.step_sizes[k] * sol.velocity
                 us[k] = T * step
                 xs[k + 1] = xs[k] + step
-                moved = float(step.reshape(step.shape[0], -1).square().sum(1).mean().sqrt())
+                moved = self._rms(step.reshape(step.shape[0], -1))
                 if not moved < blur:
                     sol = None
         return xs, us, errors, iters, capped
+
+    def _rms(self, flat: Tensor) -> float:
+        """Root mean square of the rows; over all processes' rows with ``distributed`` (a sharded flow's
+        warm-start decision must be the same everywhere: it changes the collectives that follow)."""
+        if self.sinkhorn.distributed:
+            from .sinkhorn.sharded import global_rms
+
+            return global_rms(flat)
+        return float(flat.square().sum(1).mean().sqrt())
 
     def _count_flow(self, start: float, solves: int, capped: int, errors: list[float]) -> None:
         self._sim_seconds += time.perf_counter() - start
@@ -538,8 +555,13 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
                 f"shape {tuple(held)} from earlier calls: {advice}"
             )
 
-    @staticmethod
-    def _target_stats(x1: Tensor) -> tuple[Tensor, float]:
+    def _target_stats(self, x1: Tensor) -> tuple[Tensor, float]:
+        """Mean and root-mean-square radius of the targets; of all processes' targets with ``distributed``."""
+        if self.sinkhorn.distributed:
+            from .sinkhorn.sharded import global_moments
+
+            mean, scale = global_moments(x1)
+            return mean.cpu(), scale
         flat = x1.detach().reshape(x1.shape[0], -1).double()
         mean = flat.mean(0)
         return mean.cpu(), float((flat - mean).square().sum(1).mean().sqrt())

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .backends import DenseBackend, SinkhornBackend, StreamingBackend, available_memory
 
-__all__ = ["ShardedBackend", "gather_targets", "global_mean", "sharded_log_weights"]
+__all__ = ["ShardedBackend", "gather_targets", "global_mean", "global_moments", "sharded_log_weights"]
 
 
 def _check_initialised() -> None:
@@ -65,6 +65,30 @@ def global_mean(x: Tensor) -> Tensor:
     s = torch.cat((x.sum(0), x.new_tensor([x.shape[0]])))
     dist.all_reduce(s)
     return s[:-1] / s[-1]
+
+
+def global_moments(y: Tensor) -> tuple[Tensor, float]:
+    """Mean (d,) and root-mean-square radius of all processes' samples ``y`` (m_r, d), in float64.
+
+    Two all-reduces (the sums, then the squared distances to the common mean), so every process gets
+    bit-identical numbers and takes the same decisions from them.
+    """
+    _check_initialised()
+    yf = y.detach().reshape(y.shape[0], -1).double()
+    s = torch.cat((yf.sum(0), yf.new_tensor([yf.shape[0]])))
+    dist.all_reduce(s)
+    mean = s[:-1] / s[-1]
+    sq = (yf - mean).square().sum().reshape(1)
+    dist.all_reduce(sq)
+    return mean, float((sq / s[-1]).sqrt())
+
+
+def global_rms(t: Tensor) -> float:
+    """Root mean square over all processes' rows of ``t`` (n_r, ...): the square root of the mean of ``|row|^2``."""
+    _check_initialised()
+    s = torch.stack((t.detach().double().square().sum(), t.new_tensor(t.shape[0], dtype=torch.float64)))
+    dist.all_reduce(s)
+    return float((s[0] / s[1]).sqrt())
 
 
 def sharded_log_weights(n: int, m: int, like: Tensor) -> tuple[Tensor, Tensor]:
