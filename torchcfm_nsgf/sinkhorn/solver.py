@@ -318,7 +318,9 @@ def _iterate(
     of the work), and each check re-tests it. The particles' share of the errors is summed over processes
     (:meth:`SinkhornBackend.total`), so that every process takes the same decisions.
     """
-    f = _t_xy(be, g, eps)
+    # The over-relaxed updates need the current f; a first iteration that is a check computes it anyway.
+    first_is_check = check_every == 1 or max_iter == 1 or 1 in be.early_checks
+    f = None if first_is_check else _t_xy(be, g, eps)
     err = float("inf")
     sym_active = True
     w = float(omega)
