@@ -33,7 +33,9 @@ def _build(phase2: str = "ot", **kw) -> NSGFPlusPlus:
 def test_a_checkpoint_of_format_2_loads_and_continues_as_the_code_that_wrote_it():
     # written by the single-module nsgfpp (format nsgfpp/2): VelocityMLP(2, 8) networks, variant "ot",
     # refresh_every=2, 4 steps on N(0, I) -> N(3, I); the numbers below are what that code printed after
-    # loading the file and running the same 3 further steps and sampling
+    # loading the file and running the same 3 further steps and sampling. Agreement to 1e-5 relative, not
+    # to the last bit: the engine's reductions have changed their rounding since (clamped exp, the dense
+    # "yx" soft-min reduced along columns), which moves the later losses by a few 1e-6.
     model = _build(refresh_every=2)
     model.load(FIXTURES / "nsgfpp2_ot.pt")
     assert (model.iterations, model.flow_steps, model.phase2, model.feature_shape) == (4, 2, "ot", (2,))
@@ -47,9 +49,9 @@ def test_a_checkpoint_of_format_2_loads_and_continues_as_the_code_that_wrote_it(
         "straight": [0.11948166787624359, 0.3230792284011841, 0.3181231915950775],
     }
     for k, values in expected.items():
-        assert hist[k] == pytest.approx(values, rel=1e-6)
+        assert hist[k] == pytest.approx(values, rel=1e-5)
     out = model.sample(torch.randn(16, 2, generator=torch.Generator().manual_seed(5)))
-    assert float(out.samples.double().sum()) == pytest.approx(6.791822388768196, rel=1e-6)
+    assert float(out.samples.double().sum()) == pytest.approx(6.791822388768196, rel=1e-5)
     assert out.nfe == {"nsgf": 2, "predictor": 0, "straight": 5}
 
 
