@@ -46,6 +46,8 @@ from .backends import DenseBackend, SinkhornBackend, exp_shifted_, tiled_softmin
 __all__ = ["MultiscaleBackend", "kd_clusters"]
 
 _TILE_ELEMS = 1 << 22
+# Elements of one exponent tile inside a chunk: 2 MiB of float32, one core's share of L2 on common CPUs.
+_SUB_ELEMS = 1 << 19
 
 
 def kd_clusters(x: Tensor, levels: int) -> tuple[Tensor, Tensor]:
@@ -153,6 +155,38 @@ class _SparsePair:
             self.chunks.append((r0, r1, widths[r1 - 1]))
             r0 = r1
 
+    @staticmethod
+    def _sums(
+        hc: Tensor, r: Tensor, c: Tensor, cpts: Tensor | None, eps: float, *, shifted: bool
+    ) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """Row sums of ``exp(hc + r c^T / eps)`` (B, R), shifted by the row maxima (returned) unless
+        ``shifted``, and with ``cpts`` the weighted sums of the columns (B, R, d).
+
+        The rows go through in slices whose exponent tile fits in a core's cache (``_SUB_ELEMS``): the
+        product, the clamp, the ``exp`` and the sums then read and write cache, not memory.
+        """
+        b, n_rows = r.shape[:2]
+        width = c.shape[1]
+        step = max(1, _SUB_ELEMS // (b * width))
+        c_t = c.transpose(1, 2)
+        top = None if shifted else hc.new_empty(b, n_rows)
+        s = hc.new_empty(b, n_rows)
+        pj = None if cpts is None else hc.new_empty(b, n_rows, cpts.shape[2])
+        buf = hc.new_empty(b * min(step, n_rows) * width)
+        for q0 in range(0, n_rows, step):
+            q1 = min(n_rows, q0 + step)
+            z = buf[: b * (q1 - q0) * width].view(b, q1 - q0, width)
+            torch.baddbmm(hc, r[:, q0:q1], c_t, alpha=1.0 / eps, out=z)
+            if top is not None:
+                m = z.amax(2)
+                top[:, q0:q1] = m
+                z.sub_(m[..., None])
+            exp_shifted_(z)
+            s[:, q0:q1] = z.sum(2)
+            if pj is not None:
+                pj[:, q0:q1] = torch.bmm(z, cpts)
+        return top, s, pj
+
     def reduce(self, h: Tensor, eps: float, project: bool) -> tuple[Tensor, Tensor | None]:
         r"""Soft-min (and projection) of every row over its kept columns.
 
@@ -182,32 +216,25 @@ class _SparsePair:
             hc = hp[nb].reshape(r1 - r0, 1, width * cols.s) - (0.5 / eps) * cpts.square().sum(2)[:, None, :]
             rpts = rows.pts[ids] - center
             half_sq = 0.5 * rpts.square().sum(2)
-            z = None
             if prev is not None:
                 shift = (half_sq - prev[ids]) / eps
-                z = torch.baddbmm(
-                    hc,
-                    torch.cat((rpts, (-eps * shift)[..., None]), 2),
-                    torch.cat((cpts, cpts.new_ones(cpts.shape[:2] + (1,))), 2).transpose(1, 2),
-                    alpha=1.0 / eps,
-                )
-                s = exp_shifted_(z).sum(2)
+                r_aug = torch.cat((rpts, (-eps * shift)[..., None]), 2)
+                c_aug = torch.cat((cpts, cpts.new_ones(cpts.shape[:2] + (1,))), 2)
+                _, s, pj = self._sums(hc, r_aug, c_aug, cpts if project else None, eps, shifted=True)
                 log_s = s.log()
                 valid = rows.mask[ids]
                 if bool(((log_s > -40.0) & (log_s < 80.0) | ~valid).all()):
                     top = shift
                 else:
-                    z = None
+                    prev = None
                     self.redone_chunks += 1
-            if z is None:
-                z = torch.baddbmm(hc, rpts, cpts.transpose(1, 2), alpha=1.0 / eps)
-                top = z.amax(2)
-                exp_shifted_(z.sub_(top[..., None]))
-                s = z.sum(2)
+            if prev is None:
+                top, s, pj = self._sums(hc, rpts, cpts, cpts if project else None, eps, shifted=False)
                 log_s = s.log()
+                prev = self._prev
             out[ids] = -eps * (top + log_s) + half_sq
             if proj is not None:
-                proj[ids] = torch.bmm(z, cpts).div_(s[..., None]).add_(center)
+                proj[ids] = pj.div_(s[..., None]).add_(center)
         out[rows.k] = 0.0
         self._prev = out
         res = rows.unpad(out)

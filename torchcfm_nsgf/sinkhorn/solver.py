@@ -321,7 +321,7 @@ def _iterate(
     # The over-relaxed updates need the current f; a first iteration that is a check computes it anyway.
     first_is_check = check_every == 1 or max_iter == 1 or 1 in be.early_checks
     f = None if first_is_check else _t_xy(be, g, eps)
-    err = float("inf")
+    err = err_xx = float("inf")
     sym_active = True
     w = float(omega)
     it = 0
@@ -330,14 +330,18 @@ def _iterate(
         if it % check_every == 0 or it == max_iter or it in be.early_checks:
             f = _t_xy(be, g, eps)
             g_new = _t_yx(be, f, eps)
-            p_new = _t_xx(be, p, eps)
-            err_xy = _marginal_error(be.b, g, g_new, eps)
-            err_xx = be.total(_marginal_error(be.a, p, p_new, eps))
-            err_xy, err_xx = torch.stack((err_xy, err_xx)).tolist()
+            err_xy_t = _marginal_error(be.b, g, g_new, eps)
+            if sym_active:
+                p_new = _t_xx(be, p, eps)
+                err_xx_t = be.total(_marginal_error(be.a, p, p_new, eps))
+                err_xy, err_xx = torch.stack((err_xy_t, err_xx_t)).tolist()
+                sym_active = err_xx > tol
+                p = 0.5 * (p + p_new)
+            else:
+                # The symmetric problem does not depend on g: once within tol, p stays as it was.
+                err_xy = float(err_xy_t)
             err = max(err_xy, err_xx)
-            sym_active = err_xx > tol
             g = g_new
-            p = 0.5 * (p + p_new)
             if err <= tol:
                 break
             if tuner is not None:
