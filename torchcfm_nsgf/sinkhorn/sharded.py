@@ -27,7 +27,14 @@ from torch import Tensor
 
 from .backends import DenseBackend, SinkhornBackend, StreamingBackend, available_memory
 
-__all__ = ["ShardedBackend", "gather_targets", "global_mean", "global_moments", "sharded_log_weights"]
+__all__ = [
+    "ShardedBackend",
+    "gather_targets",
+    "global_mean",
+    "global_moments",
+    "global_rms",
+    "sharded_log_weights",
+]
 
 
 def _check_initialised() -> None:
