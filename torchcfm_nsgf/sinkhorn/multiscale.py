@@ -162,12 +162,14 @@ class _SparsePair:
         """Row sums of ``exp(hc + r c^T / eps)`` (B, R), shifted by the row maxima (returned) unless
         ``shifted``, and with ``cpts`` the weighted sums of the columns (B, R, d).
 
-        The rows go through in slices whose exponent tile fits in a core's cache (``_SUB_ELEMS``): the
-        product, the clamp, the ``exp`` and the sums then read and write cache, not memory.
+        On the CPU the rows go through in slices whose exponent tile fits in a core's cache
+        (``_SUB_ELEMS``): the product, the clamp, the ``exp`` and the sums then read and write cache, not
+        memory.
         """
         b, n_rows = r.shape[:2]
         width = c.shape[1]
-        step = max(1, _SUB_ELEMS // (b * width))
+        # Slices for the CPU's caches; an accelerator takes the chunk at once (fewer, larger kernels).
+        step = max(1, _SUB_ELEMS // (b * width)) if hc.device.type == "cpu" else n_rows
         c_t = c.transpose(1, 2)
         top = None if shifted else hc.new_empty(b, n_rows)
         s = hc.new_empty(b, n_rows)
