@@ -8,29 +8,52 @@ torchcfm's canonical loop (width-`--width` MLP, Adam 1e-3, batch 256) trains, at
 * `otcfm`: torchcfm's `ExactOptimalTransportConditionalFlowMatcher` (exact OT of each batch).
 
 Both Sinkhorn matchers keep the default cadence: `refresh_every` = 50 samples served per simulated particle,
-whatever N. W2 (exact, POT) between 2000 Euler samples and 2000 fresh targets at NFE 1, 2 and 10, next to
-the two-sample floor (W2 between two draws of 2000 targets).
+whatever N. W2 (exact, POT) between 2000 Euler samples and 2000 fresh targets (the same ones at every
+evaluation) at NFE 1, 2 and 10, next to the two-sample floor (W2 between two draws of 2000 targets).
+
+One training run answers both comparisons: W2 is evaluated every `--eval-every` steps, and each evaluation
+records the steps done and the process CPU time spent training so far (`time.process_time()`, one torch
+thread, evaluation excluded). Equal steps is the evaluation at the last step; equal time is, per (task,
+seed, N), the last evaluation of each of `nsgf:N`, `coupling:N` and `otcfm` within the smallest CPU time
+that any of the three took for all its steps. CPU time rather than wall time: the runs share two cores with
+other jobs, which may also stop and resume them, and the CPU time of a one-thread process counts neither.
+
+With `--out-dir`, every (task, method, seed) run writes one JSON there as it finishes and a run whose JSON
+exists is skipped, so several processes can share one job list (each claims a run with a `.claim` file
+holding its pid) and an interrupted study resumes. The 2D study of BENCHMARKS.md §3d (two processes):
+
+    python benchmarks/flow_size.py --sizes 256 1024 4096 16384 --seeds 3 --steps 10000 \
+        --out-dir benchmarks/results/flow_size_2d
+    python benchmarks/flow_size.py --report benchmarks/results/flow_size_2d \
+        --out benchmarks/results/flow_size_2d.md
+
+The first, one-task measurement (one JSON for all runs, no intermediate evaluations):
 
     python benchmarks/flow_size.py --tasks 8gaussians-moons --sizes 256 2048 --seeds 1 --steps 4000 \
-        --json benchmarks/results/flow_size/8gaussians-moons.json
+        --eval-every 4000 --json benchmarks/results/flow_size/8gaussians-moons.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
-from toy_harness import make_model, train_flow_matching
+from torchcfm.utils import torch_wrapper
+from toy_harness import make_model
 
 from torchcfm_nsgf import SinkhornCouplingMatcher, SinkhornFlowMatcher, odeint_sample
 from torchcfm_nsgf.datasets import TASKS
 from torchcfm_nsgf.metrics import w2
 
 NFES = (1, 2, 10)
+NAMES = {"nsgf": "NSGF", "coupling": "large coupling", "otcfm": "OT-CFM"}
 
 
 def make_matcher(method: str, seed: int):
@@ -47,27 +70,273 @@ def make_matcher(method: str, seed: int):
     raise ValueError(f"unknown method {method!r}")
 
 
-def run(task, method: str, seed: int, steps: int, width: int) -> dict:
+def floor_of(task, first: int = 1) -> float:
+    """W2 between two draws of 2000 targets (generator seeds `first`, `first + 1`): what a perfect sampler
+    scores."""
+    return w2(
+        task.target(2000, torch.Generator().manual_seed(first)),
+        task.target(2000, torch.Generator().manual_seed(first + 1)),
+    )
+
+
+FLOOR_PAIRS = 10  # the report's floor: the median over this many pairs of draws (one pair is noisy)
+
+
+def run(task, method: str, seed: int, steps: int, width: int, eval_every: int, batch_size: int = 256) -> dict:
+    """torchcfm's loop (Adam 1e-3) for `steps` steps, W2 at NFE 1/2/10 every `eval_every` steps and at the end."""
     data = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed)  # torchcfm's exact OT pairing draws from NumPy's global generator  # noqa: NPY002
     model = make_model(width)
     FM = make_matcher(method, seed)
-    trained = train_flow_matching(
-        model, FM, lambda bs: (task.source(bs, data), task.target(bs, data)), train_steps=steps
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    evals_g = torch.Generator().manual_seed(seed + 3000)
+    x0_eval, target = task.source(2000, evals_g), task.target(2000, evals_g)
+    cpu = wall = 0.0
+    evaluations = []
+    for step in range(1, steps + 1):
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
+        model.train()
+        x0, x1 = task.source(batch_size, data), task.target(batch_size, data)
+        t, xt, ut = FM.sample_location_and_conditional_flow(x0, x1)
+        loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        cpu += time.process_time() - cpu_start
+        wall += time.perf_counter() - wall_start
+        if step % eval_every == 0 or step == steps:
+            model.eval()
+            with torch.no_grad():
+                field = torch_wrapper(model)
+                scores = {
+                    nfe: w2(odeint_sample(field, x0_eval, solver="euler", n_steps=nfe).samples, target)
+                    for nfe in NFES
+                }
+            evaluations.append(
+                dict(
+                    steps=step,
+                    cpu_s=cpu,
+                    wall_s=wall,
+                    loss=loss.item(),
+                    sinkhorn_s=getattr(FM, "_sim_seconds", 0.0),
+                    flows=getattr(FM, "n_flows", 0),
+                    w2=scores,
+                )
+            )
+    last = evaluations[-1]
+    return dict(
+        w2=last["w2"],
+        seconds=last["wall_s"],
+        cpu_seconds=last["cpu_s"],
+        sinkhorn_seconds=last["sinkhorn_s"],
+        flows=last["flows"],
+        evaluations=evaluations,
     )
-    seconds = trained.train_time_s
-    evals = torch.Generator().manual_seed(seed + 3000)
-    x0, target = task.source(2000, evals), task.target(2000, evals)
-    with torch.no_grad():
-        scores = {
-            nfe: w2(odeint_sample(trained.field, x0, solver="euler", n_steps=nfe).samples, target)
-            for nfe in NFES
-        }
-    sinkhorn_s = getattr(FM, "_sim_seconds", 0.0)
-    return dict(w2=scores, seconds=seconds, sinkhorn_seconds=sinkhorn_s, flows=getattr(FM, "n_flows", 0))
 
 
+def _claim(path: Path) -> bool:
+    """Create `path` (holding this pid) unless a live process holds it; True if this process now does."""
+    if path.exists():
+        try:
+            os.kill(int(path.read_text() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError):
+            path.unlink(missing_ok=True)  # a stale claim of a process that is gone
+        except PermissionError:
+            return False
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def run_file(out_dir: Path, name: str, method: str, seed: int) -> Path:
+    return out_dir / f"{name}_{method.replace(':', '-')}_seed{seed}.json"
+
+
+# ------------------------------------------------------------------------------------------------- report
+def _load(out_dir: Path) -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
+    for r in rows:
+        r["w2"] = {int(k): v for k, v in r["w2"].items()}
+        for e in r["evaluations"]:
+            e["w2"] = {int(k): v for k, v in e["w2"].items()}
+    return rows
+
+
+def _size(method: str) -> int:
+    return int(method.partition(":")[2] or 256)
+
+
+def _label(method: str) -> tuple[str, str]:
+    name = method.partition(":")[0]
+    return NAMES[name], str(_size(method))
+
+
+def _ms(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def equal_time(rows: list[dict]) -> dict:
+    """{(task, seed, N, method): (evaluation, budget)} for the three methods at each N (all three present)."""
+    by = {(r["task"], r["seed"], r["method"]): r for r in rows}
+    out = {}
+    for task, seed, method in by:
+        if not method.startswith("nsgf:"):
+            continue
+        n = _size(method)
+        trio = [f"nsgf:{n}", f"coupling:{n}", "otcfm"]
+        if not all((task, seed, m) in by for m in trio):
+            continue
+        budget = min(by[task, seed, m]["evaluations"][-1]["cpu_s"] for m in trio)
+        for m in trio:
+            within = [e for e in by[task, seed, m]["evaluations"] if e["cpu_s"] <= budget * (1 + 1e-9)]
+            out[task, seed, n, m] = (within[-1] if within else None, budget)
+    return out
+
+
+def report(out_dir: Path) -> list[str]:
+    rows = _load(out_dir)
+    steps = max(r["steps"] for r in rows)
+    rows = [r for r in rows if r["steps"] == steps]
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    sizes = sorted({_size(r["method"]) for r in rows if r["method"] != "otcfm"})
+    methods = [f"{m}:{n}" for n in sizes for m in ("nsgf", "coupling")] + ["otcfm"]
+    by = {(r["task"], r["seed"], r["method"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    eqt = equal_time(rows)
+    lines = [f"# 2D flow size: W2 at NFE 1 / 2 / 10, {steps} steps (mean ± std over the seeds present)", ""]
+    lines += ["## Runs present", "", "| task | method | seeds |", "|---|---|---|"]
+    for task in tasks:
+        for m in methods:
+            have = [s for s in seeds if (task, s, m) in by]
+            lines.append(f"| {task} | {m} | {', '.join(map(str, have)) or '–'} |")
+    lines.append("")
+    floors = {t: next(r["floor"] for r in rows if r["task"] == t) for t in tasks}
+    for task in tasks:
+        lines += [
+            f"## {TASKS[task].label} (two-sample floor {floors[task]:.3f})",
+            "",
+            "Equal steps:",
+            "",
+            "| method | N | seeds | NFE 1 | NFE 2 | NFE 10 | CPU s (Sinkhorn wall s) | flows |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for m in methods:
+            got = [by[task, s, m] for s in seeds if (task, s, m) in by]
+            if not got:
+                continue
+            cells = [_ms([r["w2"][k] for r in got]) for k in NFES]
+            cpu = np.mean([r["cpu_seconds"] for r in got])
+            sk = np.mean([r["sinkhorn_seconds"] for r in got])
+            flows = np.mean([r["flows"] for r in got])
+            lines.append(
+                f"| {' | '.join(_label(m))} | {len(got)} | {' | '.join(cells)} | {cpu:.0f} ({sk:.0f}) | {flows:.0f} |"
+            )
+        lines += [
+            "",
+            "Equal CPU time (per seed and N: the smallest full-run CPU time of the three methods at that N; "
+            "each method's last evaluation within it):",
+            "",
+            "| N | method | seeds | budget CPU s | steps reached | NFE 1 | NFE 2 | NFE 10 |",
+            "|---:|---|---:|---:|---|---:|---:|---:|",
+        ]
+        for n in sizes:
+            for m in (f"nsgf:{n}", f"coupling:{n}", "otcfm"):
+                got = [eqt[task, s, n, m] for s in seeds if (task, s, n, m) in eqt]
+                if not got:
+                    continue
+                evs = [e for e, _ in got if e is not None]
+                budget = np.mean([b for _, b in got])
+                reached = "/".join(str(e["steps"]) if e else "0" for e, _ in got)
+                cells = [_ms([e["w2"][k] for e in evs]) if evs else "–" for k in NFES]
+                lines.append(
+                    f"| {n} | {NAMES[m.partition(':')[0]]} | {len(got)} | {budget:.0f} | {reached} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+        lines.append("")
+    lines += _summary(tasks, sizes, seeds, by, eqt, floors)
+    return lines
+
+
+def _summary(tasks, sizes, seeds, by, eqt, floors) -> list[str]:
+    def mean_at(task, m, k, among=seeds):
+        got = [by[task, s, m]["w2"][k] for s in among if (task, s, m) in by]
+        return np.mean(got) if got else None
+
+    lines = [
+        "## Done-when 1: W2 at NFE 2 over the two-sample floor (equal steps, mean over seeds)",
+        "",
+        f"Floor: the runs' (one pair of draws) and the median [range] over {FLOOR_PAIRS} pairs; ratios to the median.",
+        "",
+        "| task | floor (one pair) | floor (median) | NSGF 256 | ratio | best NSGF N | its W2 | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for task in tasks:
+        cand = {n: mean_at(task, f"nsgf:{n}", 2) for n in sizes}
+        cand = {n: v for n, v in cand.items() if v is not None}
+        if not cand:
+            continue
+        best = min(cand, key=cand.get)
+        d = cand.get(256)
+        pairs = [floor_of(TASKS[task], 2 * i + 1) for i in range(FLOOR_PAIRS)]
+        f = float(np.median(pairs))
+        lines.append(
+            f"| {task} | {floors[task]:.3f} | {f:.3f} [{min(pairs):.3f}–{max(pairs):.3f}] | "
+            f"{'–' if d is None else f'{d:.3f}'} | {'–' if d is None else f'{d / f:.2f}x'} | "
+            f"{best} | {cand[best]:.3f} | {cand[best] / f:.2f}x |"
+        )
+    lines += [
+        "",
+        "## Done-when 2: tasks where NSGF:N has a lower mean W2 than coupling:N (over the seeds both ran)",
+        "",
+        "| N | comparison | NFE 1 | NFE 2 | NFE 10 | all three NFE |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for n in sizes:
+        for kind in ("equal steps", "equal CPU time"):
+            wins = {k: 0 for k in NFES}
+            both = all3 = 0
+            for task in tasks:
+                if kind == "equal steps":  # over the seeds that both methods ran
+                    common = [
+                        s for s in seeds if (task, s, f"nsgf:{n}") in by and (task, s, f"coupling:{n}") in by
+                    ]
+                    if not common:
+                        continue
+                    a = {k: mean_at(task, f"nsgf:{n}", k, common) for k in NFES}
+                    b = {k: mean_at(task, f"coupling:{n}", k, common) for k in NFES}
+                else:
+                    pa = [eqt[task, s, n, f"nsgf:{n}"][0] for s in seeds if (task, s, n, f"nsgf:{n}") in eqt]
+                    pb = [
+                        eqt[task, s, n, f"coupling:{n}"][0]
+                        for s in seeds
+                        if (task, s, n, f"coupling:{n}") in eqt
+                    ]
+                    if not pa or not pb or None in pa or None in pb:
+                        continue
+                    a = {k: np.mean([e["w2"][k] for e in pa]) for k in NFES}
+                    b = {k: np.mean([e["w2"][k] for e in pb]) for k in NFES}
+                both += 1
+                won = [a[k] < b[k] for k in NFES]
+                for k, w in zip(NFES, won, strict=True):
+                    wins[k] += w
+                all3 += all(won)
+            if both:
+                cells = " | ".join(f"{wins[k]}/{both}" for k in NFES)
+                lines.append(f"| {n} | {kind} | {cells} | {all3}/{both} |")
+    lines.append("")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
@@ -77,33 +346,67 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--out-dir", default=None, help="one JSON per (task, method, seed), resumable")
+    parser.add_argument("--json", default=None, help="all rows in one JSON at the end")
+    parser.add_argument("--report", default=None, metavar="DIR", help="write the tables of DIR's JSONs")
+    parser.add_argument("--out", default=None, help="with --report: also write the tables to this file")
     args = parser.parse_args()
+    if args.report:
+        text = "\n".join(report(Path(args.report)))
+        if args.out:
+            Path(args.out).write_text(text)
+        print(text)
+        return
     torch.set_num_threads(1)
-    methods = [f"{m}:{n}" for n in args.sizes for m in args.methods] + ["otcfm"]
+    out_dir = None if args.out_dir is None else Path(args.out_dir)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    # Order of the runs, so that a study cut short has whole comparisons: seeds outermost, then the flow
+    # sizes from the smallest (OT-CFM, the equal-time reference, with the first), then the tasks.
+    groups = [[f"{m}:{n}" for m in args.methods] for n in args.sizes]
+    groups[0].insert(0, "otcfm")
+    jobs = [
+        (seed, name, method)
+        for seed in range(args.first_seed, args.first_seed + args.seeds)
+        for group in groups
+        for name in args.tasks
+        for method in group
+    ]
+    floors: dict[str, float] = {}
     rows = []
-    for name in args.tasks:
+    for seed, name, method in jobs:
         task = TASKS[name]
-        floor = w2(
-            task.target(2000, torch.Generator().manual_seed(1)),
-            task.target(2000, torch.Generator().manual_seed(2)),
+        path = claim = None
+        if out_dir is not None:
+            path = run_file(out_dir, name, method, seed)
+            claim = path.with_suffix(".claim")
+            if path.exists() or not _claim(claim):
+                continue
+        if name not in floors:
+            floors[name] = floor_of(task)
+        row = dict(
+            task=name,
+            seed=seed,
+            method=method,
+            steps=args.steps,
+            width=args.width,
+            floor=floors[name],
+            **run(task, method, seed, args.steps, args.width, args.eval_every),
+            machine=platform.processor() or platform.machine(),
+            torch=torch.__version__,
         )
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            for method in methods:
-                row = dict(
-                    task=name,
-                    seed=seed,
-                    method=method,
-                    floor=floor,
-                    **run(task, method, seed, args.steps, args.width),
-                )
-                rows.append(row)
-                scores = " / ".join(f"{row['w2'][k]:.3f}" for k in NFES)
-                print(
-                    f"{name} seed {seed} {method}: W2 at NFE 1/2/10 {scores} (floor {floor:.3f}); "
-                    f"{row['seconds']:.0f} s, of which Sinkhorn {row['sinkhorn_seconds']:.0f} s in {row['flows']} flows",
-                    flush=True,
-                )
+        rows.append(row)
+        if path is not None:
+            path.write_text(json.dumps(row, indent=1))
+            claim.unlink(missing_ok=True)
+        scores = " / ".join(f"{row['w2'][k]:.3f}" for k in NFES)
+        print(
+            f"{name} seed {seed} {method}: W2 at NFE 1/2/10 {scores} (floor {floors[name]:.3f}); "
+            f"{row['cpu_seconds']:.0f} CPU s ({row['seconds']:.0f} wall s), of which Sinkhorn "
+            f"{row['sinkhorn_seconds']:.0f} s in {row['flows']} flows",
+            flush=True,
+        )
     if args.json:
         meta = dict(vars(args), machine=platform.processor() or platform.machine(), torch=torch.__version__)
         with open(args.json, "w") as f:
