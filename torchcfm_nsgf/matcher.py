@@ -299,12 +299,7 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
             options = replace(options, blur=HIGH_DIM_BLUR)
         if options.distributed and options.relative_blur:
             # The targets of one sharded flow are all processes' x1: the same scale (and blur) everywhere.
-            scale = self._target_stats(x1)[1]
-            if not scale > 0:
-                raise ValueError(
-                    "x1 has zero spread: a relative blur needs target samples that are not all equal"
-                )
-            return float(options.blur) * scale
+            return options.absolute_blur(x1, scale=self._target_stats(x1)[1])
         return options.absolute_blur(x1)
 
     def _resolve_blur(self, x1: Tensor) -> float:

@@ -167,11 +167,16 @@ class SinkhornOptions:
         yf = y.detach().reshape(y.shape[0], -1).double()
         return float((yf - yf.mean(0)).square().sum(1).mean().sqrt())
 
-    def absolute_blur(self, y: Tensor) -> float:
-        """The blur in the data's unit: ``blur * scale_of(y)`` when ``relative_blur``, else ``blur``."""
+    def absolute_blur(self, y: Tensor, *, scale: float | None = None) -> float:
+        """The blur in the data's unit: ``blur * scale_of(y)`` when ``relative_blur``, else ``blur``.
+
+        ``scale``: the targets' scale when the caller has it (e.g. over all processes' targets), instead of
+        ``scale_of(y)``.
+        """
         if not self.relative_blur:
             return float(self.blur)
-        scale = self.scale_of(y)
+        if scale is None:
+            scale = self.scale_of(y)
         if not scale > 0:
             raise ValueError(
                 "x1 has zero spread: a relative blur needs target samples that are not all equal"
@@ -314,8 +319,8 @@ def _iterate(
 
     Plain updates on check iterations (their marginal error is exact for the plan whose rows the velocity
     uses); over-relaxed updates in between (Thibault et al. 2017). The symmetric problem usually converges
-    long before the cross one: while its error at the last check is within tol its updates pause (a third
-    of the work), and each check re-tests it. The particles' share of the errors is summed over processes
+    long before the cross one, and it does not depend on the cross potentials: once its error at a check is
+    within tol it is neither updated nor re-tested (a third of the work). The particles' share of the errors is summed over processes
     (:meth:`SinkhornBackend.total`), so that every process takes the same decisions.
     """
     # The over-relaxed updates need the current f; a first iteration that is a check computes it anyway.
