@@ -134,7 +134,17 @@ class ClassScores:
         }
 
 
-NAMES = {"nsgf++": "NSGF++", "otcfm": "OT-CFM", "icfm": "I-CFM", "nsgf": "NSGF", "fm": "FM", "rf": "RF"}
+NAMES = {
+    "nsgf++": "NSGF++",
+    "otcfm": "OT-CFM",
+    "icfm": "I-CFM",
+    "nsgf": "NSGF",
+    "fm": "FM",
+    "rf": "RF",
+    "coupling": "large coupling",
+}
+# NSGFSettings fields whose default is None, and the type of their values
+OPTIONAL_FIELDS = {"flow_size": int, "pool_max_bytes": int, "pool_path": str}
 
 
 # the spec keys of NSGF++'s options before they became one object (NSGFSettings.nsgfpp)
@@ -168,7 +178,8 @@ def parse_method(spec: str, base: NSGFSettings) -> tuple[str, NSGFSettings, str]
         if key not in {f.name for f in dataclasses.fields(NSGFSettings)} or key in ("sinkhorn", "nsgfpp"):
             raise SystemExit(f"{spec!r}: {key!r} is not an NSGFSettings field (or blur, or nsgfpp.FIELD)")
         current = getattr(base, key)
-        changes[key] = value if isinstance(current, str) or current is None else type(current)(value)
+        kind = OPTIONAL_FIELDS.get(key, str) if current is None else type(current)
+        changes[key] = kind(value)
     if nsgfpp:
         changes["nsgfpp"] = base.nsgfpp.replace(**nsgfpp)
     settings = dataclasses.replace(base, **changes)
@@ -182,8 +193,10 @@ def parse_method(spec: str, base: NSGFSettings) -> tuple[str, NSGFSettings, str]
             label += f", {s.endpoints} X_T"
     elif name == "nsgf":
         label += f" (T={settings.flow_steps}, η={settings.step_size:g}, {settings.path})"
-    if name in ("nsgf", "nsgf++"):
+    if name in ("nsgf", "nsgf++", "coupling"):
         label += f", blur {settings.sinkhorn.blur:g}"
+        if settings.flow_size is not None:
+            label += f", flows of {settings.flow_size}"
     return name, settings, label
 
 

@@ -138,24 +138,43 @@ def test_phase1_batch_fraction_flag_reaches_the_nsgfpp_objective(capsys):
         assert "--phase1-batch-fraction" in capsys.readouterr().err
 
 
-def test_flow_size_flag_reaches_the_nsgf_matcher_and_trains():
+@pytest.mark.parametrize("name", ["nsgf", "coupling", "nsgf++"])
+def test_flow_size_flag_reaches_the_matcher_and_trains(name):
+    from torchcfm_nsgf import SinkhornCouplingMatcher
     from torchcfm_nsgf.images import make_method
     from torchcfm_nsgf.images.cli import config_from_args
 
-    config = config_from_args(build_parser("mnist").parse_args(["--method", "nsgf", "--flow-size", "24"]))
+    config = config_from_args(build_parser("mnist").parse_args(["--method", name, "--flow-size", "24"]))
     assert config.nsgf.flow_size == 24
-    method = make_method("nsgf", (1, 6, 6), preset="tiny", nsgf=config.nsgf)
-    assert method.matcher.flow_size == 24
+    method = make_method(name, (1, 6, 6), preset="tiny", nsgf=config.nsgf)
+    matcher = method.matcher
+    assert matcher.flow_size == 24
+    assert isinstance(matcher, SinkhornCouplingMatcher) == (name == "coupling")
     g = torch.Generator().manual_seed(0)
-    method.matcher.refresh_every = 2
+    matcher.refresh_every = 2
     for _ in range(5):  # flows at call 0 (one batch of 8) and call 2 (the latest 24 images)
         x1 = torch.rand(8, 1, 6, 6, generator=g) * 2 - 1
-        t, xt, ut = method.matcher.sample_location_and_conditional_flow(
-            torch.randn(8, 1, 6, 6, generator=g), x1
-        )
+        t, xt, ut = matcher.sample_location_and_conditional_flow(torch.randn(8, 1, 6, 6, generator=g), x1)
         assert xt.shape == ut.shape == (8, 1, 6, 6)
-    assert method.matcher.n_flows == 2 and len(method.matcher.pool) == 8 + 24
+    items = 1 if matcher.path == "straight" else matcher.flow_steps  # nsgf++ serves the paper's grid
+    assert matcher.n_flows == 2 and len(matcher.pool) == (8 + 24) * items
     assert config_from_args(build_parser("mnist").parse_args([])).nsgf.flow_size is None
+
+
+def test_the_coupling_method_trains_on_its_plan_and_samples_with_the_asked_steps():
+    from torchcfm_nsgf.images import make_method
+
+    method = make_method("coupling", (1, 8, 8), preset="tiny", sample_steps=7)
+    g = torch.Generator().manual_seed(1)
+    x1 = torch.rand(16, 1, 8, 8, generator=g) * 2 - 1
+    loss = method.loss(method.nets, torch.randn(16, 1, 8, 8, generator=g), x1)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    # pairs of one plan: straight segments that end on the targets of the call
+    pool = method.matcher.pool
+    end = (pool._xt[:16].float() + pool._ut[:16].float()).flatten(1)  # float16 storage
+    assert torch.cdist(end, x1.flatten(1)).min(1).values.max() < 2e-2
+    out = method.sample(method.nets, torch.randn(3, 1, 8, 8))
+    assert out.nfe == {"velocity": 7} and out.samples.shape == (3, 1, 8, 8)
 
 
 def test_the_old_unet_spelling_of_preset_is_a_clear_error(capsys):

@@ -233,7 +233,8 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         "--flow-size",
         type=int,
         default=nsgf.flow_size,
-        help="nsgf: particles of each simulated flow, from the latest batches (default: one batch)",
+        help="nsgf, nsgf++ (phase 1) and coupling: particles of each simulated flow, from the latest "
+        "batches (default: one batch)",
     )
     g = p.add_argument_group("sampling and evaluation")
     g.add_argument(

@@ -33,6 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._progress import bar_disable
+from ..coupling import SinkhornCouplingMatcher
 from ..matcher import SinkhornFlowMatcher
 from ..networks import TimePredictorCNN
 from ..nsgfpp import NSGFPlusPlusObjective
@@ -46,6 +47,7 @@ __all__ = [
     "NSGFPP_STRAIGHT_STEPS",
     "NSGFMethod",
     "NSGFPlusPlusMethod",
+    "make_coupling",
     "make_nsgf",
     "make_nsgfpp",
     "make_pool",
@@ -78,14 +80,24 @@ def make_pool(settings: NSGFSettings, rank: int) -> Any:
 class NSGFMethod(FlowMatchingMethod):
     """NSGF: a UNet regressing the pool's Sinkhorn-flow velocities; Euler sampling with ``T`` steps.
 
+    Also the large-coupling method (``name="coupling"``, a :class:`~torchcfm_nsgf.SinkhornCouplingMatcher`,
+    whose straight pairs from the entropic plan share NSGF's staging and pool; ``default_steps`` Euler steps).
     The pool draws from the process's global torch generator (saved in checkpoints); the matcher's call
     counter (which decides when the pool is refreshed) is saved with the pool.
     """
 
     def __init__(
-        self, matcher: Any, net: torch.nn.Module, num_classes: int | None = None, cfg_dropout: float = 0.0
+        self,
+        matcher: Any,
+        net: torch.nn.Module,
+        num_classes: int | None = None,
+        cfg_dropout: float = 0.0,
+        *,
+        name: str = "nsgf",
+        default_steps: int | None = None,
     ) -> None:
-        super().__init__("nsgf", matcher, net, matcher.flow_steps, num_classes, cfg_dropout)
+        steps = matcher.flow_steps if default_steps is None else default_steps
+        super().__init__(name, matcher, net, steps, num_classes, cfg_dropout)
 
     def prepare(self, batch_fn: Callable[[], tuple[Tensor, Tensor | None]], progress: bool = False) -> None:
         """Simulate the first flow into the pool before training (a progress bar shows the pool's size); a
@@ -201,6 +213,27 @@ def make_nsgf(
     return NSGFMethod(matcher, net, num_classes, cfg_dropout)
 
 
+def make_coupling(
+    shape: tuple[int, int, int],
+    *,
+    preset: str,
+    settings: NSGFSettings,
+    rank: int,
+    sample_steps: int = 100,
+    num_classes: int | None = None,
+    cfg_dropout: float = 0.0,
+) -> NSGFMethod:
+    """``coupling`` for images of ``shape``: straight pairs drawn from the entropic plan of flows of
+    ``settings.flow_size`` images (:class:`~torchcfm_nsgf.SinkhornCouplingMatcher`; its Sinkhorn options,
+    pool and cadence are NSGF's), sampled with ``sample_steps`` Euler steps by default."""
+    s = settings
+    matcher = SinkhornCouplingMatcher(
+        sinkhorn=s.sinkhorn, pool=make_pool(s, rank), refresh_every=s.refresh_every, flow_size=s.flow_size
+    )
+    net = build_unet(shape, preset, num_classes=unet_classes(num_classes, cfg_dropout))
+    return NSGFMethod(matcher, net, num_classes, cfg_dropout, name="coupling", default_steps=sample_steps)
+
+
 def make_nsgfpp(
     shape: tuple[int, int, int],
     *,
@@ -215,6 +248,7 @@ def make_nsgfpp(
         settings.nsgfpp_options(),
         sinkhorn=settings.sinkhorn,
         pool=make_pool(settings, rank),
+        flow_size=settings.flow_size,
         label_dropout=cfg_dropout,
         null_label=num_classes if cfg_dropout > 0 else None,
     )

@@ -1,4 +1,4 @@
-"""The image methods by name: one registry that builds any of them (torchcfm's baselines, NSGF, NSGF++).
+"""The image methods by name: one registry that builds any of them (torchcfm's baselines, NSGF, NSGF++, the large coupling).
 
 It imports the method modules, which never import it or each other's builders, so there is no import
 circle: :mod:`.methods` (the interface and the flow-matching baselines) and :mod:`.nsgf_methods` (NSGF and
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from .._validation import check_non_negative
 from .methods import BASELINE_METHODS, FlowMatchingMethod, ImageMethod, _check_dropout, baseline_matcher
-from .nsgf_methods import make_nsgf, make_nsgfpp
+from .nsgf_methods import make_coupling, make_nsgf, make_nsgfpp
 from .settings import NSGFSettings
 from .unet import build_unet, unet_classes
 
@@ -44,10 +44,23 @@ def _nsgf(make: Callable[..., ImageMethod]) -> Builder:
     return build
 
 
+def _coupling(shape, *, preset, sigma, sample_steps, nsgf, rank, num_classes, cfg_dropout) -> ImageMethod:
+    return make_coupling(
+        shape,
+        preset=preset,
+        settings=nsgf or NSGFSettings(),
+        rank=rank,
+        sample_steps=sample_steps,
+        num_classes=num_classes,
+        cfg_dropout=cfg_dropout,
+    )
+
+
 #: The methods, by name, in the order the command line lists them.
 METHODS: dict[str, Builder] = {
     "nsgf": _nsgf(make_nsgf),
     "nsgf++": _nsgf(make_nsgfpp),
+    "coupling": _coupling,
     **{name: _baseline(name) for name in BASELINE_METHODS},
 }
 
@@ -83,7 +96,7 @@ def make_method(
     sample_steps : int
         Default Euler steps of the baselines' sampler.
     nsgf : NSGFSettings, optional
-        Settings of ``nsgf`` and ``nsgf++`` (ignored by the baselines).
+        Settings of ``nsgf``, ``nsgf++`` and ``coupling`` (ignored by torchcfm's baselines).
     rank : int
         Process rank (names the pool shard of a disk pool).
     num_classes : int, optional

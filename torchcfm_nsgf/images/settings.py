@@ -67,8 +67,9 @@ class NSGFSettings:
     refresh_every : int
         Simulate a new flow batch into the pool every ``refresh_every`` training batches.
     flow_size : int, optional
-        ``nsgf``: particles of each simulated flow, collected from the latest training batches
-        (``SinkhornFlowMatcher(flow_size=...)``); None: flows of one batch.
+        ``nsgf``, ``nsgf++`` (its phase-1 flows) and ``coupling`` (its plans): particles of each simulated
+        flow, collected from the latest training batches (``SinkhornFlowMatcher(flow_size=...)``); None:
+        flows of one batch.
 
     The keywords ``phase1_steps``, ``phase1_step_size``, ``phase2``, ``phase1_batch_fraction`` and
     ``endpoints`` of earlier releases still work (with a ``DeprecationWarning``) and set the fields of

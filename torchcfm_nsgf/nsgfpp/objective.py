@@ -180,12 +180,15 @@ class NSGFPlusPlusObjective:
         sinkhorn: SinkhornOptions | None = None,
         pool: TrajectoryPool | None = None,
         generator: torch.Generator | None = None,
+        flow_size: int | None = None,
         **kwargs: Any,
     ) -> NSGFPlusPlusObjective:
         """The objective ``options`` describe: a :class:`SinkhornFlowMatcher` on the paper's grid with
         ``options.flow_steps`` steps of ``options.step_size``, ``sinkhorn``, ``pool`` (default: a
         :class:`TrajectoryPool` of ``options.pool_capacity`` items drawing from ``generator``) and
-        ``options.refresh_every``; ``kwargs`` go to the constructor (``label_dropout``, ``null_label``, ...)."""
+        ``options.refresh_every``, simulating flows of ``flow_size`` particles collected from the calls
+        (:class:`SinkhornFlowMatcher`'s ``flow_size``; None: flows of one call's batch); ``kwargs`` go to the
+        constructor (``label_dropout``, ``null_label``, ...)."""
         if not isinstance(options, NSGFPlusPlusOptions):
             raise TypeError(f"options must be an NSGFPlusPlusOptions, got {type(options).__name__}")
         matcher = SinkhornFlowMatcher(
@@ -195,6 +198,7 @@ class NSGFPlusPlusObjective:
             sinkhorn=sinkhorn,
             pool=TrajectoryPool(options.pool_capacity, generator=generator) if pool is None else pool,
             refresh_every=options.refresh_every,
+            flow_size=flow_size,
             generator=generator,
         )
         return cls(

@@ -1,0 +1,164 @@
+"""Why the two moons tasks stay above 2x the two-sample floor: the blur, the network, or its optimisation.
+
+BENCHMARKS.md §3d leaves N(0, I) → moons and 8gaussians → moons at about 3x the floor at NFE 2 even with
+flows of 16 384 particles, whose end points lie within the floor of their targets. This script trains the
+same loop as `flow_size.py` (torchcfm's MLP, Adam 1e-3, batch 256, 10 000 steps, flows of `--flow-size`
+particles at the default cadence) with one thing changed per row:
+
+* `base`: `SinkhornFlowMatcher(flow_size=N)`, width 256 (the study's `nsgf:N`);
+* `blur B`: the flows' relative blur B instead of 0.1 (sharper or smoother targets: the entropic blur);
+* `width W`: a wider MLP (the network's capacity to follow the map where a source mode splits);
+* `EMA`: the base run's weights averaged (decay 0.999) and sampled instead of the last ones (optimisation
+  noise; one run gives both rows);
+* `flow end points`: no network, the flows' own end points (what the targets are).
+
+Each row gives W2 at Euler NFE 1, 2 and 10 (2000 samples against 2000 fresh targets, as in the study), the
+share of the NFE-2 samples that lie off the target's support (farther from 20 000 target draws than 99 % of
+fresh target draws are: 1 % for a perfect sampler), the mass a field that cannot split a source mode puts in
+the gap. One seed, one torch thread.
+
+    python benchmarks/mode_split.py --out benchmarks/results/mode_split.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchcfm.utils import torch_wrapper
+from toy_harness import make_model
+
+from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions, odeint_sample
+from torchcfm_nsgf.datasets import TASKS
+from torchcfm_nsgf.metrics import w2
+
+NFES = (1, 2, 10)
+
+
+def off_support(samples: torch.Tensor, reference: torch.Tensor, radius: float) -> torch.Tensor:
+    """Mask of the samples farther than `radius` from every reference point."""
+    return torch.cdist(samples, reference).min(1).values > radius
+
+
+def support_radius(task, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+    """20 000 target draws and the 99th percentile of fresh draws' distance to them."""
+    reference = task.target(20000, generator)
+    fresh = task.target(5000, generator)
+    return reference, float(torch.cdist(fresh, reference).min(1).values.quantile(0.99))
+
+
+def score(samples_by_nfe: dict, target, reference, radius) -> dict:
+    out = {f"w2_nfe{n}": w2(s, target) for n, s in samples_by_nfe.items()}
+    two = samples_by_nfe[2]
+    mask = off_support(two, reference, radius)
+    out["off_support_nfe2"] = float(mask.float().mean())
+    return out
+
+
+def train(task, seed: int, steps: int, width: int, flow_size: int, blur: float, ema_decay: float | None):
+    """The study's loop; returns the last model, the EMA model (or None), the matcher and CPU seconds."""
+    data = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - torchcfm's moons sampler draws from NumPy's global generator
+    model = make_model(width)
+    ema = copy.deepcopy(model) if ema_decay else None
+    fm = SinkhornFlowMatcher(
+        flow_size=flow_size,
+        sinkhorn=SinkhornOptions(blur=blur),
+        generator=torch.Generator().manual_seed(seed + 1000),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    cpu = time.process_time()
+    for _ in range(steps):
+        x0, x1 = task.source(256, data), task.target(256, data)
+        t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
+        loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
+                    pe.lerp_(p, 1 - ema_decay)
+    return model, ema, fm, time.process_time() - cpu
+
+
+def sample(model, x0) -> dict:
+    model.eval()
+    with torch.no_grad():
+        field = torch_wrapper(model)
+        return {n: odeint_sample(field, x0, solver="euler", n_steps=n).samples for n in NFES}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=["gaussian-moons", "8gaussians-moons"])
+    p.add_argument("--flow-size", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blurs", nargs="+", type=float, default=[0.03])
+    p.add_argument("--widths", nargs="+", type=int, default=[1024])
+    p.add_argument("--out", default=None, help="markdown table (and a JSON beside it)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.tasks:
+        task = TASKS[name]
+        g = torch.Generator().manual_seed(args.seed + 3000)  # the study's evaluation draws
+        x0_eval, target = task.source(2000, g), task.target(2000, g)
+        reference, radius = support_radius(task, torch.Generator().manual_seed(args.seed + 4000))
+        floor = w2(
+            task.target(2000, torch.Generator().manual_seed(1)),
+            task.target(2000, torch.Generator().manual_seed(2)),
+        )
+        runs = [("base", 256, 0.1, 0.999)]
+        runs += [(f"blur {b:g}", 256, b, None) for b in args.blurs]
+        runs += [(f"width {w}", w, 0.1, None) for w in args.widths]
+        for label, width, blur, ema_decay in runs:
+            model, ema, fm, cpu = train(task, args.seed, args.steps, width, args.flow_size, blur, ema_decay)
+            row = dict(task=name, row=label, cpu_s=cpu, floor=floor, radius=radius)
+            rows.append(row | score(sample(model, x0_eval), target, reference, radius))
+            print(json.dumps(rows[-1]), flush=True)
+            if ema is not None:
+                rows.append(
+                    dict(row, row="base, EMA 0.999") | score(sample(ema, x0_eval), target, reference, radius)
+                )
+                print(json.dumps(rows[-1]), flush=True)
+            if label == "base":  # the targets themselves: a flow of flow_size fresh particles, no network
+                gen = torch.Generator().manual_seed(args.seed + 5000)
+                x0, x1 = task.source(args.flow_size, gen), task.target(args.flow_size, gen)
+                ends = fm.simulate(x0, x1).xs[-1]
+                ends = ends[torch.randperm(len(ends), generator=gen)[:2000]]
+                rows.append(
+                    dict(row, row="flow end points (no network)", cpu_s=float("nan"))
+                    | score({n: ends for n in NFES}, target, reference, radius)
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    lines = [
+        f"Flows of {args.flow_size}, {args.steps} steps, seed {args.seed}, one torch thread, "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}.",
+        "",
+        "| task | row | W2 NFE 1 | W2 NFE 2 | W2 NFE 10 | NFE 2 / floor | off support (NFE 2) | CPU s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['row']} | {r['w2_nfe1']:.3f} | {r['w2_nfe2']:.3f} | {r['w2_nfe10']:.3f} | "
+            f"{r['w2_nfe2'] / r['floor']:.2f}x | {100 * r['off_support_nfe2']:.1f} % | "
+            f"{r['cpu_s']:.0f} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
