@@ -272,6 +272,21 @@ def _summary(tasks, sizes, seeds, by, eqt, floors) -> list[str]:
         return np.mean(got) if got else None
 
     lines = [
+        "## NFE 2 at a glance (equal steps, mean over the seeds present)",
+        "",
+        "| task | "
+        + " | ".join(f"NSGF {n}" for n in sizes)
+        + " | "
+        + " | ".join(f"coupling {n}" for n in sizes)
+        + " | OT-CFM |",
+        "|---|" + "---:|" * (2 * len(sizes) + 1),
+    ]
+    for task in tasks:
+        cells = [mean_at(task, f"{m}:{n}", 2) for m in ("nsgf", "coupling") for n in sizes]
+        cells.append(mean_at(task, "otcfm", 2))
+        lines.append(f"| {task} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+    lines += [
+        "",
         "## Done-when 1: W2 at NFE 2 over the two-sample floor (equal steps, mean over seeds)",
         "",
         f"Floor: the runs' (one pair of draws) and the median [range] over {FLOOR_PAIRS} pairs; ratios to the median.",

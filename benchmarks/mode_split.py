@@ -61,7 +61,26 @@ def score(samples_by_nfe: dict, target, reference, radius) -> dict:
     return out
 
 
-def train(task, seed: int, steps: int, width: int, flow_size: int, blur: float, ema_decay: float | None):
+def corrective_noise(t, xt, ut, scale: float, generator: torch.Generator):
+    """Move each served point off its straight path by ``scale * t (1 - t) * eps`` and aim its velocity at the
+    path's end point from there: ``u = (X_T - x) / (1 - t) = ut - scale * t * eps``. The clean source
+    (t = 0) and the end points are unchanged; a field trained on it learns, at t > 0, to steer points that
+    left their path (into the gap where a source mode splits) back towards the nearer end points."""
+    eps = torch.randn(xt.shape, generator=generator, dtype=xt.dtype)
+    tt = t[:, None]
+    return xt + scale * tt * (1 - tt) * eps, ut - scale * tt * eps
+
+
+def train(
+    task,
+    seed: int,
+    steps: int,
+    width: int,
+    flow_size: int,
+    blur: float,
+    ema_decay: float | None,
+    noise: float = 0.0,
+):
     """The study's loop; returns the last model, the EMA model (or None), the matcher and CPU seconds."""
     data = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -74,10 +93,13 @@ def train(task, seed: int, steps: int, width: int, flow_size: int, blur: float, 
         generator=torch.Generator().manual_seed(seed + 1000),
     )
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    noise_g = torch.Generator().manual_seed(seed + 6000)
     cpu = time.process_time()
     for _ in range(steps):
         x0, x1 = task.source(256, data), task.target(256, data)
         t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
+        if noise:
+            xt, ut = corrective_noise(t, xt, ut, noise, noise_g)
         loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)
         opt.zero_grad()
         loss.backward()
@@ -102,8 +124,10 @@ def main() -> None:
     p.add_argument("--flow-size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--blurs", nargs="+", type=float, default=[0.03])
-    p.add_argument("--widths", nargs="+", type=int, default=[1024])
+    p.add_argument("--blurs", nargs="*", type=float, default=[0.03])
+    p.add_argument("--widths", nargs="*", type=int, default=[1024])
+    p.add_argument("--noises", nargs="*", type=float, default=[], help="rows with corrective noise")
+    p.add_argument("--no-base", action="store_true", help="leave out the base, EMA and end-point rows")
     p.add_argument("--out", default=None, help="markdown table (and a JSON beside it)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -117,11 +141,14 @@ def main() -> None:
             task.target(2000, torch.Generator().manual_seed(1)),
             task.target(2000, torch.Generator().manual_seed(2)),
         )
-        runs = [("base", 256, 0.1, 0.999)]
-        runs += [(f"blur {b:g}", 256, b, None) for b in args.blurs]
-        runs += [(f"width {w}", w, 0.1, None) for w in args.widths]
-        for label, width, blur, ema_decay in runs:
-            model, ema, fm, cpu = train(task, args.seed, args.steps, width, args.flow_size, blur, ema_decay)
+        runs = [] if args.no_base else [("base", 256, 0.1, 0.999, 0.0)]
+        runs += [(f"blur {b:g}", 256, b, None, 0.0) for b in args.blurs]
+        runs += [(f"width {w}", w, 0.1, None, 0.0) for w in args.widths]
+        runs += [(f"corrective noise {s:g}", 256, 0.1, None, s) for s in args.noises]
+        for label, width, blur, ema_decay, noise in runs:
+            model, ema, fm, cpu = train(
+                task, args.seed, args.steps, width, args.flow_size, blur, ema_decay, noise
+            )
             row = dict(task=name, row=label, cpu_s=cpu, floor=floor, radius=radius)
             rows.append(row | score(sample(model, x0_eval), target, reference, radius))
             print(json.dumps(rows[-1]), flush=True)
