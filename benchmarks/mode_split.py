@@ -118,6 +118,19 @@ def sample(model, x0) -> dict:
         return {n: odeint_sample(field, x0, solver="euler", n_steps=n).samples for n in NFES}
 
 
+def end_points(task, args, blur: float, row: dict, target, reference, radius) -> dict:
+    """The targets themselves: the end points of one flow of flow_size fresh particles, no network."""
+    gen = torch.Generator().manual_seed(args.seed + 5000)
+    x0, x1 = task.source(args.flow_size, gen), task.target(args.flow_size, gen)
+    fm = SinkhornFlowMatcher(pool=None, sinkhorn=SinkhornOptions(blur=blur))
+    ends = fm.simulate(x0, x1).xs[-1]
+    ends = ends[torch.randperm(len(ends), generator=gen)[:2000]]
+    label = "flow end points (no network)" + ("" if blur == 0.1 else f", blur {blur:g}")
+    return (
+        row | dict(row=label, cpu_s=float("nan")) | score({n: ends for n in NFES}, target, reference, radius)
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["gaussian-moons", "8gaussians-moons"])
@@ -128,6 +141,9 @@ def main() -> None:
     p.add_argument("--widths", nargs="*", type=int, default=[1024])
     p.add_argument("--noises", nargs="*", type=float, default=[], help="rows with corrective noise")
     p.add_argument("--no-base", action="store_true", help="leave out the base, EMA and end-point rows")
+    p.add_argument(
+        "--endpoint-blurs", nargs="*", type=float, default=[], help="end-point rows at these blurs"
+    )
     p.add_argument("--out", default=None, help="markdown table (and a JSON beside it)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -157,16 +173,12 @@ def main() -> None:
                     dict(row, row="base, EMA 0.999") | score(sample(ema, x0_eval), target, reference, radius)
                 )
                 print(json.dumps(rows[-1]), flush=True)
-            if label == "base":  # the targets themselves: a flow of flow_size fresh particles, no network
-                gen = torch.Generator().manual_seed(args.seed + 5000)
-                x0, x1 = task.source(args.flow_size, gen), task.target(args.flow_size, gen)
-                ends = fm.simulate(x0, x1).xs[-1]
-                ends = ends[torch.randperm(len(ends), generator=gen)[:2000]]
-                rows.append(
-                    dict(row, row="flow end points (no network)", cpu_s=float("nan"))
-                    | score({n: ends for n in NFES}, target, reference, radius)
-                )
+            if label == "base":
+                rows.append(end_points(task, args, 0.1, dict(row), target, reference, radius))
                 print(json.dumps(rows[-1]), flush=True)
+        for blur in args.endpoint_blurs:
+            rows.append(end_points(task, args, blur, dict(task=name, floor=floor), target, reference, radius))
+            print(json.dumps(rows[-1]), flush=True)
     lines = [
         f"Flows of {args.flow_size}, {args.steps} steps, seed {args.seed}, one torch thread, "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}.",
