@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
+from typing import Any
 
 
-def emit(script: str, args: argparse.Namespace, lines: list[str], positional: tuple[str, ...] = ()) -> None:
+def emit(
+    script: str,
+    args: argparse.Namespace,
+    lines: list[str],
+    positional: tuple[str, ...] = (),
+    *,
+    data: Any = None,
+) -> None:
     """Print ``lines`` and the command line of ``benchmarks/<script>`` that reproduces them (every option of
-    ``args`` but ``out``, then the ``positional`` arguments), and write both to ``args.out`` if it is set."""
-    options = [
-        f"--{k.replace('_', '-')} {v}"
-        for k, v in vars(args).items()
-        if v is not None and k != "out" and k not in positional
-    ]
+    ``args`` but ``out``, a true store_true option as its bare flag and a list as its values, then the
+    ``positional`` arguments), and write both to ``args.out`` if it is set;
+    with ``data``, also ``{"args": ..., "rows": data}`` as JSON beside it (``args.out`` with ``.json``)."""
+    options = []
+    for k, v in vars(args).items():
+        if v is None or v is False or k == "out" or k in positional:
+            continue
+        flag = f"--{k.replace('_', '-')}"
+        if v is True:  # a store_true flag
+            options.append(flag)
+        elif isinstance(v, list):  # nargs: the values after the flag (none for an empty "*" list)
+            options.append(" ".join([flag, *map(str, v)]))
+        else:
+            options.append(f"{flag} {v}")
     values = [
         str(v)
         for k in positional
@@ -24,4 +42,8 @@ def emit(script: str, args: argparse.Namespace, lines: list[str], positional: tu
     if args.out:
         with open(os.fspath(args.out), "w") as f:
             f.write(text)
+        if data is not None:
+            Path(args.out).with_suffix(".json").write_text(
+                json.dumps(dict(args=vars(args), rows=data), indent=1)
+            )
     print(text)

@@ -27,9 +27,9 @@ import math
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
+from _report import emit
 from mnist import get_classifier
 
 from torchcfm_nsgf import SinkhornFlowMatcher
@@ -103,11 +103,7 @@ def main() -> None:
             f"| {r['n']} | {r['flows']} | {r['fid_end_points']:.2f} | {r['fid_targets']:.2f} | "
             f"{r['dist_to_target']:.3f} | {r['transport_cost']:.3f} | {r['cpu_s_per_flow']:.2f} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
+    emit("mnist_flow_targets.py", args, lines, data=rows)
 
 
 if __name__ == "__main__":

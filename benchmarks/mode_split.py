@@ -27,10 +27,10 @@ import copy
 import json
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _report import emit
 from torchcfm.utils import torch_wrapper
 from toy_harness import make_model
 
@@ -81,7 +81,7 @@ def train(
     ema_decay: float | None,
     noise: float = 0.0,
 ):
-    """The study's loop; returns the last model, the EMA model (or None), the matcher and CPU seconds."""
+    """The study's loop; returns the last model, the EMA model (or None) and the CPU seconds of training."""
     data = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - torchcfm's moons sampler draws from NumPy's global generator
@@ -108,7 +108,7 @@ def train(
             with torch.no_grad():
                 for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
                     pe.lerp_(p, 1 - ema_decay)
-    return model, ema, fm, time.process_time() - cpu
+    return model, ema, time.process_time() - cpu
 
 
 def sample(model, x0) -> dict:
@@ -162,7 +162,7 @@ def main() -> None:
         runs += [(f"width {w}", w, 0.1, None, 0.0) for w in args.widths]
         runs += [(f"corrective noise {s:g}", 256, 0.1, None, s) for s in args.noises]
         for label, width, blur, ema_decay, noise in runs:
-            model, ema, fm, cpu = train(
+            model, ema, cpu = train(
                 task, args.seed, args.steps, width, args.flow_size, blur, ema_decay, noise
             )
             row = dict(task=name, row=label, cpu_s=cpu, floor=floor, radius=radius)
@@ -192,11 +192,7 @@ def main() -> None:
             f"{r['w2_nfe2'] / r['floor']:.2f}x | {100 * r['off_support_nfe2']:.1f} % | "
             f"{r['cpu_s']:.0f} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
+    emit("mode_split.py", args, lines, data=rows)
 
 
 if __name__ == "__main__":
