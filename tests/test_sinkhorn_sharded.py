@@ -25,6 +25,11 @@ def _data():
     return x, y
 
 
+def _labels():
+    """Classes 0, 1, 2 in turn, of the particles and of the targets."""
+    return torch.arange(sum(SPLIT)) % 3, torch.arange(sum(TARGET_SPLIT)) % 3
+
+
 def _flow(x, y, steps: int, **kw):
     sol, out = None, []
     for _ in range(steps):
@@ -56,6 +61,18 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         fm = SinkhornFlowMatcher(sinkhorn=SinkhornOptions(distributed=True, tol=1e-8), flow_steps=3)
         traj = fm.simulate(xr, yr * (1.0 + 2.0 * rank))  # local spreads differ on purpose
         res["matcher"] = (traj.xs, fm.blur, traj.n_iters)
+        # Class-conditional: one collective solve per class, every class on both processes.
+        fm = SinkhornFlowMatcher(sinkhorn=SinkhornOptions(distributed=True, tol=1e-6), flow_steps=2)
+        y0, y1 = _labels()
+        traj, labels = fm.simulate_guided(xr, yr, y1[ylo:yhi], y0[lo:hi])
+        res["guided"] = (traj.xs, labels)
+        # Rank 1's particles all of class 0: classes 1 and 2 would have a solve on rank 0 alone.
+        y0_partial = y0[lo:hi] if rank == 0 else torch.zeros(hi - lo, dtype=torch.long)
+        try:
+            fm.simulate_guided(xr, yr, y1[ylo:yhi], y0_partial)
+            res["partial"] = None
+        except ValueError as err:
+            res["partial"] = str(err)
         torch.save(res, os.path.join(path, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -111,6 +128,21 @@ def test_sharded_matcher_flow_equals_single_process(sharded):
     assert all(r["matcher"][1] == pytest.approx(fm.blur, rel=1e-12) for r in sharded)
     assert rel_err(torch.cat([r["matcher"][0] for r in sharded], dim=1), traj.xs) <= 1e-9
     assert all(r["matcher"][2] == traj.n_iters for r in sharded)
+
+
+def test_sharded_guided_flow_equals_single_process(sharded):
+    x, y = _data()
+    y0, y1 = _labels()
+    fm = SinkhornFlowMatcher(sinkhorn=SinkhornOptions(tol=1e-6), flow_steps=2)
+    traj, labels = fm.simulate_guided(x, y, y1, y0)
+    assert rel_err(torch.cat([r["guided"][0] for r in sharded], dim=1), traj.xs) <= 1e-9
+    assert torch.equal(torch.cat([r["guided"][1] for r in sharded]), labels)
+
+
+def test_sharded_guided_flow_with_a_class_missing_on_one_process_raises_everywhere(sharded):
+    # Without the check, rank 0 would wait forever in the solves of classes 1 and 2.
+    for r in sharded:
+        assert r["partial"] is not None and "classes [1, 2]" in r["partial"]
 
 
 def test_distributed_needs_an_initialised_group():

@@ -425,7 +425,9 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
             Class of each source particle; every class in ``y0`` must occur in ``y1``. Default: the
             particles are split among the classes of ``y1`` in proportion to their counts (for ``n == m``
             exactly the counts, particle ``i`` taking class ``y1[i]``; otherwise a largest-remainder split
-            over a random permutation drawn with ``generator``).
+            over a random permutation drawn with ``generator``). With ``distributed`` every process's
+            particles must cover the same classes (each class's solve is a collective); a ``ValueError`` on
+            every process otherwise.
 
         Returns
         -------
@@ -459,7 +461,12 @@ class SinkhornFlowMatcher(ConditionalFlowMatcher):
         us = torch.empty((T, *x0.shape), dtype=dtype, device=x0.device)
         errors, iters, capped = [0.0] * T, [0] * T, 0
         start = time.perf_counter()
-        classes = labels.unique()
+        if self.sinkhorn.distributed:
+            from .sinkhorn.sharded import shared_classes
+
+            classes = shared_classes(labels)  # each class's solve is a collective of all processes
+        else:
+            classes = labels.unique()
         for c in classes:
             rows = torch.nonzero(labels == c).flatten()
             cols = torch.nonzero(y1 == c).flatten()

@@ -33,6 +33,7 @@ __all__ = [
     "global_mean",
     "global_moments",
     "global_rms",
+    "shared_classes",
     "sharded_log_weights",
 ]
 
@@ -96,6 +97,33 @@ def global_rms(t: Tensor) -> float:
     s = torch.stack((t.detach().double().square().sum(), t.new_tensor(t.shape[0], dtype=torch.float64)))
     dist.all_reduce(s)
     return float((s[0] / s[1]).sqrt())
+
+
+def shared_classes(labels: Tensor) -> Tensor:
+    """The sorted classes of this process's ``labels`` (k,), when every process holds the same classes.
+
+    A class-conditional sharded flow solves one problem per class, each a collective of all processes, so
+    every process must take part in every class's solve. A class that some processes hold and others do not
+    raises a ``ValueError`` on every process (all of them see the same reduced counts), where the solves
+    would otherwise wait on each other forever.
+    """
+    _check_initialised()
+    local = labels.unique()
+    k = torch.tensor([int(local.max()) + 1 if local.numel() else 0], dtype=torch.long, device=labels.device)
+    dist.all_reduce(k, op=dist.ReduceOp.MAX)
+    present = torch.zeros(int(k), dtype=torch.long, device=labels.device)
+    present[local.long()] = 1
+    everywhere, anywhere = present.clone(), present
+    dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
+    dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+    partial = torch.nonzero(anywhere > everywhere).flatten().tolist()
+    if partial:
+        raise ValueError(
+            f"distributed=True: the classes {partial} occur among the particles of some processes and not "
+            "of others; a sharded class-conditional flow needs every class on every process (pass more "
+            "rows per process, or distributed=False for one flow per process)"
+        )
+    return local
 
 
 def sharded_log_weights(n: int, m: int, like: Tensor) -> tuple[Tensor, Tensor]:
