@@ -8,7 +8,9 @@ This script scores those end points as a generator would be scored, for flows of
   next to the same score for the flows' own target images (what a flow with no blur would give);
 * how far the end points sit from the images they were pulled to: the distance from each end point to its
   nearest target of the same flow, over the median nearest-neighbour distance between training images
-  (near 0: a copy of a target; near 1 or above: a blend of several);
+  (near 0: a copy of a target; near 1 or above: a blend of several), and the share of the flow's targets
+  that are the nearest target of some end point (1: every target is used once; lower: several noise images
+  are sent to the same image, and the served pairs are less diverse than the data);
 * the transport cost of the pairs the network regresses, the mean of ||X_T - X_0||^2 / d (the smaller, the
   closer each noise image is paired to its end point, the straighter and more consistent the field; flows of
   one batch pair almost at random in d = 784);
@@ -72,7 +74,7 @@ def main() -> None:
     rows = []
     for n in args.sizes:
         flows = math.ceil(args.n_eval / n)
-        ends, targets, dist, seconds, cost = [], [], [], [], []
+        ends, targets, dist, seconds, cost, used = [], [], [], [], [], []
         for _ in range(flows):
             x1 = train[torch.randperm(len(train), generator=g)[:n]]
             x0 = torch.randn(x1.shape, generator=g)
@@ -82,7 +84,9 @@ def main() -> None:
             ends.append(xT)
             cost.append(((xT - x0) ** 2).flatten(1).mean(1))
             targets.append(x1)
-            dist.append(torch.cdist(xT.flatten(1), x1.flatten(1)).min(1).values / nn_scale)
+            nearest = torch.cdist(xT.flatten(1), x1.flatten(1)).min(1)
+            dist.append(nearest.values / nn_scale)
+            used.append(nearest.indices.unique().numel() / n)
         ends_all = torch.cat(ends)[: args.n_eval]
         row = dict(
             n=n,
@@ -91,6 +95,7 @@ def main() -> None:
             fid_targets=fid(torch.cat(targets)[: args.n_eval]),
             dist_to_target=float(torch.cat(dist).median()),
             transport_cost=float(torch.cat(cost).mean()),
+            targets_used=sum(used) / flows,
             cpu_s_per_flow=sum(seconds) / flows,
         )
         rows.append(row)
@@ -101,13 +106,14 @@ def main() -> None:
         f"Median nearest-neighbour distance between training images: {nn_scale:.2f}.",
         "",
         "| flow of N images | flows | classifier FID of X_T | of the flows' targets | end point to nearest "
-        "target / NN scale (median) | transport cost | CPU s per flow |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "target / NN scale (median) | targets used | transport cost | CPU s per flow |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['n']} | {r['flows']} | {r['fid_end_points']:.2f} | {r['fid_targets']:.2f} | "
-            f"{r['dist_to_target']:.3f} | {r['transport_cost']:.3f} | {r['cpu_s_per_flow']:.2f} |"
+            f"{r['dist_to_target']:.3f} | {r['targets_used']:.3f} | {r['transport_cost']:.3f} | "
+            f"{r['cpu_s_per_flow']:.2f} |"
         )
     emit("mnist_flow_targets.py", args, lines, data=rows)
 
