@@ -83,28 +83,41 @@ class Classifier(nn.Module):
 
 
 def get_classifier(path: str, root: str, epochs: int = 2) -> tuple[Classifier, float]:
-    """Load the cached classifier, or train it on the MNIST training set (inputs in [-1, 1])."""
-    net = Classifier()
+    """Load the cached classifier, or train it on the MNIST training set (inputs in [-1, 1]).
+
+    Training is seeded (initial weights and batch order) and runs on one thread whatever ``--threads``
+    says, so a fresh clone on the same machine and torch rebuilds the same classifier, and the classifier
+    FIDs of BENCHMARKS.md do not depend on an ignored cache file. The global RNG is left as it was."""
     if os.path.isfile(path):
+        net = Classifier()
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state["net"])
         return net.eval(), float(state["test_accuracy"])
     train_set, test_set = load_images("mnist", root), load_images("mnist", root, train=False)
-    gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(train_set), generator=gen).split(128):
-            x, y = to_unit_range(train_set.images[idx]), train_set.labels[idx]
-            loss = nn.functional.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = Classifier()
+        gen = torch.Generator().manual_seed(0)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(train_set), generator=gen).split(128):
+                x, y = to_unit_range(train_set.images[idx]), train_set.labels[idx]
+                loss = nn.functional.cross_entropy(net(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     net.eval()
     with torch.no_grad():
         pred = torch.cat([net(to_unit_range(b)).argmax(1) for b in test_set.images.split(1000)])
     acc = float((pred == test_set.labels).float().mean())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"net": net.state_dict(), "test_accuracy": acc}, path)
+    torch.save({"net": net.state_dict(), "test_accuracy": acc}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: an interrupted run never leaves half a classifier behind
     return net, acc
 
 
@@ -459,6 +472,17 @@ def report(folder: str) -> None:
     runs = [json.load(open(path)) for path in sorted(glob.glob(os.path.join(folder, "*.json")))]
     if not runs:
         raise SystemExit(f"no JSON results in {folder}")
+
+    def scorer(r: dict) -> tuple:  # which classifier scored a run (older files hold rounded values)
+        floor = r["floor"] if isinstance(r["floor"], dict) else {"all": r["floor"]}
+        return round(r["classifier_accuracy"], 4), tuple(sorted((k, round(v, 2)) for k, v in floor.items()))
+
+    scorers = {scorer(r) for r in runs}
+    if len(scorers) > 1:
+        raise SystemExit(
+            f"the JSON results in {folder} were scored by {len(scorers)} different classifiers (their "
+            "accuracies and floors differ); their FIDs are not comparable, so put them in separate folders"
+        )
     nfes = [int(n) for n in runs[0]["args"]["nfe"].split(",")]
     a = runs[0]["args"]
     conditional = a.get("conditional", False)
