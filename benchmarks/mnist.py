@@ -41,6 +41,7 @@ import time
 import torch
 from torch import nn
 
+from torchcfm_nsgf._io import atomic_save
 from torchcfm_nsgf.images import (
     NSGFSettings,
     TrainConfig,
@@ -115,9 +116,7 @@ def get_classifier(path: str, root: str, epochs: int = 2) -> tuple[Classifier, f
     with torch.no_grad():
         pred = torch.cat([net(to_unit_range(b)).argmax(1) for b in test_set.images.split(1000)])
     acc = float((pred == test_set.labels).float().mean())
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"net": net.state_dict(), "test_accuracy": acc}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: an interrupted run never leaves half a classifier behind
+    atomic_save({"net": net.state_dict(), "test_accuracy": acc}, path)  # never half a classifier
     return net, acc
 
 
