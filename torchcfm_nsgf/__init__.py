@@ -6,6 +6,8 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 * :mod:`torchcfm_nsgf.matcher`: :class:`SinkhornFlowMatcher`, NSGF behind torchcfm's matcher interface;
 * :mod:`torchcfm_nsgf.coupling`: :class:`SinkhornCouplingMatcher`, flow matching on pairs of a large
   entropic OT plan (the large-coupling baseline);
+* :mod:`torchcfm_nsgf.drift`: :class:`SinkhornDrift`, regression targets that train a one-step generator by the
+  Sinkhorn gradient flow of its own samples;
 * :mod:`torchcfm_nsgf.nsgfpp`: NSGF++ (one options object, phase-2 variants in a registry, one training
   objective, the two-phase sampler, the vector trainer);
 * :mod:`torchcfm_nsgf.pool`: the trajectory pool (experience replay);
@@ -17,6 +19,7 @@ from importlib import metadata as _metadata
 
 from . import nsgfpp
 from .coupling import SinkhornCouplingMatcher
+from .drift import SinkhornDrift
 from .guidance import CFGField, drop_labels
 from .matcher import PATHS, SinkhornFlowMatcher, SinkhornTrajectory
 from .networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
@@ -69,6 +72,7 @@ __all__ = [
     "SampleResult",
     "SinkhornConvergenceWarning",
     "SinkhornCouplingMatcher",
+    "SinkhornDrift",
     "PATHS",
     "SinkhornFlowMatcher",
     "SinkhornOptions",
