@@ -7,7 +7,8 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
 * :mod:`torchcfm_nsgf.coupling`: :class:`SinkhornCouplingMatcher`, flow matching on pairs of a large
   entropic OT plan (the large-coupling baseline);
 * :mod:`torchcfm_nsgf.drift`: :class:`SinkhornDrift`, regression targets that train a one-step generator by the
-  Sinkhorn gradient flow of its own samples;
+  Sinkhorn gradient flow of its own samples; :mod:`torchcfm_nsgf.meanflow`: :class:`MeanFlow`, the one-step
+  baseline (average-velocity regression);
 * :mod:`torchcfm_nsgf.nsgfpp`: NSGF++ (one options object, phase-2 variants in a registry, one training
   objective, the two-phase sampler, the vector trainer);
 * :mod:`torchcfm_nsgf.pool`: the trajectory pool (experience replay);
@@ -22,6 +23,7 @@ from .coupling import SinkhornCouplingMatcher
 from .drift import SinkhornDrift
 from .guidance import CFGField, drop_labels
 from .matcher import PATHS, SinkhornFlowMatcher, SinkhornTrajectory
+from .meanflow import AverageVelocityMLP, MeanFlow, meanflow_sample
 from .networks import TimePredictorCNN, TimePredictorMLP, VelocityMLP
 from .nsgfpp import (
     DEFAULT_PHASE2,
@@ -53,6 +55,9 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path that was nev
     __version__ = "0+unknown"
 
 __all__ = [
+    "AverageVelocityMLP",
+    "MeanFlow",
+    "meanflow_sample",
     "CFGField",
     "drop_labels",
     "DEFAULT_PHASE2",
