@@ -44,7 +44,7 @@ html_theme = "furo"
 html_title = f"torchcfm-nsgf {release}"
 html_static_path: list[str] = []
 # The full measurement record and the changelog, served as they are next to the pages.
-html_extra_path = ["../BENCHMARKS.md", "../CHANGELOG.md"]
+html_extra_path = ["../BENCHMARKS.md", "../BENCHMARKS_HISTORY.md", "../CHANGELOG.md"]
 
 autosummary_generate = True
 autosummary_imported_members = True

@@ -48,7 +48,7 @@ the processes of ``torch.distributed`` (:mod:`~torchcfm_nsgf.sinkhorn.sharded`).
 
 Why not POT: ``ot.sinkhorn(method="sinkhorn_log")`` has no ε-scaling and solves one problem per call;
 at d=2, blur 0.3 it needed 1061 + 231 iterations (4.4 s) where this engine needed 33 + 60 (0.24 s) at
-n=256, and did not converge within 60 s at n=1024 (``benchmarks/sinkhorn_engine.py``, BENCHMARKS.md). At
+n=256, and did not converge within 60 s at n=1024 (``benchmarks/sinkhorn_engine.py``, BENCHMARKS_HISTORY.md H1). At
 large ε (image data, blur 2) it takes 0.9x-2.2x this engine's time.
 """
 

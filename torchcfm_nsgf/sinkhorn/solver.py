@@ -112,8 +112,8 @@ class SinkhornOptions:
         Ratio between successive blur values of the ε-scaling schedule.
     tol : float
         L1 marginal error at which the engine stops. NSGF's targets are minibatch estimates anyway, and on the
-        2D tasks 1e-2 trains fields as good as 1e-3 at a fraction of the Sinkhorn time (BENCHMARKS.md, regime
-        study); pass 1e-4 for a velocity within about 1e-3 of the converged fixed point.
+        2D tasks 1e-2 trains fields as good as 1e-3 at a fraction of the Sinkhorn time (BENCHMARKS.md §2,
+        regime study); pass 1e-4 for a velocity within about 1e-3 of the converged fixed point.
     max_iter : int
         Iteration cap at the final ε.
     omega : float in [1, 2)
