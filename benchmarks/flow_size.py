@@ -37,37 +37,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
-from torchcfm.utils import torch_wrapper
-from toy_harness import make_model
+from harness import BenchConfig, method_fn
+from harness.runner import claim, evaluate, run_file, write_json
 
-from torchcfm_nsgf import SinkhornCouplingMatcher, SinkhornFlowMatcher, odeint_sample
 from torchcfm_nsgf.datasets import TASKS
 from torchcfm_nsgf.metrics import w2
 
 NFES = (1, 2, 10)
 NAMES = {"nsgf": "NSGF", "coupling": "large coupling", "otcfm": "OT-CFM"}
-
-
-def make_matcher(method: str, seed: int):
-    name, _, size = method.partition(":")
-    g = torch.Generator().manual_seed(seed + 1000)
-    if name == "otcfm":
-        return ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
-    n = int(size)
-    flow_size = None if n == 256 else n
-    if name == "nsgf":
-        return SinkhornFlowMatcher(flow_size=flow_size, generator=g)
-    if name == "coupling":
-        return SinkhornCouplingMatcher(flow_size=flow_size, generator=g)
-    raise ValueError(f"unknown method {method!r}")
 
 
 def floor_of(task, first: int = 1) -> float:
@@ -96,47 +78,31 @@ def iid_floor_of(task, i: int = 0) -> float:
 
 
 def run(task, method: str, seed: int, steps: int, width: int, eval_every: int, batch_size: int = 256) -> dict:
-    """torchcfm's loop (Adam 1e-3) for `steps` steps, W2 at NFE 1/2/10 every `eval_every` steps and at the end."""
-    data = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed)  # torchcfm's exact OT pairing draws from NumPy's global generator  # noqa: NPY002
-    model = make_model(width)
-    FM = make_matcher(method, seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    """The harness's torchcfm loop (Adam 1e-3) for `steps` steps of `method` (`nsgf:N`, `coupling:N`, or
+    `otcfm` with σ = 0), W2 at NFE 1/2/10 of the snapshots taken every `eval_every` steps and at the end."""
+    config = BenchConfig(
+        train_steps=steps,
+        clock="cpu",
+        snapshot_every=eval_every,
+        batch_size=batch_size,
+        width=width,
+        sigma=0.0,
+    )
+    trained = method_fn(method)(task, config, seed)
     evals_g = torch.Generator().manual_seed(seed + 3000)
     x0_eval, target = task.source(2000, evals_g), task.target(2000, evals_g)
-    cpu = wall = 0.0
-    evaluations = []
-    for step in range(1, steps + 1):
-        cpu_start, wall_start = time.process_time(), time.perf_counter()
-        model.train()
-        x0, x1 = task.source(batch_size, data), task.target(batch_size, data)
-        t, xt, ut = FM.sample_location_and_conditional_flow(x0, x1)
-        loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        cpu += time.process_time() - cpu_start
-        wall += time.perf_counter() - wall_start
-        if step % eval_every == 0 or step == steps:
-            model.eval()
-            with torch.no_grad():
-                field = torch_wrapper(model)
-                scores = {
-                    nfe: w2(odeint_sample(field, x0_eval, solver="euler", n_steps=nfe).samples, target)
-                    for nfe in NFES
-                }
-            evaluations.append(
-                dict(
-                    steps=step,
-                    cpu_s=cpu,
-                    wall_s=wall,
-                    loss=loss.item(),
-                    sinkhorn_s=getattr(FM, "_sim_seconds", 0.0),
-                    flows=getattr(FM, "n_flows", 0),
-                    w2=scores,
-                )
-            )
+    evaluations = [
+        dict(
+            steps=s.steps,
+            cpu_s=s.cpu_s,
+            wall_s=s.wall_s,
+            loss=s.loss,
+            sinkhorn_s=s.stats["sinkhorn_s"],
+            flows=s.stats["flows"],
+            w2={int(k): v for k, v in evaluate(s, x0_eval, target, NFES)[0].items()},
+        )
+        for s in trained.snapshots
+    ]
     last = evaluations[-1]
     return dict(
         w2=last["w2"],
@@ -146,29 +112,6 @@ def run(task, method: str, seed: int, steps: int, width: int, eval_every: int, b
         flows=last["flows"],
         evaluations=evaluations,
     )
-
-
-def _claim(path: Path) -> bool:
-    """Create `path` (holding this pid) unless a live process holds it; True if this process now does."""
-    if path.exists():
-        try:
-            os.kill(int(path.read_text() or 0), 0)
-            return False
-        except (ProcessLookupError, ValueError):
-            path.unlink(missing_ok=True)  # a stale claim of a process that is gone
-        except PermissionError:
-            return False
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    return True
-
-
-def run_file(out_dir: Path, name: str, method: str, seed: int) -> Path:
-    return out_dir / f"{name}_{method.replace(':', '-')}_seed{seed}.json"
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -411,11 +354,11 @@ def main() -> None:
     rows = []
     for seed, name, method in jobs:
         task = TASKS[name]
-        path = claim = None
+        path = held = None
         if out_dir is not None:
             path = run_file(out_dir, name, method, seed)
-            claim = path.with_suffix(".claim")
-            if path.exists() or not _claim(claim):
+            held = path.with_suffix(".claim")
+            if path.exists() or not claim(held):
                 continue
         if name not in floors:
             floors[name] = floor_of(task)
@@ -432,8 +375,8 @@ def main() -> None:
         )
         rows.append(row)
         if path is not None:
-            path.write_text(json.dumps(row, indent=1))
-            claim.unlink(missing_ok=True)
+            write_json(path, row)
+            held.unlink(missing_ok=True)
         scores = " / ".join(f"{row['w2'][k]:.3f}" for k in NFES)
         print(
             f"{name} seed {seed} {method}: W2 at NFE 1/2/10 {scores} (floor {floors[name]:.3f}); "

@@ -11,17 +11,18 @@ wall time (simulation included) of the same task and seed.
     python benchmarks/two_dim.py --shard 1/2 --json benchmarks/results/two_dim_1.json
     python benchmarks/two_dim.py --report benchmarks/results/two_dim_0.json benchmarks/results/two_dim_1.json
 
-Methods live in the registry ``METHODS``: ``name -> fn(task, config, seed)`` returning an object with
-``sample(x0, nfe, solver) -> (samples, nfe_used)`` and ``train_time_s`` (``toy_harness.Sampler``);
-``config.train_steps`` is None exactly when ``config.time_budget_s`` is set. NSGF is torchcfm's loop with
-``SinkhornFlowMatcher`` at its defaults, or as the matcher flags (``--flow-steps``, ``--blur``, ...) say. NSGF++
-(``nsgf++``: the default variant; ``nsgf++paper``: the paper's) is ``toy_harness.train_nsgfpp``.
+Methods live in the harness's registry (``benchmarks/harness/methods.py``, ``harness.METHODS``): ``name ->
+fn(task, config, seed)`` returning an object with ``sample(x0, nfe, solver) -> (samples, nfe_used)`` and
+``train_time_s`` (``harness.Sampler``); ``config.train_steps`` is None exactly when ``config.time_budget_s`` is
+set (here on the wall clock). NSGF is torchcfm's loop with ``SinkhornFlowMatcher`` at its defaults, or as the
+matcher flags (``--flow-steps``, ``--blur``, ...) say. NSGF++ (``nsgf++``: the default variant;
+``nsgf++paper``: the paper's) is ``harness.train_nsgfpp``. Studies at equal CPU time, with EMA weights and
+one resumable JSON per run, run on the same registry with ``benchmarks/study.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -29,233 +30,28 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 
-import numpy as np
 import torch
-from torchcfm.conditional_flow_matching import (
-    ConditionalFlowMatcher,
-    ExactOptimalTransportConditionalFlowMatcher,
-    SchrodingerBridgeConditionalFlowMatcher,
-    TargetConditionalFlowMatcher,
-)
-from toy_harness import Sampler, TrainedField, make_model, train_flow_matching, train_nsgf, train_nsgfpp
+from harness import LABELS, METHODS, BenchConfig, NotApplicable, Sampler
+from harness.methods import clear_caches
+from harness.runner import evaluate as score_at
 from tqdm.auto import tqdm
 
-from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions, euler_sample
 from torchcfm_nsgf._cli import add_matcher_flags, matcher_from_args
-from torchcfm_nsgf.datasets import TASKS, Task, get_task
+from torchcfm_nsgf.datasets import TASKS, get_task
 from torchcfm_nsgf.metrics import w2
-from torchcfm_nsgf.nsgfpp import DEFAULT_PHASE2
+
+__all__ = ["METHODS", "BenchConfig", "NotApplicable", "evaluate", "main", "report"]
 
 NFES = (1, 2, 5, 10, 100)
 TARGET_NFES = (1, 2, 10)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    """Shared training settings. Exactly one of ``train_steps`` and ``time_budget_s`` is set.
-
-    ``nsgf`` holds the :class:`SinkhornFlowMatcher` arguments (``sinkhorn`` as a dict of
-    :class:`SinkhornOptions` fields); empty means the matcher's defaults.
-    """
-
-    train_steps: int | None = 1000
-    time_budget_s: float | None = None
-    batch_size: int = 256
-    lr: float = 1e-3
-    width: int = 64
-    sigma: float = 0.1  # I-CFM, OT-CFM, FM
-    sb_sigma: float = 0.5  # SB-CFM (torchcfm default ot_method="exact")
-    reflow_pairs: int = 10_000  # 2-RF: pairs (x0, 1-RF(x0)) generated with 100 Euler steps
-    nsgf: dict = field(default_factory=dict)
-
-
-class NotApplicable(Exception):
-    """The method does not apply to the task (FM needs a Gaussian source)."""
-
-
-MethodFn = Callable[[Task, BenchConfig, int], Sampler]
-METHODS: dict[str, MethodFn] = {}
-LABELS: dict[str, str] = {}
-
-
-def register(name: str, label: str) -> Callable[[MethodFn], MethodFn]:
-    def add(fn: MethodFn) -> MethodFn:
-        METHODS[name] = fn
-        LABELS[name] = label
-        return fn
-
-    return add
-
-
-def _batches(task: Task, generator: torch.Generator):
-    return lambda bs: (task.source(bs, generator), task.target(bs, generator))
-
-
-def _train_torchcfm(matcher, task: Task, config: BenchConfig, seed: int, desc: str) -> TrainedField:
-    torch.manual_seed(seed)  # MLP initialisation (and torchcfm's t, noise draws)
-    np.random.seed(seed)  # noqa: NPY002 - torchcfm's OT pairing draws from NumPy's global generator
-    generator = torch.Generator().manual_seed(seed)
-    return train_flow_matching(
-        make_model(config.width),
-        matcher,
-        _batches(task, generator),
-        train_steps=config.train_steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        time_budget_s=config.time_budget_s,
-        desc=desc,
-    )
-
-
-@register("nsgf", "NSGF")
-def nsgf(task: Task, config: BenchConfig, seed: int) -> Sampler:
-    torch.manual_seed(seed)
-    kwargs = dict(config.nsgf)
-    if "sinkhorn" in kwargs:
-        kwargs["sinkhorn"] = SinkhornOptions(**kwargs["sinkhorn"])
-    matcher = SinkhornFlowMatcher(**kwargs, generator=torch.Generator().manual_seed(seed + 1))
-    return train_nsgf(
-        task,
-        matcher,
-        train_steps=config.train_steps,
-        generator=torch.Generator().manual_seed(seed),
-        batch_size=config.batch_size,
-        lr=config.lr,
-        width=config.width,
-        time_budget_s=config.time_budget_s,
-    )
-
-
-@register("icfm", "I-CFM (σ=0.1)")
-def icfm(task: Task, config: BenchConfig, seed: int) -> Sampler:
-    return _train_torchcfm(ConditionalFlowMatcher(sigma=config.sigma), task, config, seed, "I-CFM")
-
-
-@register("otcfm", "OT-CFM (σ=0.1)")
-def otcfm(task: Task, config: BenchConfig, seed: int) -> Sampler:
-    matcher = ExactOptimalTransportConditionalFlowMatcher(sigma=config.sigma)
-    return _train_torchcfm(matcher, task, config, seed, "OT-CFM")
-
-
-@register("sbcfm", "SB-CFM (σ=0.5, exact plan)")
-def sbcfm(task: Task, config: BenchConfig, seed: int) -> Sampler:
-    matcher = SchrodingerBridgeConditionalFlowMatcher(sigma=config.sb_sigma, ot_method="exact")
-    return _train_torchcfm(matcher, task, config, seed, "SB-CFM")
-
-
-@register("fm", "FM (σ=0.1)")
-def fm(task: Task, config: BenchConfig, seed: int) -> Sampler:
-    if not task.gaussian_source:
-        raise NotApplicable("FM needs a Gaussian source")
-    return _train_torchcfm(TargetConditionalFlowMatcher(sigma=config.sigma), task, config, seed, "FM")
-
-
-_ONE_RF: dict[tuple, TrainedField] = {}
-
-
-def _one_rf(task: Task, config: BenchConfig, seed: int) -> TrainedField:
-    key = (task.name, json.dumps(asdict(config), sort_keys=True), seed)
-    if key not in _ONE_RF:  # 2-RF reuses the 1-RF of the same run
-        _ONE_RF.clear()
-        _ONE_RF[key] = _train_torchcfm(ConditionalFlowMatcher(sigma=0.0), task, config, seed, "1-RF")
-    return _ONE_RF[key]
-
-
-@register("1rf", "1-RF (I-CFM σ=0)")
-def one_rf(task: Task, config: BenchConfig, seed: int) -> Sampler:
-    return _one_rf(task, config, seed)
-
-
-@register("2rf", "2-RF (one reflow)")
-def two_rf(task: Task, config: BenchConfig, seed: int) -> Sampler:
-    """1-RF (``train_steps``), then ``train_steps`` more steps on pairs (x0, 1-RF(x0)) from the 1-RF weights;
-    its time includes 1-RF's training and the pair generation. With a time budget: half for 1-RF."""
-    base_config = config
-    if config.time_budget_s is not None:
-        base_config = replace(config, time_budget_s=config.time_budget_s / 2)
-    base = _one_rf(task, base_config, seed)
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed + 7919)
-    x0 = task.source(config.reflow_pairs, generator)
-    x1 = euler_sample(base.field, x0, n_steps=100).samples
-    offset = base.train_time_s + time.perf_counter() - start
-    torch.manual_seed(seed)
-    model = copy.deepcopy(base.field.model).train()
-
-    def pairs(bs: int):
-        idx = torch.randint(0, len(x0), (bs,), generator=generator)
-        return x0[idx], x1[idx]
-
-    return train_flow_matching(
-        model,
-        ConditionalFlowMatcher(sigma=0.0),
-        pairs,
-        train_steps=config.train_steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        time_budget_s=config.time_budget_s,
-        time_offset_s=offset,
-        desc="2-RF",
-    )
-
-
-@dataclass
-class _NSGFPlusPlusSampler:
-    """NSGF++ behind the ``Sampler`` protocol: ``nfe`` is the phase-2 budget (Euler steps of the straight
-    flow after the T NSGF steps (T = 2 by default) and, for ``phase2="paper"``, the predictor call); the returned NFE counts all
-    networks."""
-
-    model: object
-    train_time_s: float
-    n_opt_steps: int
-
-    def sample(self, x0: torch.Tensor, nfe: int | None, solver: str = "euler") -> tuple[torch.Tensor, int]:
-        out = self.model.sample(x0, solver=solver, straight_steps=nfe)
-        return out.samples, out.total_nfe
-
-
-def _nsgfpp(phase2: str) -> MethodFn:
-    def fn(task: Task, config: BenchConfig, seed: int) -> Sampler:
-        """NSGF++ by ``toy_harness.train_nsgfpp`` at its defaults (T = 2 NSGF steps of η = 1) with ``config.nsgf``'s
-        Sinkhorn options, ``train_steps`` steps of every network in one loop. No time-budget variant."""
-        if config.time_budget_s is not None:
-            raise NotApplicable("NSGF++ is trained for a number of steps only")
-        torch.manual_seed(seed)
-        start = time.perf_counter()
-        model = train_nsgfpp(
-            task,
-            phase2=phase2,
-            train_steps=config.train_steps,
-            generator=torch.Generator().manual_seed(seed),
-            batch_size=config.batch_size,
-            lr=config.lr,
-            width=config.width,
-            sinkhorn=SinkhornOptions(**config.nsgf.get("sinkhorn", {})),
-        )
-        return _NSGFPlusPlusSampler(model, time.perf_counter() - start, config.train_steps)
-
-    return fn
-
-
-_PREDICTOR = " + 1 predictor" if DEFAULT_PHASE2 == "paper" else ""
-register("nsgf++", f"NSGF++, phase2={DEFAULT_PHASE2!r} (NFE n = 2 NSGF{_PREDICTOR} + n straight)")(
-    _nsgfpp(DEFAULT_PHASE2)
-)
-register("nsgf++paper", "NSGF++, phase2='paper' (NFE n = 2 NSGF + 1 predictor + n straight)")(
-    _nsgfpp("paper")
-)
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate(sampler: Sampler, x0: torch.Tensor, y: torch.Tensor) -> dict:
-    out = {"w2": {}, "train_time_s": sampler.train_time_s}
-    for nfe in NFES:
-        samples, _ = sampler.sample(x0, nfe, "euler")
-        out["w2"][str(nfe)] = w2(samples, y)
+    out = {"w2": score_at(sampler, x0, y, NFES)[0], "train_time_s": sampler.train_time_s}
     samples, used = sampler.sample(x0, None, "dopri5")
     out["dopri5"] = {"w2": w2(samples, y), "nfe": used}
     out["n_opt_steps"] = getattr(sampler, "n_opt_steps", None)
@@ -271,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
         "refresh_every": matcher.refresh_every,
         "sinkhorn": asdict(matcher.sinkhorn),
     }
-    config = BenchConfig(train_steps=args.train_steps, width=args.width, nsgf=nsgf_kwargs)
+    config = BenchConfig(train_steps=args.train_steps, clock="wall", width=args.width, nsgf=nsgf_kwargs)
     records = []
     meta = {
         "argv": [os.path.relpath(sys.argv[0])] + sys.argv[1:],
@@ -309,7 +105,7 @@ def run(args: argparse.Namespace) -> None:
                 sampler = METHODS[name](task, wall_config, seed)
                 rec = {"task": task_name, "method": name, "seed": seed, "comparison": "wall", "floor": floor}
                 records.append({**rec, **evaluate(sampler, x0, y)})
-        _ONE_RF.clear()
+        clear_caches()
         with open(args.json, "w") as handle:  # partial results survive an interrupted run
             json.dump({"meta": {**meta, "load_end": os.getloadavg()}, "records": records}, handle, indent=1)
 

@@ -1,0 +1,257 @@
+"""The benchmark harness (benchmarks/harness): budgets, EMA, snapshots, the resumable runner, the report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness import (  # noqa: E402
+    METHODS,
+    BenchConfig,
+    EvalSet,
+    RunSpec,
+    load_runs,
+    make_model,
+    parse_methods,
+    register,
+    run_file,
+    run_study,
+    study_jobs,
+    study_tables,
+    summarise,
+    train_flow_matching,
+)
+from harness.methods import LABELS, NFES_OF, lazy, method_fn  # noqa: E402
+from harness.runner import SCHEMA  # noqa: E402
+from torchcfm.conditional_flow_matching import ConditionalFlowMatcher  # noqa: E402
+
+from torchcfm_nsgf.datasets import get_task  # noqa: E402
+from torchcfm_nsgf.metrics import w2  # noqa: E402
+
+SMALL = dict(batch_size=32, width=16, reflow_pairs=200)
+
+
+def _small_eval(task: str, seed: int) -> EvalSet:
+    return EvalSet.draw(task, seed, n=64)
+
+
+def _batches(seed: int):
+    task = get_task("gaussian-moons")
+    g = torch.Generator().manual_seed(seed)
+    return lambda n: (task.source(n, g), task.target(n, g))
+
+
+def _params(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def test_cpu_budget_stops_training_once_its_cpu_seconds_are_spent() -> None:
+    torch.manual_seed(0)
+    before = time.process_time()
+    trained = train_flow_matching(
+        make_model(16),
+        ConditionalFlowMatcher(sigma=0.0),
+        _batches(0),
+        train_steps=None,
+        time_budget_s=0.3,
+        clock="cpu",
+        batch_size=32,
+    )
+    spent = time.process_time() - before
+    per_step = trained.cpu_s / trained.n_opt_steps
+    assert trained.n_opt_steps > 1
+    assert trained.train_time_s == trained.cpu_s
+    assert 0.3 <= trained.cpu_s <= 0.3 + per_step + 0.05  # stops at the first step past the budget
+    assert trained.cpu_s <= spent + 1e-3  # only the training is timed
+
+
+def test_ema_weights_are_the_exponential_average_of_the_iterates() -> None:
+    # Reference: the iterates theta_0, theta_1, theta_2 of the same seeded run without EMA (snapshots), then
+    # EMA(0.5) after two steps = 0.25 theta_0 + 0.25 theta_1 + 0.5 theta_2, written out by hand.
+    torch.manual_seed(0)
+    model = make_model(8)
+    theta0 = _params(model)
+    plain = train_flow_matching(
+        model, ConditionalFlowMatcher(sigma=0.0), _batches(1), train_steps=2, snapshot_every=1, batch_size=16
+    )
+    theta1, theta2 = (_params(s.field.model) for s in plain.snapshots)
+    torch.manual_seed(0)
+    averaged = train_flow_matching(
+        make_model(8), ConditionalFlowMatcher(sigma=0.0), _batches(1), train_steps=2, ema=0.5, batch_size=16
+    )
+    for got, a, b, c in zip(averaged.field.model.parameters(), theta0, theta1, theta2, strict=True):
+        torch.testing.assert_close(got, 0.25 * a + 0.25 * b + 0.5 * c)
+    for got, c in zip(averaged.last.model.parameters(), theta2, strict=True):
+        torch.testing.assert_close(got, c)  # the last weights are kept beside the EMA
+
+
+def test_snapshots_every_k_steps_and_at_the_end_with_growing_times() -> None:
+    torch.manual_seed(0)
+    trained = train_flow_matching(
+        make_model(8),
+        ConditionalFlowMatcher(sigma=0.0),
+        _batches(2),
+        train_steps=7,
+        snapshot_every=3,
+        batch_size=16,
+    )
+    assert [s.steps for s in trained.snapshots] == [3, 6, 7]
+    cpu = [s.cpu_s for s in trained.snapshots]
+    assert cpu == sorted(cpu) and cpu[-1] == trained.cpu_s
+    last = trained.snapshots[-1].field.model
+    for a, b in zip(last.parameters(), trained.field.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bench_config_needs_exactly_one_stop_rule() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        BenchConfig(train_steps=None)
+    with pytest.raises(ValueError, match="exactly one"):
+        BenchConfig(train_steps=5, time_budget_s=1.0)
+    with pytest.raises(ValueError, match="time_budget_s must be > 0"):
+        BenchConfig(train_steps=None, time_budget_s=0.0)
+    with pytest.raises(ValueError, match="clock"):
+        train_flow_matching(make_model(8), None, _batches(0), train_steps=1, clock="gpu")
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def test_method_specs_name_their_nfes_and_unknown_names_raise() -> None:
+    assert parse_methods(["nsgf@1,2", "otcfm", "nsgf:1024@2"], (1, 2, 10)) == [
+        ("nsgf", (1, 2)),
+        ("otcfm", (1, 2, 10)),
+        ("nsgf:1024", (2,)),
+    ]
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        parse_methods(["nope@1"], (1,))
+    with pytest.raises(ValueError, match="integers"):
+        parse_methods(["nsgf@one"], (1,))
+
+
+def test_a_method_of_another_module_plugs_in_with_one_registration(tmp_path: Path, monkeypatch) -> None:
+    # A benchmarks module defining fn(task, config, seed) -> Sampler, registered lazily by one line.
+    (tmp_path / "plug_in_method.py").write_text(
+        "import torch\n"
+        "class Fixed:\n"
+        "    train_time_s = 0.0\n"
+        "    def sample(self, x0, nfe, solver='euler'):\n"
+        "        return x0 + 1.0, 1\n"
+        "def train_fixed(task, config, seed):\n"
+        "    return Fixed()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    register("fixed", "shift by one", nfes=(1,))(lazy("plug_in_method", "train_fixed"))
+    try:
+        assert parse_methods(["fixed"], (1, 2)) == [("fixed", (1,))]
+        config = BenchConfig(train_steps=1, **SMALL)
+        (record,) = run_study(
+            study_jobs(["gaussian-moons"], [("fixed", (1,))], [0]), config, None, eval_set=_small_eval
+        )
+        evals = _small_eval("gaussian-moons", 0)
+        assert record["w2"]["1"] == pytest.approx(w2(evals.x0 + 1.0, evals.target))
+        assert record["label"] == "shift by one"
+    finally:
+        METHODS.pop("fixed", None)
+        LABELS.pop("fixed", None)
+        NFES_OF.pop("fixed", None)
+
+
+# ---------------------------------------------------------------------------------------------- runner
+def _study(out: Path, shard=(0, 1), methods=(("otcfm", (1, 2)), ("nsgf", (1,)))) -> list[dict]:
+    config = BenchConfig(train_steps=4, **SMALL)
+    jobs = study_jobs(["gaussian-moons", "8gaussians-moons"], list(methods), [0])
+    return run_study(jobs, config, out, shard=shard, eval_set=_small_eval)
+
+
+def test_run_record_schema_and_scores_recomputed_independently(tmp_path: Path) -> None:
+    config = BenchConfig(train_steps=4, ema=0.9, **SMALL)
+    (record,) = run_study(
+        [RunSpec("gaussian-moons", "icfm", 3, (1, 3))], config, tmp_path, eval_set=_small_eval
+    )
+    on_disk = json.loads(run_file(tmp_path, "gaussian-moons", "icfm", 3).read_text())
+    assert on_disk == json.loads(json.dumps(record))
+    assert set(SCHEMA) <= set(on_disk)
+    assert on_disk["config"]["ema"] == 0.9 and on_disk["steps"] == 4 and on_disk["nfes"] == [1, 3]
+    assert set(on_disk["w2"]) == {"1", "3"} and on_disk["nfe_used"] == {"1": 1, "3": 3}
+    assert on_disk["evaluations"][-1]["w2"] == on_disk["w2"]
+    # the same seeded run, trained again outside the runner and scored by hand
+    trained = method_fn("icfm")(get_task("gaussian-moons"), config, 3)
+    evals = _small_eval("gaussian-moons", 3)
+    with torch.no_grad():
+        x = evals.x0.clone()
+        for i in range(3):  # Euler, written out
+            t = torch.full((len(x), 1), i / 3)
+            x = x + trained.field.model(torch.cat([x, t], 1)) / 3
+    assert on_disk["w2"]["3"] == pytest.approx(w2(x, evals.target), rel=1e-5)
+
+
+def test_resume_skips_finished_and_claimed_runs_and_takes_over_stale_claims(tmp_path: Path) -> None:
+    first = _study(tmp_path)
+    assert len(first) == 4 and len(list(tmp_path.glob("*.json"))) == 4
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")}
+    assert _study(tmp_path) == []  # every run is finished
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")} == stamps
+    # A run claimed by a live process is left to it; a claim of a process that is gone is taken over.
+    alive = run_file(tmp_path, "gaussian-moons", "icfm", 0).with_suffix(".claim")
+    alive.write_text(str(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]).pid))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = run_file(tmp_path, "8gaussians-moons", "icfm", 0).with_suffix(".claim")
+    stale.write_text(str(gone.pid))
+    try:
+        done = _study(tmp_path, methods=(("otcfm", (1, 2)), ("nsgf", (1,)), ("icfm", (1,))))
+        assert [(r["task"], r["method"]) for r in done] == [("8gaussians-moons", "icfm")]
+        assert alive.exists() and not stale.exists()
+    finally:
+        subprocess.run(["kill", alive.read_text()], check=False)
+
+
+def test_report_of_two_shards_equals_report_of_one(tmp_path: Path) -> None:
+    _study(tmp_path / "a", shard=(0, 2))
+    _study(tmp_path / "b", shard=(1, 2))
+    _study(tmp_path / "one")
+    shards = load_runs([tmp_path / "a", tmp_path / "b"])
+    whole = load_runs([tmp_path / "one"])
+    assert len(shards) == len(whole) == 4
+    assert summarise(shards) == summarise(whole)  # same seeds, same scores
+    overview = slice(0, 8)  # title, settings, the task x method table: scores only, no times
+    assert study_tables(shards)[overview] == study_tables(whole)[overview]
+    assert any("**" in line for line in study_tables(whole)[overview])
+
+
+def test_two_rf_budget_covers_both_stages_and_the_pairs() -> None:
+    config = BenchConfig(train_steps=None, time_budget_s=0.4, clock="cpu", **SMALL)
+    before = time.process_time()
+    trained = method_fn("2rf")(get_task("gaussian-moons"), config, 0)
+    spent = time.process_time() - before
+    base = method_fn("1rf")(
+        get_task("gaussian-moons"), replace(config, time_budget_s=0.2), 0
+    )  # the same 1-RF
+    assert trained.train_time_s >= 0.4 and base.train_time_s >= 0.2
+    assert trained.train_time_s <= spent + 1e-3
+    # the pairs and the reflow got what the first stage left, not a budget of their own
+    assert trained.train_time_s - base.train_time_s < 0.35
+
+
+def test_nsgfpp_with_ema_and_a_cpu_budget() -> None:
+    config = BenchConfig(train_steps=None, time_budget_s=0.5, clock="cpu", ema=0.9, **SMALL)
+    sampler = method_fn("nsgf++")(get_task("gaussian-moons"), config, 0)
+    assert sampler.train_time_s >= 0.5 and sampler.n_opt_steps >= 1
+    last = copy.deepcopy(sampler.model.nets.state_dict())
+    x0 = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
+    ema_samples, used = sampler.sample(x0, 1)
+    for k, v in sampler.model.nets.state_dict().items():
+        assert torch.equal(v, last[k]), k  # sampling the EMA leaves the trained weights in place
+    plain = type(sampler)(sampler.model, sampler.train_time_s, sampler.n_opt_steps)
+    assert used == plain.sample(x0, 1)[1]
+    if sampler.n_opt_steps > 1:
+        assert not torch.equal(ema_samples, plain.sample(x0, 1)[0])
