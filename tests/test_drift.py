@@ -262,3 +262,26 @@ def test_sharded_drift_equals_one_process(tmp_path):
     for key, value in ref.items():
         assert rel_err(torch.cat([r[key] for r in ranks]), value) <= 1e-8, key
     assert np.isfinite(float(ref["same"].norm()))
+
+
+# ---------------------------------------------------------------------------------------------- 2D benchmark
+def test_benchmark_generator_learns_a_two_dim_task():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from one_step import DriftSettings, train_drift
+
+    from torchcfm_nsgf.datasets import get_task
+    from torchcfm_nsgf.metrics import w2
+
+    class Config:
+        train_steps, time_budget_s, batch_size, lr, width = 50, None, 128, 3e-3, 64
+
+    task = get_task("8gaussians-moons")
+    sampler = train_drift(task, Config(), 0, DriftSettings(ema_decay=0.9))
+    g = torch.Generator().manual_seed(5)
+    x0, y = task.source(300, g), task.target(300, g)
+    samples, nfe = sampler.sample(x0, 10, "dopri5")
+    assert nfe == 1 and samples.shape == (300, 2) and sampler.n_opt_steps == 50
+    assert w2(samples, y) < 0.3 * w2(x0, y)  # 0.59 against 2.88 when written
