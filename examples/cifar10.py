@@ -1,10 +1,12 @@
-"""CIFAR-10 with NSGF or a torchcfm flow-matching baseline, all trained by the same loop.
+"""CIFAR-10 with NSGF, a torchcfm flow-matching baseline or a one-step generator, all trained by the same loop.
 
-`--method` is one of nsgf++, nsgf, otcfm, icfm, fm, rf.
+`--method` is one of nsgf++, nsgf, coupling, otcfm, icfm, fm, rf, drift (a one-step generator trained by the
+Sinkhorn drift), meanflow (MeanFlow, the one-step baseline).
 
 Examples
 --------
     torchrun --nproc_per_node=4 examples/cifar10.py --method otcfm --data-root ./data --download --ckpt-dir runs/c10_otcfm
+    python examples/cifar10.py --method drift --train-steps 2000 --sample            # NFE 1
     python examples/cifar10.py --method icfm --unet tiny --train-steps 200 --batch-size 16 --sample --nfe 20
     python examples/cifar10.py --method otcfm --ckpt-dir RUN --resume --sample --nfe 100   # continue / sample
 

@@ -1,11 +1,13 @@
-"""MNIST with NSGF or a torchcfm flow-matching baseline, all trained by the same loop.
+"""MNIST with NSGF, a torchcfm flow-matching baseline or a one-step generator, all trained by the same loop.
 
-`--method` is one of nsgf++, nsgf, otcfm, icfm, fm, rf.
+`--method` is one of nsgf++, nsgf, coupling, otcfm, icfm, fm, rf, drift (a one-step generator trained by the
+Sinkhorn drift), meanflow (MeanFlow, the one-step baseline).
 
 Examples
 --------
     python examples/mnist.py --preset quick --download --ckpt-dir runs/quick   # digits in minutes on a CPU
     python examples/mnist.py --method nsgf --data-root ./data --download --ckpt-dir runs/mnist_nsgf --sample
+    python examples/mnist.py --method drift --train-steps 2000 --sample            # NFE 1
     python examples/mnist.py --method icfm --unet tiny --train-steps 200 --batch-size 16 --sample --nfe 20
     python examples/mnist.py --method otcfm --ckpt-dir RUN --resume --sample --nfe 100   # continue / sample
 

@@ -293,6 +293,8 @@ def _load_example(name: str):
 _SAMPLE_CASES = [("icfm", 7, 7), ("otcfm", 4, 4)]
 if "nsgf" in available_methods():
     _SAMPLE_CASES.append(("nsgf", None, 3))  # default: T Euler steps
+if "drift" in available_methods():
+    _SAMPLE_CASES.append(("drift", None, 1))  # a one-step generator
 
 
 @pytest.mark.parametrize(("method", "nfe", "expected"), _SAMPLE_CASES)

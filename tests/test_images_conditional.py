@@ -62,7 +62,10 @@ def _state_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize(("method", "cfg"), [("nsgf", 0.0), ("nsgf++", 0.5), ("otcfm", 0.0), ("icfm", 0.5)])
+@pytest.mark.parametrize(
+    ("method", "cfg"),
+    [("nsgf", 0.0), ("nsgf++", 0.5), ("otcfm", 0.0), ("icfm", 0.5), ("drift", 0.0), ("meanflow", 0.0)],
+)
 def test_conditional_run_resumes_exactly_and_samples_the_asked_classes(data_root, tmp_path, method, cfg):
     full = train(_config(data_root, method, cfg_dropout=cfg, ckpt_dir=str(tmp_path / "a")))
     assert full.method.num_classes == 10

@@ -41,7 +41,9 @@ def test_each_dataset_record_is_what_the_loop_and_the_command_line_use():
 
 def test_the_registry_lists_and_builds_every_method():
     assert (
-        available_methods() == tuple(METHODS) == ("nsgf", "nsgf++", "coupling", "otcfm", "icfm", "fm", "rf")
+        available_methods()
+        == tuple(METHODS)
+        == ("nsgf", "nsgf++", "coupling", "otcfm", "icfm", "fm", "rf", "drift", "meanflow")
     )
 
 

@@ -1,8 +1,9 @@
-"""The image methods by name: one registry that builds any of them (torchcfm's baselines, NSGF, NSGF++, the large coupling).
+"""The image methods by name: one registry that builds any of them (torchcfm's baselines, NSGF, NSGF++, the large
+coupling, the one-step generators).
 
 It imports the method modules, which never import it or each other's builders, so there is no import
-circle: :mod:`.methods` (the interface and the flow-matching baselines) and :mod:`.nsgf_methods` (NSGF and
-NSGF++) sit side by side below this module.
+circle: :mod:`.methods` (the interface and the flow-matching baselines), :mod:`.nsgf_methods` (NSGF and
+NSGF++) and :mod:`.one_step_methods` (the Sinkhorn drift and MeanFlow) sit side by side below this module.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from .._validation import check_non_negative
 from .methods import BASELINE_METHODS, FlowMatchingMethod, ImageMethod, _check_dropout, baseline_matcher
 from .nsgf_methods import make_coupling, make_nsgf, make_nsgfpp
+from .one_step_methods import make_drift, make_meanflow
 from .settings import NSGFSettings
 from .unet import build_unet, unet_classes
 
@@ -56,12 +58,28 @@ def _coupling(shape, *, preset, sigma, sample_steps, nsgf, rank, num_classes, cf
     )
 
 
+def _drift(shape, *, preset, sigma, sample_steps, nsgf, rank, num_classes, cfg_dropout) -> ImageMethod:
+    return make_drift(
+        shape,
+        preset=preset,
+        settings=nsgf or NSGFSettings(),
+        num_classes=num_classes,
+        cfg_dropout=cfg_dropout,
+    )
+
+
+def _meanflow(shape, *, preset, sigma, sample_steps, nsgf, rank, num_classes, cfg_dropout) -> ImageMethod:
+    return make_meanflow(shape, preset=preset, num_classes=num_classes, cfg_dropout=cfg_dropout)
+
+
 #: The methods, by name, in the order the command line lists them.
 METHODS: dict[str, Builder] = {
     "nsgf": _nsgf(make_nsgf),
     "nsgf++": _nsgf(make_nsgfpp),
     "coupling": _coupling,
     **{name: _baseline(name) for name in BASELINE_METHODS},
+    "drift": _drift,
+    "meanflow": _meanflow,
 }
 
 
@@ -96,7 +114,8 @@ def make_method(
     sample_steps : int
         Default Euler steps of the baselines' sampler.
     nsgf : NSGFSettings, optional
-        Settings of ``nsgf``, ``nsgf++`` and ``coupling`` (ignored by torchcfm's baselines).
+        Settings of ``nsgf``, ``nsgf++`` and ``coupling``, and the Sinkhorn options and step of ``drift``
+        (ignored by torchcfm's baselines and ``meanflow``).
     rank : int
         Process rank (names the pool shard of a disk pool).
     num_classes : int, optional
