@@ -47,3 +47,12 @@ def emit(
                 json.dumps(dict(args=vars(args), rows=data), indent=1)
             )
     print(text)
+
+
+def publish(lines: list[str], out: str | os.PathLike | None = None) -> str:
+    """Print ``lines`` as one text (a trailing newline) and write it to ``out`` when given; returns the text."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(text)
+    return text

@@ -23,6 +23,7 @@ import statistics
 import time
 
 import torch
+from _report import publish  # benchmarks/, next to this script
 
 from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions
 
@@ -102,11 +103,7 @@ def main() -> None:
             f"{r['masked_s']:.4f} | {r['masked_s'] / r['per_class_s']:.2f} | {r['iters_class']} / "
             f"{r['iters_mask']} | {r['rel_diff']:.1e} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

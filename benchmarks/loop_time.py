@@ -4,18 +4,18 @@
     python benchmarks/loop_time.py otcfm      # torchcfm's ExactOptimalTransportConditionalFlowMatcher(sigma=0)
 
 2000 steps (``--train-steps``), batch 256 (``--batch-size``), 8gaussians -> moons, torchcfm's MLP (w=64, time
-input), Adam 1e-3, one torch thread. Prints the loop's seconds (imports excluded) and, for NSGF, the matcher's
-counters. Time the two as whole processes, interleaved, to compare them.
+input), Adam 1e-3, one torch thread: the harness's loop (``harness.methods.train_torchcfm``, seed 0). Prints the
+loop's wall seconds (imports excluded) and, for NSGF, the matcher's counters. Time the two as whole processes, interleaved, to compare them.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from harness import BenchConfig
+from harness.methods import train_torchcfm
 from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
-from torchcfm.models import MLP
 
 from torchcfm_nsgf import SinkhornFlowMatcher
 from torchcfm_nsgf.datasets import TASKS, get_task
@@ -31,25 +31,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="batch size")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    task = get_task(args.task)
-    gen = torch.Generator().manual_seed(0)
     FM = (
         SinkhornFlowMatcher()
         if args.matcher == "nsgf"
         else ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
     )
-    model = MLP(dim=2, time_varying=True, w=64)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    start = time.perf_counter()
-    for _ in range(args.train_steps):
-        x0, x1 = task.source(args.batch_size, gen), task.target(args.batch_size, gen)
-        t, xt, ut = FM.sample_location_and_conditional_flow(x0, x1)
-        loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    seconds = time.perf_counter() - start
+    config = BenchConfig(train_steps=args.train_steps, batch_size=args.batch_size, width=64)
+    seconds = train_torchcfm(FM, get_task(args.task), config, 0).wall_s
     extra = f", {FM.n_flows} flows, {FM.n_solves} Sinkhorn solves" if args.matcher == "nsgf" else ""
     print(f"{args.matcher}: {args.train_steps} steps in {seconds:.1f} s{extra}")
 

@@ -1,6 +1,6 @@
 """Does a sanity call before training change what `SinkhornFlowMatcher()` trains? Paired runs on the 2D tasks.
 
-For each task and seed, torchcfm's canonical loop trains the same MLP three times from the same initial
+For each task and seed, torchcfm's canonical loop (the harness's) trains the same MLP three times from the same initial
 weights and on the same data: with a fresh `SinkhornFlowMatcher()` ("fresh"), with a matcher that first
 answered one "sanity" call on 64 points of N(3, I) ("dummy"), and with a fresh matcher whose generator has
 another seed ("reseeded": the sanity call also shifts the matcher's random draws, so this arm measures the
@@ -21,21 +21,19 @@ import platform
 import statistics
 
 import torch
-from toy_harness import make_model, train_flow_matching
+from harness import BenchConfig
+from harness.methods import train_torchcfm
+from harness.runner import evaluate
 
 import torchcfm_nsgf
-from torchcfm_nsgf import SinkhornFlowMatcher, odeint_sample
+from torchcfm_nsgf import SinkhornFlowMatcher
 from torchcfm_nsgf.datasets import TASKS
-from torchcfm_nsgf.metrics import w2
 
 NFES = (1, 2, 10)
 ARMS = ("fresh", "dummy", "reseeded")
 
 
 def train(task, seed: int, steps: int, arm: str, width: int) -> tuple[dict[int, float], float, float]:
-    data = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = make_model(width)
     FM = SinkhornFlowMatcher(
         generator=torch.Generator().manual_seed(seed + (5000 if arm == "reseeded" else 1000))
     )
@@ -44,18 +42,11 @@ def train(task, seed: int, steps: int, arm: str, width: int) -> tuple[dict[int, 
         FM.sample_location_and_conditional_flow(
             torch.randn(64, 2, generator=g), 3 + torch.randn(64, 2, generator=g)
         )
-    trained = train_flow_matching(
-        model, FM, lambda bs: (task.source(bs, data), task.target(bs, data)), train_steps=steps
-    )
-    seconds = trained.train_time_s
+    trained = train_torchcfm(FM, task, BenchConfig(train_steps=steps, width=width), seed)
     evals = torch.Generator().manual_seed(seed + 3000)
     x0, target = task.source(2000, evals), task.target(2000, evals)
-    with torch.no_grad():
-        scores = {
-            nfe: w2(odeint_sample(trained.field, x0, solver="euler", n_steps=nfe).samples, target)
-            for nfe in NFES
-        }
-    return scores, seconds, float(FM.blur)
+    scores = {int(k): v for k, v in evaluate(trained, x0, target, NFES)[0].items()}
+    return scores, trained.train_time_s, float(FM.blur)
 
 
 def main() -> None:

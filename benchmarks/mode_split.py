@@ -23,16 +23,13 @@ the gap. One seed, one torch thread.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
-import time
 
-import numpy as np
 import torch
 from _report import emit
-from torchcfm.utils import torch_wrapper
-from toy_harness import make_model
+from harness import BenchConfig
+from harness.methods import train_torchcfm
 
 from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions, odeint_sample
 from torchcfm_nsgf.datasets import TASKS
@@ -71,6 +68,17 @@ def corrective_noise(t, xt, ut, scale: float, generator: torch.Generator):
     return xt + scale * tt * (1 - tt) * eps, ut - scale * tt * eps
 
 
+class CorrectiveNoise:
+    """A matcher whose served points get :func:`corrective_noise` of ``scale`` (drawn from ``generator``)."""
+
+    def __init__(self, matcher, scale: float, generator: torch.Generator) -> None:
+        self.matcher, self.scale, self.generator = matcher, scale, generator
+
+    def sample_location_and_conditional_flow(self, x0, x1):
+        t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)
+        return (t, *corrective_noise(t, xt, ut, self.scale, self.generator))
+
+
 def train(
     task,
     seed: int,
@@ -81,41 +89,25 @@ def train(
     ema_decay: float | None,
     noise: float = 0.0,
 ):
-    """The study's loop; returns the last model, the EMA model (or None) and the CPU seconds of training."""
-    data = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 - torchcfm's moons sampler draws from NumPy's global generator
-    model = make_model(width)
-    ema = copy.deepcopy(model) if ema_decay else None
+    """The study's loop (the harness's torchcfm loop, CPU clock, EMA without warm-up); returns the last field,
+    the EMA field (or None) and the CPU seconds of training."""
     fm = SinkhornFlowMatcher(
         flow_size=flow_size,
         sinkhorn=SinkhornOptions(blur=blur),
         generator=torch.Generator().manual_seed(seed + 1000),
     )
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    noise_g = torch.Generator().manual_seed(seed + 6000)
-    cpu = time.process_time()
-    for _ in range(steps):
-        x0, x1 = task.source(256, data), task.target(256, data)
-        t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
-        if noise:
-            xt, ut = corrective_noise(t, xt, ut, noise, noise_g)
-        loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
-                    pe.lerp_(p, 1 - ema_decay)
-    return model, ema, time.process_time() - cpu
+    if noise:
+        fm = CorrectiveNoise(fm, noise, torch.Generator().manual_seed(seed + 6000))
+    config = BenchConfig(train_steps=steps, clock="cpu", ema=ema_decay, width=width)
+    trained = train_torchcfm(fm, task, config, seed, ema_warmup=False)
+    if ema_decay is None:
+        return trained.field, None, trained.cpu_s
+    return trained.last, trained.field, trained.cpu_s
 
 
-def sample(model, x0) -> dict:
-    model.eval()
-    with torch.no_grad():
-        field = torch_wrapper(model)
-        return {n: odeint_sample(field, x0, solver="euler", n_steps=n).samples for n in NFES}
+@torch.no_grad()
+def sample(field, x0) -> dict:
+    return {n: odeint_sample(field, x0, solver="euler", n_steps=n).samples for n in NFES}
 
 
 def end_points(task, args, blur: float, row: dict, target, reference, radius) -> dict:

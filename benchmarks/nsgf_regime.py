@@ -3,7 +3,7 @@
 For every task and setting: (a) the simulated flow itself, ``--particles`` source points pulled towards as
 many target samples, W2 to ``--n-eval`` fresh target samples after each Euler step (next to the W2 of the
 ``--particles`` target samples themselves, the floor a flow of that size can reach) and the seconds per flow;
-(b) the field learned by torchcfm's loop with that ``SinkhornFlowMatcher`` (``toy_harness.train_nsgf``, batch 256,
+(b) the field learned by torchcfm's loop with that ``SinkhornFlowMatcher`` (``harness.train_nsgf``, batch 256,
 ``--train-steps`` Adam steps, MLP ``--width``), its W2 at Euler NFE 1, 2, 5, 10, 100 and with dopri5, and its
 training seconds (simulation included).
 
@@ -23,7 +23,7 @@ import time
 import warnings
 
 import torch
-from toy_harness import train_nsgf
+from harness import train_nsgf
 
 from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions
 from torchcfm_nsgf.datasets import TASKS, get_task

@@ -2,10 +2,10 @@
 
 For each task and seed, trains with the same optimiser steps, batch and MLP width (``torchcfm_nsgf.datasets``):
 
-* NSGF++ (``toy_harness.train_nsgfpp``) for every ``--phase1`` setting ``T:eta`` in the ``"ot"`` variant, and the
+* NSGF++ (``harness.train_nsgfpp``) for every ``--phase1`` setting ``T:eta`` in the ``"ot"`` variant, and the
   other ``--variants`` (``"ot-predictor"``, ``"paper"``) at the first ``--phase1`` setting;
-* NSGF (``SinkhornFlowMatcher()`` with its defaults in torchcfm's loop, ``toy_harness.train_nsgf``), OT-CFM and I-CFM
-  (torchcfm's matchers, σ = ``--sigma``).
+* NSGF (``SinkhornFlowMatcher()`` with its defaults in torchcfm's loop), OT-CFM and I-CFM (torchcfm's matchers,
+  σ = ``--sigma``): the harness's methods ``nsgf``, ``otcfm``, ``icfm`` (``benchmarks/harness/methods.py``).
 
 Then reports the exact 2-Wasserstein distance (``torchcfm_nsgf.metrics.w2``) between generated points and fresh target points at
 each total NFE of ``--totals`` (Euler everywhere; NSGF++'s NFE counted from network calls as NSGF + predictor +
@@ -26,23 +26,15 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
-from torchcfm.conditional_flow_matching import (
-    ConditionalFlowMatcher,
-    ExactOptimalTransportConditionalFlowMatcher,
-)
-from toy_harness import make_model, train_flow_matching, train_nsgf, train_nsgfpp
+from harness import BenchConfig, method_fn, train_nsgfpp
+from harness.runner import evaluate
 
 from torchcfm_nsgf import odeint_sample
 from torchcfm_nsgf.datasets import TASKS, get_task
 from torchcfm_nsgf.metrics import w2
 
-BASELINES = {
-    "NSGF (`SinkhornFlowMatcher()`)": None,
-    "OT-CFM": ExactOptimalTransportConditionalFlowMatcher,
-    "I-CFM": ConditionalFlowMatcher,
-}
+BASELINES = {"NSGF (`SinkhornFlowMatcher()`)": "nsgf", "OT-CFM": "otcfm", "I-CFM": "icfm"}  # harness names
 
 
 def parse_phase1(text: str) -> list[tuple[int, float]]:
@@ -78,30 +70,12 @@ def run_seed(task, seed: int, args, phase1: list[tuple[int, float]], totals: lis
         )
         train_s[label] = time.perf_counter() - start
     fields = {}
-    for label, matcher_cls in BASELINES.items():
-        if not args.baselines:
-            break
-        torch.manual_seed(seed)
-        np.random.seed(seed)  # noqa: NPY002 - torchcfm's OT pairing draws from NumPy's global generator
-        gen = torch.Generator().manual_seed(seed)
-        if matcher_cls is None:
-            trained = train_nsgf(
-                task,
-                train_steps=args.train_steps,
-                generator=gen,
-                batch_size=args.batch_size,
-                width=args.width,
-            )
-        else:
-            trained = train_flow_matching(
-                make_model(args.width),
-                matcher_cls(sigma=args.sigma),
-                lambda bs, gen=gen: (task.source(bs, gen), task.target(bs, gen)),
-                train_steps=args.train_steps,
-                batch_size=args.batch_size,
-            )
-        fields[label] = trained.field
-        train_s[label] = trained.train_time_s
+    config = BenchConfig(
+        train_steps=args.train_steps, batch_size=args.batch_size, width=args.width, sigma=args.sigma
+    )
+    for label, method in BASELINES.items() if args.baselines else ():
+        fields[label] = method_fn(method)(task, config, seed)
+        train_s[label] = fields[label].train_time_s
 
     gen = torch.Generator().manual_seed(10_000 + seed)
     x0, ref = task.source(args.n_eval, gen), task.target(args.n_eval, gen)
@@ -123,8 +97,8 @@ def run_seed(task, seed: int, args, phase1: list[tuple[int, float]], totals: lis
             rows["straight flow of `paper` alone, from noise"] = [
                 w2(odeint_sample(straight, x0, n_steps=n).samples, ref) for n in totals
             ]
-    for label, field in fields.items():
-        rows[label] = [w2(odeint_sample(field, x0, n_steps=n).samples, ref) for n in totals]
+    for label, sampler in fields.items():
+        rows[label] = list(evaluate(sampler, x0, ref, totals)[0].values())
     first = next(m for label, m in models.items() if label.startswith("NSGF++ `ot` "))
     nsgf_phase = w2(odeint_sample(first.nets["nsgf"].eval(), x0, n_steps=first.flow_steps).samples, ref)
     floor = w2(task.target(args.n_eval, gen), ref)

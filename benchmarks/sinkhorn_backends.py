@@ -33,14 +33,15 @@ import warnings
 from functools import partial
 
 import torch
+from _report import publish  # benchmarks/, next to this script
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sinkhorn_engine import Meter, rel_err  # noqa: E402
 
 from torchcfm_nsgf import SinkhornConvergenceWarning, SinkhornOptions, sinkhorn_solve  # noqa: E402
+from torchcfm_nsgf.datasets import get_task  # noqa: E402
 from torchcfm_nsgf.sinkhorn import HIGH_DIM_BLUR  # noqa: E402
 from torchcfm_nsgf.sinkhorn.keops import keops_available  # noqa: E402
-from torchcfm_nsgf.toy import get_task  # noqa: E402
 
 
 def make_data(n: int, d: int, seed: int = 0):
@@ -186,11 +187,7 @@ def main() -> None:
             lines.append(row)
         lines.append(f"| {d} | {n} | reference | | | | {ref_note}; blur {blur:.3g} |")
     lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ ACC = 1e-3  # the accuracy bar (relative error of the velocity)
 # Measurement
 
 
-def _status_kb(key: str) -> int:
+def status_kb(key: str) -> int:
+    """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``), 0 where absent."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(key):
@@ -80,7 +81,7 @@ class Meter:
         elif self.rss_ok:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")  # reset the high-water mark to the current resident set
-            base = _status_kb("VmRSS") * 1024
+            base = status_kb("VmRSS") * 1024
         t0 = time.perf_counter()
         out = fn()
         if self.cuda:
@@ -89,7 +90,7 @@ class Meter:
         if self.cuda:
             peak = torch.cuda.max_memory_allocated() - base
         elif self.rss_ok:
-            peak = _status_kb("VmHWM") * 1024 - base
+            peak = status_kb("VmHWM") * 1024 - base
         else:
             peak = float("nan")
         return out, dt, peak / 2**20
@@ -161,7 +162,7 @@ def run_pot(x, y, blur, max_iter):
 def make_data(n, d, blur_kind, seed, device):
     g = torch.Generator().manual_seed(seed)
     if d == 2:
-        from torchcfm_nsgf.toy import get_task
+        from torchcfm_nsgf.datasets import get_task
 
         task = get_task("8gaussians-moons")
         x, y = task.source(n, g), task.target(n, g)

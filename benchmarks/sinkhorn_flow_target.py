@@ -2,7 +2,7 @@
 
 Two configurations, one per call:
 
-* ``--dim 2``: 8gaussians -> moons (``torchcfm_nsgf.toy``), default options (relative blur 0.1; ``"auto"``
+* ``--dim 2``: 8gaussians -> moons (``torchcfm_nsgf.datasets``), default options (relative blur 0.1; ``"auto"``
   picks the multiscale backend at this size);
 * ``--dim 784``: Gaussian noise -> "images" with pixels uniform in [-1, 1], the matcher's high-dimensional
   default blur (0.05 relative; ``"auto"`` picks dense while it fits, else streaming; ``--backend`` forces one).
@@ -25,18 +25,11 @@ import os
 import time
 
 import torch
+from sinkhorn_engine import status_kb  # benchmarks/, next to this script
 
 from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions
+from torchcfm_nsgf.datasets import get_task
 from torchcfm_nsgf.sinkhorn import HIGH_DIM_BLUR
-from torchcfm_nsgf.toy import get_task
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1])
-    return 0
 
 
 def main() -> None:
@@ -70,14 +63,14 @@ def main() -> None:
         return sol
 
     SinkhornOptions.solve = spy
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     if os.path.exists("/proc/self/clear_refs"):
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
     t0 = time.perf_counter()
     traj = matcher.simulate(x0, x1)
     dt = time.perf_counter() - t0
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     out = dict(
         n=args.n,
         dim=args.dim,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import fields
 
 import torch
 from harness import BenchConfig, load_runs, parse_methods, run_study, study_jobs, study_tables
@@ -41,10 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-seed", type=int, default=0)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--train-steps", type=int, default=None, help="optimiser steps of every run")
-    budget.add_argument("--budget-s", type=float, default=None, help="training seconds of every run")
+    budget.add_argument(
+        "--budget-s", dest="time_budget_s", type=float, default=None, help="training seconds of every run"
+    )
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="the clock of --budget-s")
     p.add_argument("--ema", type=float, default=None, help="EMA decay of the scored weights")
-    p.add_argument("--eval-every", type=int, default=None, help="also score every this many steps (curves)")
+    p.add_argument(
+        "--eval-every",
+        dest="snapshot_every",
+        type=int,
+        default=None,
+        help="also score every k steps (curves)",
+    )
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -59,20 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_of(args: argparse.Namespace) -> BenchConfig:
-    steps = args.train_steps if args.budget_s is None else None
-    if steps is None and args.budget_s is None:
-        steps = 1000
-    return BenchConfig(
-        train_steps=steps,
-        time_budget_s=args.budget_s,
-        clock=args.clock,
-        ema=args.ema,
-        snapshot_every=args.eval_every,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        width=args.width,
-        sigma=args.sigma,
-    )
+    """The study's :class:`BenchConfig`: every field the command line names (1000 steps if no budget)."""
+    given = {f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)}
+    if given["time_budget_s"] is None and given["train_steps"] is None:
+        given["train_steps"] = 1000
+    elif given["time_budget_s"] is not None:
+        given["train_steps"] = None
+    return BenchConfig(**given)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,12 +3,12 @@
 Task ``gaussian-8gaussians-conditional`` (``torchcfm_nsgf.datasets``): N(0, I) to torchcfm's 8gaussians, the label
 being the mode index. Every method takes the same number of optimiser steps, batch, learning rate, MLP width
 and seed; the label enters each network through a 16-dimensional embedding in its input
-(``toy_harness.make_conditional_model`` / ``VelocityMLP(num_classes=8)``):
+(``harness.make_conditional_model`` / ``VelocityMLP(num_classes=8)``):
 
 * NSGF: ``SinkhornFlowMatcher()`` (its defaults: 2 Sinkhorn steps of size 1, straight targets, pool) through
   ``guided_sample_location_and_conditional_flow`` (one Sinkhorn flow per class in the batch), trained with
-  torchcfm's loop (``toy_harness.train_flow_matching``);
-* NSGF++: ``toy_harness.train_nsgfpp`` (``NSGFPlusPlus.fit`` on the labelled target; default variant ``phase2="ot"``)
+  torchcfm's loop (the harness's method ``nsgf``);
+* NSGF++: ``harness.train_nsgfpp`` (``NSGFPlusPlus.fit`` on the labelled target; default variant ``phase2="ot"``)
   with phase 1 T = 2 Sinkhorn steps of η = 1.0; sampled with ``y`` at total NFE = T + straight steps, so
   only at NFE >= 3;
 * OT-CFM (guided): torchcfm's ``ExactOptimalTransportConditionalFlowMatcher(sigma)`` through its own
@@ -34,15 +34,10 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
-from torchcfm.conditional_flow_matching import (
-    ConditionalFlowMatcher,
-    ExactOptimalTransportConditionalFlowMatcher,
-)
-from toy_harness import make_conditional_model, train_flow_matching, train_nsgfpp
+from _report import publish  # benchmarks/, next to this script
+from harness import BenchConfig, method_fn, train_nsgfpp
 
-from torchcfm_nsgf import SinkhornFlowMatcher
 from torchcfm_nsgf.datasets import get_task
 from torchcfm_nsgf.metrics import w2
 
@@ -60,42 +55,38 @@ def class_samples(task, c: int, n: int, generator: torch.Generator) -> torch.Ten
     return torch.cat(chunks)[:n]
 
 
+#: The torchcfm-loop methods, by their names in the harness's registry (each handles a class-conditional task).
+LOOP_METHODS = {"NSGF": "nsgf", "OT-CFM (guided)": "otcfm", "I-CFM": "icfm"}
+
+
 def train_all(task, seed: int, args) -> tuple[dict, dict]:
     """The four trained methods of one seed and their training seconds."""
+    config = BenchConfig(
+        train_steps=args.train_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        width=args.width,
+        sigma=args.sigma,
+    )
     models, times = {}, {}
     for name in METHODS:
+        if name in LOOP_METHODS:
+            models[name] = method_fn(LOOP_METHODS[name])(task, config, seed)
+            times[name] = models[name].train_time_s
+            continue
         torch.manual_seed(seed)  # network initialisation
-        np.random.seed(seed)  # noqa: NPY002 - torchcfm's OT pairing draws from NumPy's global generator
-        g = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
-        if name == "NSGF++":
-            models[name] = train_nsgfpp(
-                task,
-                phase2="ot",
-                train_steps=args.train_steps,
-                generator=g,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                width=args.width,
-                flow_steps=args.nsgfpp_T,
-                step_size=args.nsgfpp_eta,
-            )
-        else:
-            if name == "NSGF":
-                matcher = SinkhornFlowMatcher(generator=torch.Generator().manual_seed(seed + 1))
-            elif name == "OT-CFM (guided)":
-                matcher = ExactOptimalTransportConditionalFlowMatcher(sigma=args.sigma)
-            else:
-                matcher = ConditionalFlowMatcher(sigma=args.sigma)
-            models[name] = train_flow_matching(
-                make_conditional_model(task.num_classes, args.width),
-                matcher,
-                lambda bs, g=g: (task.source(bs, g), *task.target(bs, g)),
-                train_steps=args.train_steps,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                desc=name,
-            )
+        models[name] = train_nsgfpp(
+            task,
+            phase2="ot",
+            train_steps=args.train_steps,
+            generator=torch.Generator().manual_seed(seed),
+            batch_size=args.batch_size,
+            lr=args.lr,
+            width=args.width,
+            flow_steps=args.nsgfpp_T,
+            step_size=args.nsgfpp_eta,
+        )
         times[name] = time.perf_counter() - start
     return models, times
 
@@ -241,11 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(f"{name} {statistics.mean(r['times'][name] for r in runs):.1f}" for name in METHODS)
         + ".",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -75,9 +75,10 @@ def test_cpu_budget_stops_training_once_its_cpu_seconds_are_spent() -> None:
     assert trained.cpu_s <= spent + 1e-3  # only the training is timed
 
 
-def test_ema_weights_are_the_exponential_average_of_the_iterates() -> None:
-    # Reference: the iterates theta_0, theta_1, theta_2 of the same seeded run without EMA (snapshots), then
-    # EMA(0.5) after two steps = 0.25 theta_0 + 0.25 theta_1 + 0.5 theta_2, written out by hand.
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_weights_are_the_exponential_average_of_the_iterates(warmup: bool) -> None:
+    # Reference: the iterates theta_0, theta_1, theta_2 of the same seeded run without EMA (snapshots), averaged
+    # by hand: decay d_k = 0.5, or with the warm-up d_k = min(0.5, (1 + k) / (10 + k)) = 0.1, 2/11.
     torch.manual_seed(0)
     model = make_model(8)
     theta0 = _params(model)
@@ -87,10 +88,17 @@ def test_ema_weights_are_the_exponential_average_of_the_iterates() -> None:
     theta1, theta2 = (_params(s.field.model) for s in plain.snapshots)
     torch.manual_seed(0)
     averaged = train_flow_matching(
-        make_model(8), ConditionalFlowMatcher(sigma=0.0), _batches(1), train_steps=2, ema=0.5, batch_size=16
+        make_model(8),
+        ConditionalFlowMatcher(sigma=0.0),
+        _batches(1),
+        train_steps=2,
+        ema=0.5,
+        ema_warmup=warmup,
+        batch_size=16,
     )
+    d0, d1 = (0.1, 2 / 11) if warmup else (0.5, 0.5)
     for got, a, b, c in zip(averaged.field.model.parameters(), theta0, theta1, theta2, strict=True):
-        torch.testing.assert_close(got, 0.25 * a + 0.25 * b + 0.5 * c)
+        torch.testing.assert_close(got, d1 * (d0 * a + (1 - d0) * b) + (1 - d1) * c)
     for got, c in zip(averaged.last.model.parameters(), theta2, strict=True):
         torch.testing.assert_close(got, c)  # the last weights are kept beside the EMA
 

@@ -147,21 +147,25 @@ class TrainedField:
 
 # ---------------------------------------------------------------------------------------------- pieces
 class EMA:
-    """An exponential moving average of a module's parameters, ``θ̄ ← decay θ̄ + (1 - decay) θ``, after every
-    optimiser step; buffers are copied. ``module`` is the averaged copy (in eval mode)."""
+    """An exponential moving average of a module's parameters, ``θ̄ ← d_k θ̄ + (1 - d_k) θ`` after step k, with
+    ``d_k = min(decay, (1 + k) / (10 + k))`` (a warm-up, so that short runs are not held near the initial
+    weights) or ``d_k = decay`` (``warmup=False``); buffers are copied. ``module`` is the averaged copy (in
+    eval mode)."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema decay must lie in (0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.warmup, self.k = decay, warmup, 0
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.k) / (10 + self.k)) if self.warmup else self.decay
         for avg, p in zip(self.module.parameters(), model.parameters(), strict=True):
-            avg.lerp_(p, 1.0 - self.decay)
+            avg.lerp_(p, 1.0 - d)
         for avg, b in zip(self.module.buffers(), model.buffers(), strict=True):
             avg.copy_(b)
+        self.k += 1
 
 
 class StepClock:
@@ -216,6 +220,7 @@ def train_flow_matching(
     time_offset_s: float = 0.0,
     clock: str = "wall",
     ema: float | None = None,
+    ema_warmup: bool = True,
     snapshot_every: int | None = None,
     progress: bool = False,
     desc: str = "training",
@@ -250,6 +255,8 @@ def train_flow_matching(
         What ``time_budget_s`` and ``train_time_s`` measure: ``time.perf_counter`` or ``time.process_time``.
     ema : float, optional
         EMA decay; the returned ``field`` (and every snapshot) then holds the averaged weights.
+    ema_warmup : bool
+        The EMA's warm-up ``min(decay, (1 + k) / (10 + k))`` at step k (:class:`EMA`); False: ``decay`` always.
     snapshot_every : int, optional
         Keep a copy of the evaluated weights every this many steps, and at the last step.
     progress : bool
@@ -257,7 +264,7 @@ def train_flow_matching(
     """
     check_stop_rule(train_steps, time_budget_s)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    averaged = None if ema is None else EMA(model, ema)
+    averaged = None if ema is None else EMA(model, ema, ema_warmup)
     timer = StepClock(clock, time_offset_s)
     losses: list[float] = []
     snapshots: list[Snapshot] = []

@@ -108,17 +108,25 @@ class BenchConfig:
     def __post_init__(self) -> None:
         check_stop_rule(self.train_steps, self.time_budget_s)
 
+    def __getattr__(self, name: str) -> object:
+        """A setting of a method registered elsewhere, by name, from ``extra`` (e.g. ``config.drift``)."""
+        extra = self.__dict__.get("extra") or {}
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"BenchConfig has no field or extra setting {name!r}")
+
+    @property
+    def ema_decay(self) -> float | None:
+        """The name under which some method functions read :attr:`ema`."""
+        return self.ema
+
     def loop_kwargs(self) -> dict:
         """The keyword arguments of :func:`~harness.loop.train_flow_matching` this config sets."""
-        return dict(
-            train_steps=self.train_steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            time_budget_s=self.time_budget_s,
-            clock=self.clock,
-            ema=self.ema,
-            snapshot_every=self.snapshot_every,
-        )
+        return {name: getattr(self, name) for name in LOOP_FIELDS}
+
+
+#: The fields of :class:`BenchConfig` that torchcfm's loop takes as they are.
+LOOP_FIELDS = ("train_steps", "batch_size", "lr", "time_budget_s", "clock", "ema", "snapshot_every")
 
 
 class NotApplicable(Exception):
@@ -200,16 +208,26 @@ def _model(task: Task | ConditionalTask, width: int):
 
 
 def train_torchcfm(
-    matcher, task: Task | ConditionalTask, config: BenchConfig, seed: int, desc: str = "training"
+    matcher,
+    task: Task | ConditionalTask,
+    config: BenchConfig,
+    seed: int,
+    desc: str = "training",
+    **loop: object,
 ) -> TrainedField:
     """torchcfm's loop with ``matcher`` on ``task``: torch's and NumPy's global RNGs seeded with ``seed`` (the
     MLP's initial weights, torchcfm's t and noise draws, its OT pairing), the data drawn from a generator of
-    ``seed``."""
+    ``seed``; ``loop``: further arguments of :func:`~harness.loop.train_flow_matching`."""
     torch.manual_seed(seed)  # MLP initialisation (and torchcfm's t, noise draws)
     np.random.seed(seed)  # noqa: NPY002 - torchcfm's OT pairing draws from NumPy's global generator
     generator = torch.Generator().manual_seed(seed)
     return train_flow_matching(
-        _model(task, config.width), matcher, _batches(task, generator), desc=desc, **config.loop_kwargs()
+        _model(task, config.width),
+        matcher,
+        _batches(task, generator),
+        desc=desc,
+        **config.loop_kwargs(),
+        **loop,
     )
 
 
@@ -520,3 +538,7 @@ def _sized(kind: str) -> Callable[[str], MethodFn]:
 
 register_family("nsgf", "NSGF, flows of {arg}", _sized("nsgf"))
 register_family("coupling", "large coupling of {arg}", _sized("coupling"))
+
+# ------------------------------------------------------------------------------------ one-step methods
+register("drift", "SinkhornDrift (one step)", nfes=(1,))(lazy("one_step", "train_drift"))
+register("meanflow", "MeanFlow", nfes=(1,))(lazy("one_step", "train_meanflow"))

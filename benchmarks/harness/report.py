@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torchcfm_nsgf.datasets import TASKS
 
-from .methods import label_of
+from .methods import METHODS, label_of
 
 __all__ = ["curve_table", "fmt", "load_runs", "summarise", "study_tables"]
 
@@ -122,8 +122,10 @@ def study_tables(runs: list[dict], *, title: str = "2D study") -> list[str]:
     return lines
 
 
-def _method_order(runs: list[dict], method: str) -> int:
-    return list(dict.fromkeys(r["method"] for r in runs)).index(method)
+def _method_order(runs: list[dict], method: str) -> tuple[int, str]:
+    """Registry order (family members after the registered names, by name)."""
+    order = list(METHODS)
+    return (order.index(method), "") if method in order else (len(order), method)
 
 
 def curve_table(runs: list[dict], nfe: int) -> list[str]:
