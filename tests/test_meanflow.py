@@ -146,3 +146,33 @@ def test_bad_input_raises_named_errors():
         MeanFlow().loss(net, x0, x1 * float("nan"))
     with pytest.raises(ValueError, match="n_steps"):
         meanflow_sample(net, x0, 0)
+
+
+# ---------------------------------------------------------------------------------------------- image methods
+def test_image_one_step_methods_sample_with_counted_calls_and_refuse_what_they_cannot_do():
+    from torchcfm_nsgf.images import make_method
+
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 1, 28, 28)
+    meanflow = make_method("meanflow", (1, 28, 28), preset="tiny")
+    counted = _Counting(meanflow.nets["average_velocity"])
+    nets = torch.nn.ModuleDict({"average_velocity": counted})
+    for nfe, calls in ((None, 1), (3, 3)):
+        counted.calls = 0
+        out = meanflow.sample(nets, x0, nfe=nfe)
+        assert out.nfe == {"average_velocity": calls} == {"average_velocity": counted.calls}
+        assert out.samples.shape == x0.shape
+    drift = make_method("drift", (1, 28, 28), preset="tiny")
+    assert drift.sample(drift.nets, x0).nfe == {"generator": 1}
+    with pytest.raises(ValueError, match="one-step generator"):
+        drift.sample(drift.nets, x0, nfe=2)
+    with pytest.raises(ValueError, match="solver"):
+        meanflow.sample(meanflow.nets, x0, solver="dopri5")
+    for name in ("drift", "meanflow"):
+        with pytest.raises(ValueError, match="cfg_dropout"):
+            make_method(name, (1, 28, 28), preset="tiny", num_classes=10, cfg_dropout=0.1)
+    # the untrained second time embedding is zero: the network starts as the UNet at time s
+    unet = meanflow.nets["average_velocity"].unet
+    s, t = torch.full((3,), 0.3), torch.full((3,), 0.9)
+    with torch.no_grad():
+        torch.testing.assert_close(meanflow.nets["average_velocity"](x0, s, t), unet(s, x0))

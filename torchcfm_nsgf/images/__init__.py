@@ -2,7 +2,8 @@
 
 Modules: :mod:`.data` (one record per dataset; torchvision MNIST / CIFAR-10 in memory), :mod:`.unet` (the
 UNet presets), :mod:`.methods` (the method interface and torchcfm's baselines), :mod:`.nsgf_methods` (NSGF and
-NSGF++), :mod:`.settings` (their settings), :mod:`.registry` (every method by name), :mod:`.config` (the
+NSGF++), :mod:`.one_step_methods` (the Sinkhorn drift's generator and MeanFlow), :mod:`.settings` (their
+settings), :mod:`.registry` (every method by name), :mod:`.config` (the
 run's settings), :mod:`.checkpointing` (the run's checkpoint files), :mod:`.distributed` (processes and
 devices), :mod:`.training` (the shared loop), :mod:`.checkpoint` (atomic files, RNG state),
 :mod:`.generation` (sampling, PNG grids), :mod:`.fid` (FID / IS and feature-space Fréchet distance),
