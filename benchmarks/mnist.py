@@ -6,11 +6,19 @@ its time budget (``--budget-s``, pool warm-up and Sinkhorn simulation included; 
 counts this process's CPU time, so that runs sharing a machine one thread each get equal budgets). The run
 continues from its own checkpoint between the two scores (resuming is exact), so both come from one run.
 
-Samples are scored by **classifier FID**: the Fréchet distance between Gaussians fitted to the
-penultimate-layer features (128-d) of a small CNN classifier trained here on MNIST (cached in
-``--classifier``), generated images against the first ``--n-eval`` MNIST test images. It is *not* FID (no
-Inception network) and its values are not comparable with published FIDs. The floor is the same distance
-for ``--n-eval`` training images.
+Samples are scored in the 128-d penultimate-layer features of a small CNN classifier trained here, seeded, on
+MNIST (cached in ``--classifier``; ``benchmarks/harness/images.py``): **classifier FID**, the Fréchet distance
+between Gaussians fitted to the features of the generated images and of the first ``--n-eval`` MNIST test
+images, and **precision and recall** (k-nearest-neighbour manifolds in the same features, k = 3, Kynkäänniemi
+et al. 2019). ``--n-eval`` is 10 000 (every test image; ``--fast``: 2000 for development). Classifier FID is
+*not* FID (no Inception network) and its values are not comparable with published FIDs. The floor is the same
+scores for ``--n-eval`` training images against the test images.
+
+``--curve-minutes 15,30,60,120`` trains one run per method (and ``--seed``) and scores its EMA weights each
+time its training time (``--budget-clock``) reaches the next of those minutes (default NFEs 1, 2, 10, 20):
+curves, not points. With ``--resume auto`` an interrupted study continues where it stopped (each run's JSON
+and checkpoint are written at every scored time) and a finished run is skipped; ``--report`` then adds the
+tables of FID · precision / recall against training time and a plot per NFE (``curves_nfe<N>.png``).
 
 A method is a name with optional :class:`~torchcfm_nsgf.images.NSGFSettings` fields and ``blur`` (the
 relative Sinkhorn blur; NSGF++'s options as ``nsgfpp.FIELD``), e.g. ``nsgf++:nsgfpp.phase2=paper:nsgfpp.flow_steps=3`` or
@@ -23,6 +31,8 @@ merges a folder's JSON files into a markdown table.
     python benchmarks/mnist.py --methods otcfm --budget-s 1200 --budget-clock cpu --threads 1 \
         --equal-steps 3000 --out-dir benchmarks/results/mnist
     python benchmarks/mnist.py --report benchmarks/results/mnist
+    python benchmarks/mnist.py --methods nsgf++,nsgf,otcfm,icfm --curve-minutes 15,30,60,120 --resume auto \
+        --threads 1 --seed 0 --out-dir benchmarks/results/mnist_curves
 """
 
 from __future__ import annotations
@@ -35,13 +45,15 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
-from torch import nn
+from harness.images import Classifier, FeatureScorer, get_classifier, plot_curves
+from harness.runner import claim, write_json
 
-from torchcfm_nsgf._io import atomic_save
 from torchcfm_nsgf.images import (
     NSGFSettings,
     TrainConfig,
@@ -56,68 +68,6 @@ from torchcfm_nsgf.images.generation import save_grid
 from torchcfm_nsgf.images.training import checkpoint_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class Classifier(nn.Module):
-    """Two conv blocks and two linear layers; :meth:`features` is the 128-d penultimate layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(64 * 7 * 7, 128),
-            nn.ReLU(),
-        )
-        self.head = nn.Linear(128, 10)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-def get_classifier(path: str, root: str, epochs: int = 2) -> tuple[Classifier, float]:
-    """Load the cached classifier, or train it on the MNIST training set (inputs in [-1, 1]).
-
-    Training is seeded (initial weights and batch order) and runs on one thread whatever ``--threads``
-    says, so a fresh clone on the same machine and torch rebuilds the same classifier, and the classifier
-    FIDs of BENCHMARKS.md do not depend on an ignored cache file. The global RNG is left as it was."""
-    if os.path.isfile(path):
-        net = Classifier()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["net"])
-        return net.eval(), float(state["test_accuracy"])
-    train_set, test_set = load_images("mnist", root), load_images("mnist", root, train=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = Classifier()
-        gen = torch.Generator().manual_seed(0)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        for _ in range(epochs):
-            for idx in torch.randperm(len(train_set), generator=gen).split(128):
-                x, y = to_unit_range(train_set.images[idx]), train_set.labels[idx]
-                loss = nn.functional.cross_entropy(net(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    net.eval()
-    with torch.no_grad():
-        pred = torch.cat([net(to_unit_range(b)).argmax(1) for b in test_set.images.split(1000)])
-    acc = float((pred == test_set.labels).float().mean())
-    atomic_save({"net": net.state_dict(), "test_accuracy": acc}, path)  # never half a classifier
-    return net, acc
 
 
 class ClassScores:
@@ -216,21 +166,42 @@ def slug(spec: str) -> str:
     return spec.replace("+", "p").replace(":", "_").replace("=", "")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=os.path.join(HERE, "..", "..", "shared", "data"))
     p.add_argument("--methods", default="nsgf++,nsgf,otcfm,icfm", help="comma-separated method specs")
     p.add_argument("--budget-s", type=float, default=1200.0, help="training time per method")
     p.add_argument("--budget-clock", choices=("wall", "cpu"), default="cpu")
     p.add_argument("--equal-steps", type=int, default=None, help="also score every method at this step")
-    p.add_argument("--nfe", default="5,10,20,60")
+    p.add_argument(
+        "--nfe", default=None, help="NFEs scored (default 5,10,20,60; with --curve-minutes 1,2,10,20)"
+    )
     p.add_argument("--equal-steps-nfe", default="10,20", help="the NFEs scored at --equal-steps")
     p.add_argument(
         "--equal-steps-only",
         action="store_true",
         help="stop at --equal-steps (no equal-time score; --budget-s is then only a cap)",
     )
-    p.add_argument("--n-eval", type=int, default=2000, help="generated and test images per score")
+    p.add_argument(
+        "--curve-minutes",
+        default=None,
+        help="one run per method, scored at these minutes of training time on --budget-clock (e.g. 15,30,60,120; "
+        "replaces --budget-s and --equal-steps)",
+    )
+    p.add_argument(
+        "--resume",
+        choices=("auto", "no"),
+        default="no",
+        help="with --curve-minutes: auto continues each run from its checkpoint and its JSON (a finished run "
+        "is skipped); no starts every run afresh",
+    )
+    p.add_argument(
+        "--n-eval",
+        type=int,
+        default=10_000,
+        help="generated and test images per score (10000: all test images; --fast: 2000)",
+    )
+    p.add_argument("--fast", action="store_true", help="score 2000 images (development)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--lr", type=float, default=2e-4)
@@ -275,11 +246,29 @@ def main(argv: list[str] | None = None) -> None:
         "half the steps",
     )
     p.add_argument("--report", default=None, metavar="DIR", help="merge DIR's JSON files into a table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.equal_steps_only and not args.equal_steps:
         p.error("--equal-steps-only needs --equal-steps")
     if args.report:
         return report(args.report)
+    if args.fast:
+        args.n_eval = 2000
+    if args.nfe is None:
+        args.nfe = "1,2,10,20" if args.curve_minutes else "5,10,20,60"
+    minutes = None
+    if args.curve_minutes:
+        minutes = [float(m) for m in args.curve_minutes.split(",")]
+        if minutes != sorted(minutes) or minutes[0] <= 0:
+            p.error("--curve-minutes must be increasing positive minutes, e.g. 15,30,60,120")
+        if args.equal_steps or args.score_kept:
+            p.error("--curve-minutes replaces --equal-steps and --score-kept")
+    elif args.resume != "no":
+        p.error("--resume auto goes with --curve-minutes")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     base = NSGFSettings(pool_capacity=args.pool_capacity)
@@ -295,16 +284,16 @@ def main(argv: list[str] | None = None) -> None:
     classifier, acc = get_classifier(args.classifier, args.data_root)
     print(f"classifier test accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)")
     test = load_images("mnist", args.data_root, train=False)
-    real = to_unit_range(test.images[: args.n_eval])
     train_imgs = load_images("mnist", args.data_root)
-
-    def score(fake: torch.Tensor) -> float:
-        return feature_frechet_distance(
-            classifier.features, real.split(500), fake.split(500), num_features=128
-        )
-
-    floor = score(to_unit_range(train_imgs.images[: args.n_eval]))
-    print(f"floor (train vs test images): classifier FID {floor:.3f}")
+    if args.n_eval > min(len(test), len(train_imgs)):
+        p.error(f"--n-eval {args.n_eval} exceeds the {len(test)} test images (or the training images)")
+    score = FeatureScorer(classifier.features, to_unit_range(test.images[: args.n_eval]))
+    floor_scores = score(to_unit_range(train_imgs.images[: args.n_eval]))
+    floor = floor_scores["classifier_fid"]
+    print(
+        f"floor ({args.n_eval} train vs {args.n_eval} test images): classifier FID {floor:.3f}, precision "
+        f"{floor_scores['precision']:.3f}, recall {floor_scores['recall']:.3f}"
+    )
     per_class = None
     if args.conditional:
         if args.n_eval % 10:
@@ -314,25 +303,27 @@ def main(argv: list[str] | None = None) -> None:
         floor = {"all": floor, "per_class": per_class.floor}
         print(f"floor per class (train vs test, {k} images each): mean classifier FID {per_class.floor:.3f}")
     os.makedirs(args.out_dir, exist_ok=True)
-
+    header = {
+        "args": vars(args),
+        "command": "python benchmarks/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": (
+            torch.cuda.get_device_name(args.device)
+            if args.device.startswith("cuda")
+            else f"{platform.machine()} {platform.processor()}".strip()
+        ),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "classifier_accuracy": acc,
+        "floor": floor,
+        "floor_scores": floor_scores,
+    }
+    scorer = Scoring(args, score, nfes, scales, per_class)
     for name, settings, label, spec in methods:
-        row = run_method(args, name, settings, label, spec, train_imgs, score, nfes, scales, per_class)
-        out = {
-            "args": vars(args),
-            "command": "python benchmarks/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": (
-                torch.cuda.get_device_name(args.device)
-                if args.device.startswith("cuda")
-                else f"{platform.machine()} {platform.processor()}".strip()
-            ),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "classifier_accuracy": acc,
-            "floor": floor,
-            "row": row,
-        }
-        with open(os.path.join(args.out_dir, slug(spec) + ".json"), "w") as f:
-            json.dump(out, f, indent=1)
+        if minutes is not None:
+            run_curve(args, name, settings, label, spec, train_imgs, scorer, minutes, header)
+            continue
+        row = run_method(args, name, settings, label, spec, train_imgs, scorer)
+        write_json(Path(args.out_dir) / (slug(spec) + ".json"), {**header, "row": row})
 
 
 def guidance_scales(given: object) -> list[float | None]:
@@ -340,41 +331,44 @@ def guidance_scales(given: object) -> list[float | None]:
     return [None] if given is None else [float(w) for w in str(given).split(",")]
 
 
-def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scales, per_class=None) -> dict:
-    """Train one method (to ``--equal-steps``, scored, then on to the budget, scored) and return its row."""
-    run_dir = os.path.join(args.run_dir, slug(spec))
-    if not args.score_kept:
-        shutil.rmtree(run_dir, ignore_errors=True)
+def train_config(args, name: str, settings: NSGFSettings, run_dir: str, train_steps: int, budget, resume):
+    """The image loop's settings of one benchmark run (checkpoints only at the end of each call)."""
+    return TrainConfig(
+        dataset="mnist",
+        data_root=args.data_root,
+        method=name,
+        train_steps=train_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        ema_decay=args.ema_decay,
+        preset=args.preset,
+        seed=args.seed,
+        ckpt_dir=run_dir,
+        ckpt_every=10**9,
+        resume=resume,
+        time_budget_s=budget,
+        budget_clock=args.budget_clock,
+        progress=False,
+        log_every=500,
+        conditional=args.conditional,
+        cfg_dropout=args.cfg_dropout,
+        nsgf=settings,
+        device=args.device,
+    )
 
-    def config(train_steps: int, budget: float, resume: bool) -> TrainConfig:
-        return TrainConfig(
-            dataset="mnist",
-            data_root=args.data_root,
-            method=name,
-            train_steps=train_steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            warmup=args.warmup,
-            ema_decay=args.ema_decay,
-            preset=args.preset,
-            seed=args.seed,
-            ckpt_dir=run_dir,
-            ckpt_every=10**9,
-            resume=resume,
-            time_budget_s=budget,
-            budget_clock=args.budget_clock,
-            progress=False,
-            log_every=500,
-            conditional=args.conditional,
-            cfg_dropout=args.cfg_dropout,
-            nsgf=settings,
-            device=args.device,
-        )
 
-    def evaluate(result, tag: str, nfes: list[int] = nfes) -> dict:
+class Scoring:
+    """Scores of a trained run's EMA weights at every NFE (and guidance scale): classifier FID, precision and
+    recall of ``--n-eval`` generated images against as many test images, with a grid of samples."""
+
+    def __init__(self, args, score: FeatureScorer, nfes: list[int], scales: list, per_class=None) -> None:
+        self.args, self.score, self.nfes, self.scales, self.per_class = args, score, nfes, scales, per_class
+
+    def __call__(self, result, spec: str, label: str, tag: str, nfes: list[int] | None = None) -> dict:
         """Scores keyed by NFE (``"10"``), or by NFE and guidance scale (``"10@w2"``) for guided runs."""
-        scores = {}
-        for w, nfe in [(w, n) for w in scales for n in nfes]:
+        args, scores = self.args, {}
+        for w, nfe in [(w, n) for w in self.scales for n in nfes or self.nfes]:
             t1 = time.perf_counter()
             labels = torch.arange(args.n_eval) % 10 if args.conditional else None
             steps = nfe // 2 if w not in (None, 1.0) else nfe  # --nfe counts network calls
@@ -396,16 +390,15 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scale
             except ValueError as err:  # a budget below the method's minimum (NSGF++ phase 1)
                 print(f"{label} {tag}: NFE {nfe} skipped: {err}")
                 continue
-            fid = score(gen.samples)
             scores[key] = {
-                "classifier_fid": fid,
+                **self.score(gen.samples.cpu()),
                 "nfe": gen.total_nfe,
                 "breakdown": gen.nfe,
                 "guidance_scale": w,
             }
             grid = os.path.join(args.out_dir, stem + ".png")
-            if per_class is not None:
-                scores[key].update(per_class(gen.samples, labels))
+            if self.per_class is not None:
+                scores[key].update(self.per_class(gen.samples, labels))
                 # one row per class: the first 10 images of each class
                 order = torch.cat([torch.nonzero(labels == c).flatten()[:10] for c in range(10)])
                 save_grid(gen.samples[order], grid, nrow=10)
@@ -416,8 +409,22 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scale
             else:
                 save_grid(gen.samples[:64], grid, nrow=8)
             scores[key]["sample_s"] = time.perf_counter() - t1
-            print(f"{label} {tag}: NFE {gen.total_nfe} {gen.nfe} classifier FID {fid:.3f}")
+            s = scores[key]
+            print(
+                f"{label} {tag}: NFE {gen.total_nfe} {gen.nfe} classifier FID {s['classifier_fid']:.3f}, "
+                f"precision {s['precision']:.3f}, recall {s['recall']:.3f}"
+            )
         return scores
+
+
+def run_method(args, name, settings, label, spec, train_imgs, scorer: Scoring) -> dict:
+    """Train one method (to ``--equal-steps``, scored, then on to the budget, scored) and return its row."""
+    run_dir = os.path.join(args.run_dir, slug(spec))
+    if not args.score_kept:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    def config(train_steps: int, budget: float | None, resume: bool) -> TrainConfig:
+        return train_config(args, name, settings, run_dir, train_steps, budget, resume)
 
     row = {"spec": spec, "method": name, "label": label, "settings": dataclasses.asdict(settings)}
     if args.score_kept:  # a checkpoint's own step as the target: nothing is trained, the EMA is scored
@@ -426,7 +433,7 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scale
             "step": result.step,
             "train_wall_s": None,
             "train_cpu_s": None,
-            "scores": evaluate(result, "budget"),
+            "scores": scorer(result, spec, label, "budget"),
             "scored_from": run_dir,
         }
         return row
@@ -439,10 +446,12 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scale
         row["equal_steps"] = {
             "step": result.step,
             "reached": result.step == args.equal_steps,
-            "scores": evaluate(
+            "scores": scorer(
                 result,
+                spec,
+                label,
                 f"step{result.step}",
-                nfes if result.step < args.equal_steps else [int(n) for n in args.equal_steps_nfe.split(",")],
+                None if result.step < args.equal_steps else [int(n) for n in args.equal_steps_nfe.split(",")],
             ),
         }
         if args.equal_steps_only:
@@ -459,11 +468,80 @@ def run_method(args, name, settings, label, spec, train_imgs, score, nfes, scale
         "step": result.step,
         "train_wall_s": used["wall"],
         "train_cpu_s": used["cpu"],
-        "scores": row["equal_steps"]["scores"] if reused else evaluate(result, "budget"),
+        "scores": row["equal_steps"]["scores"] if reused else scorer(result, spec, label, "budget"),
     }
     if not args.keep_checkpoints:
         shutil.rmtree(run_dir, ignore_errors=True)
     return row
+
+
+def curve_file(out_dir: str, spec: str, seed: int) -> Path:
+    return Path(out_dir) / f"{slug(spec)}_seed{seed}_curve.json"
+
+
+def run_curve(args, name, settings, label, spec, train_imgs, scorer: Scoring, minutes, header) -> None:
+    """One run of ``spec``, scored whenever its training time reaches the next of ``minutes``.
+
+    The run's JSON is written after every training segment (before scoring, ``scores`` None) and after every
+    score, and the image loop checkpoints the end of every segment, so ``--resume auto`` continues an
+    interrupted run exactly: it scores a segment left unscored, then trains the next from the checkpoint. A
+    finished run is skipped; a run another process holds (a ``.claim`` file) is left to it."""
+    path = curve_file(args.out_dir, spec, args.seed)
+    run_dir = os.path.join(args.run_dir, f"{slug(spec)}_seed{args.seed}")
+    held = path.with_suffix(".claim")
+    if not claim(held):
+        print(f"{label}: another process is running it ({held})")
+        return
+    try:
+        row = None
+        if args.resume == "auto" and path.exists():
+            row = json.loads(path.read_text())["row"]
+            if row["done"]:
+                print(f"{label}: finished already ({path})")
+                return
+            if row["curve"] and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+                print(f"{label}: no checkpoint in {run_dir} to continue from: starting afresh")
+                row = None
+        if row is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            row = {"spec": spec, "method": name, "label": label, "settings": dataclasses.asdict(settings)}
+            row.update(curve=[], done=False, clock=args.budget_clock)
+
+        def save() -> None:
+            write_json(path, {**header, "row": row})
+
+        def config(train_steps: int, budget: float | None, resume: bool) -> TrainConfig:
+            return train_config(args, name, settings, run_dir, train_steps, budget, resume)
+
+        curve = row["curve"]
+        if curve and curve[-1]["scores"] is None:  # trained, not scored: score the checkpoint
+            result = train(config(checkpoint_step(run_dir), None, True), data=train_imgs)
+            curve[-1]["scores"] = scorer(result, spec, label, f"{curve[-1]['minutes']:g}min")
+            save()
+        for m in minutes:
+            spent = {"cpu": curve[-1]["train_cpu_s"], "wall": curve[-1]["train_wall_s"]} if curve else None
+            if spent is not None and spent[args.budget_clock] >= 60 * m:
+                continue
+            left = 60 * m - (spent[args.budget_clock] if spent else 0.0)
+            result = train(config(10**9, left, bool(curve)), data=train_imgs)
+            curve.append(
+                {
+                    "minutes": m,
+                    "step": result.step,
+                    "train_cpu_s": (spent["cpu"] if spent else 0.0) + result.cpu_time_s,
+                    "train_wall_s": (spent["wall"] if spent else 0.0) + result.wall_time_s,
+                    "scores": None,
+                }
+            )
+            save()
+            curve[-1]["scores"] = scorer(result, spec, label, f"{m:g}min")
+            save()
+        row["done"] = True
+        save()
+        if not args.keep_checkpoints:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        held.unlink(missing_ok=True)
 
 
 def report(folder: str) -> None:
@@ -486,6 +564,8 @@ def report(folder: str) -> None:
     a = runs[0]["args"]
     conditional = a.get("conditional", False)
     floor = runs[0]["floor"]
+    floor_pr = runs[0].get("floor_scores")
+    seeds = sorted({r["args"]["seed"] for r in runs})
     if conditional:
         runs[0]["floor"] = floor["all"]
     lines = [
@@ -493,8 +573,14 @@ def report(folder: str) -> None:
         f"{runs[0]['classifier_accuracy']:.4f}; not FID) between {a['n_eval']} generated and {a['n_eval']} "
         f"test images; lower is better. Floor (train vs test images): {runs[0]['floor']:.2f}. UNet preset "
         f"`{a['preset']}`, batch {a['batch_size']}, Adam {a['lr']:g}, warm-up {a['warmup']}, EMA "
-        f"{a['ema_decay']}, seed {a['seed']}; EMA weights, Euler sampling; {runs[0]['threads']} thread(s) per "
-        f"run on {runs[0]['machine']}, torch {runs[0]['torch']}. A cell reads FID (NFE breakdown).",
+        f"{a['ema_decay']}, seed {', '.join(map(str, seeds))}; EMA weights, Euler sampling; {runs[0]['threads']} "
+        f"thread(s) per run on {runs[0]['machine']}, torch {runs[0]['torch']}. A cell reads FID (NFE breakdown)"
+        + (
+            ", then precision / recall (k-NN manifolds, k = 3, in the same features; floor "
+            f"{floor_pr['precision']:.3f} / {floor_pr['recall']:.3f})."
+            if floor_pr
+            else "."
+        ),
     ]
     if conditional:
         k = a["n_eval"] // 10
@@ -515,7 +601,8 @@ def report(folder: str) -> None:
         detail = "" if len(parts) == 1 else " (" + "+".join(str(v) for v in parts) + ")"
         if conditional:
             return f"{100 * s['accuracy']:.1f}% / {s['per_class_fid']:.1f}{detail}"
-        return f"{s['classifier_fid']:.2f}{detail}"
+        pr = f" · {s['precision']:.2f} / {s['recall']:.2f}" if "precision" in s else ""
+        return f"{s['classifier_fid']:.2f}{detail}{pr}"
 
     for key, title in (("equal_time", "Equal training time"), ("equal_steps", "Equal optimiser steps")):
         rows = [r for r in runs if key in r["row"]]
@@ -549,12 +636,64 @@ def report(folder: str) -> None:
                     + " | ".join(cell(part["scores"], n, w) for n in nfes)
                     + " |"
                 )
+    curves = [r for r in runs if "curve" in r["row"]]
+    if curves:
+        lines += curve_tables(curves, nfes, folder, runs[0]["floor"])
     commands = dict.fromkeys(r["command"] for r in runs)  # one command may have run several methods
     lines += ["", "Commands:", ""] + [f"    {c}" for c in commands]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(text)
     print(text)
+
+
+def curve_tables(runs: list[dict], nfes: list[int], folder: str, floor: float) -> list[str]:
+    """Per NFE: classifier FID (mean over seeds) at each scored training time, precision / recall beside it,
+    and ``folder/curves_nfe<N>.png`` (FID against training minutes, one line per method)."""
+    clock = runs[0]["row"].get("clock", "cpu")
+    minutes = sorted({p["minutes"] for r in runs for p in r["row"]["curve"] if p["scores"] is not None})
+    labels = list(dict.fromkeys(r["row"]["label"] for r in runs))
+    lines = [
+        "",
+        f"Quality against training time ({clock} minutes; one run per method and seed, scored as its training "
+        "reached each time; mean over the seeds present, their number in brackets; FID · precision / recall):",
+    ]
+    for n in nfes:
+        points: dict[str, list[tuple[float, float]]] = {}
+        rows = []
+        for label in labels:
+            cells = []
+            for m in minutes:
+                got = [
+                    p["scores"][str(n)]
+                    for r in runs
+                    if r["row"]["label"] == label
+                    for p in r["row"]["curve"]
+                    if p["minutes"] == m and p["scores"] is not None and str(n) in p["scores"]
+                ]
+                if not got:
+                    cells.append("—")
+                    continue
+                fid = statistics.fmean(g["classifier_fid"] for g in got)
+                pr = [statistics.fmean(g[k] for g in got) for k in ("precision", "recall")]
+                cells.append(f"{fid:.2f} · {pr[0]:.2f} / {pr[1]:.2f} ({len(got)})")
+                points.setdefault(label, []).append((m, fid))
+            if any(c != "—" for c in cells):
+                rows.append(f"| {label} | " + " | ".join(cells) + " |")
+        if not rows:
+            continue
+        lines += [
+            "",
+            f"NFE {n}:",
+            "",
+            "| method | " + " | ".join(f"{m:g} min" for m in minutes) + " |",
+            "|---|" + "---|" * len(minutes),
+            *rows,
+        ]
+        png = f"curves_nfe{n}.png"
+        plot_curves(points, os.path.join(folder, png), f"MNIST, NFE {n}", floor)
+        lines += ["", f"![classifier FID against training time, NFE {n}]({png})"]
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""The MNIST benchmark's scorer (benchmarks/mnist.py): the classifier behind its classifier FID is rebuilt
-identically from the data, and results scored by different classifiers are never tabled together."""
+"""The MNIST benchmark (benchmarks/mnist.py, benchmarks/harness/images.py): the classifier behind its scores is
+rebuilt identically from the data, results scored by different classifiers are never tabled together, the
+Fréchet distance and the k-NN precision and recall against independent references, and the resumable curves
+on fake MNIST."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _fake_datasets import write_fake_mnist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import mnist as mnist_benchmark  # noqa: E402
+from harness.images import frechet_distance, knn_precision_recall  # noqa: E402
 
 
 def test_classifier_is_rebuilt_identically_whatever_the_rng_and_threads(tmp_path: Path) -> None:
@@ -47,3 +51,129 @@ def test_report_refuses_runs_scored_by_different_classifiers(tmp_path: Path) -> 
         (tmp_path / f"{name}.json").write_text(json.dumps({"classifier_accuracy": 0.9863, "floor": floor}))
     with pytest.raises(SystemExit, match="2 different classifiers"):
         mnist_benchmark.report(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- scores
+def _brute_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """Kynkäänniemi et al. (2019), written out with loops: a point is in a set's manifold when it lies within
+    the k-th-nearest-neighbour distance (itself excluded) of some member of that set."""
+
+    def radii(x: np.ndarray) -> list[float]:
+        out = []
+        for i, p in enumerate(x):
+            d = sorted(float(np.linalg.norm(p - q)) for j, q in enumerate(x) if j != i)
+            out.append(d[k - 1])
+        return out
+
+    def share_inside(points: np.ndarray, centres: np.ndarray) -> float:
+        r = radii(centres)
+        inside = [any(np.linalg.norm(p - c) <= rc for c, rc in zip(centres, r, strict=True)) for p in points]
+        return sum(inside) / len(points)
+
+    return share_inside(fake, real), share_inside(real, fake)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_precision_recall_match_a_brute_force_reference(seed: int) -> None:
+    g = np.random.default_rng(seed)
+    real = g.normal(size=(40, 3))
+    fake = g.normal(loc=0.7, scale=1.3, size=(33, 3))  # overlapping clouds: neither share is 0 or 1
+    expected = _brute_precision_recall(real, fake, k=3)
+    got = knn_precision_recall(torch.tensor(real), torch.tensor(fake), k=3)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+
+
+def test_precision_recall_closed_forms() -> None:
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    assert knn_precision_recall(x, x.clone()) == (1.0, 1.0)  # identical sets: every point inside
+    assert knn_precision_recall(x, x + 1000.0) == (0.0, 0.0)  # disjoint, far apart: none
+    with pytest.raises(ValueError, match="fake needs at least 4 points"):
+        knn_precision_recall(x, x[:3])
+    with pytest.raises(ValueError, match="NaN"):
+        knn_precision_recall(x, torch.full((10, 8), float("nan")))
+
+
+def test_frechet_distance_against_scipy_and_its_closed_forms() -> None:
+    from scipy import linalg
+
+    g = np.random.default_rng(0)
+    a = g.normal(size=(300, 5))
+    b = g.normal(size=(250, 5)) @ g.normal(size=(5, 5)) + 0.5
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root)
+    assert frechet_distance(torch.tensor(a), torch.tensor(b)) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(torch.tensor(a), torch.tensor(a)) == pytest.approx(0.0, abs=1e-8)
+    shift = torch.tensor([3.0, 0, 0, 0, 4.0], dtype=torch.float64)
+    assert frechet_distance(torch.tensor(a), torch.tensor(a) + shift) == pytest.approx(25.0, rel=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------- curves
+def _curve_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--data-root",
+        str(tmp_path / "data"),
+        "--classifier",
+        str(tmp_path / "classifier.pt"),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--run-dir",
+        str(tmp_path / "runs"),
+        "--methods",
+        "otcfm",
+        "--n-eval",
+        "16",
+        "--nfe",
+        "1,2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "8",
+        "--ema-decay",
+        "0.5",
+        *extra,
+    ]
+
+
+def test_curves_are_scored_at_each_training_time_and_resume_where_they_stopped(
+    tmp_path: Path, monkeypatch
+) -> None:
+    write_fake_mnist(tmp_path / "data", n_train=32, n_test=16, strokes=True)
+    args = _curve_args(tmp_path, "--curve-minutes", "0.005,0.05", "--resume", "auto", "--keep-checkpoints")
+    calls = []
+    original = mnist_benchmark.Scoring.__call__
+
+    def killed_at_the_second_score(self, result, spec, label, tag, nfes=None):
+        calls.append(result.step)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the process were stopped after training, before scoring
+        return original(self, result, spec, label, tag, nfes)
+
+    monkeypatch.setattr(mnist_benchmark.Scoring, "__call__", killed_at_the_second_score)
+    with pytest.raises(KeyboardInterrupt):
+        mnist_benchmark.main(args)
+    path = tmp_path / "out" / "otcfm_seed0_curve.json"
+    row = json.loads(path.read_text())["row"]
+    assert not row["done"] and [p["minutes"] for p in row["curve"]] == [0.005, 0.05]
+    assert row["curve"][0]["scores"] is not None and row["curve"][1]["scores"] is None
+    trained_to = row["curve"][1]["step"]
+    assert row["curve"][1]["train_cpu_s"] >= 0.05 * 60 and trained_to > row["curve"][0]["step"]
+    assert not (tmp_path / "out" / "otcfm_seed0_curve.claim").exists()
+
+    monkeypatch.setattr(mnist_benchmark.Scoring, "__call__", original)
+    mnist_benchmark.main(
+        args
+    )  # --resume auto: scores the trained segment from its checkpoint, trains nothing
+    row = json.loads(path.read_text())["row"]
+    assert row["done"] and row["curve"][1]["step"] == trained_to
+    for point in row["curve"]:
+        assert set(point["scores"]) == {"1", "2"}
+        for s in point["scores"].values():
+            assert s["classifier_fid"] >= 0 and 0 <= s["precision"] <= 1 and 0 <= s["recall"] <= 1
+    stamp = path.stat().st_mtime_ns
+    mnist_benchmark.main(args)  # finished: skipped
+    assert path.stat().st_mtime_ns == stamp
+    mnist_benchmark.report(str(tmp_path / "out"))
+    assert (tmp_path / "out" / "curves_nfe1.png").is_file()
+    assert "| OT-CFM |" in (tmp_path / "out" / "README.md").read_text()

@@ -1,0 +1,221 @@
+r"""The MNIST scorer: a seeded classifier's features, classifier FID, and k-NN precision and recall.
+
+Generated images are scored in the 128-d penultimate features of a small CNN classifier trained here on MNIST
+(:func:`get_classifier`, seeded, so a fresh clone rebuilds the same one):
+
+* **classifier FID** (:func:`frechet_distance`): ``‖μ_r − μ_g‖² + tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^{1/2})`` between
+  Gaussians fitted to the two feature sets (unbiased covariances, float64). It is not FID (no Inception
+  network) and does not compare with published FIDs;
+* **precision and recall** (:func:`knn_precision_recall`, Kynkäänniemi et al. 2019, "Improved precision and
+  recall metric for assessing generative models", k = 3 as in the paper): each set's manifold is the union of
+  balls around its points with radius the distance to the point's k-th nearest neighbour in its own set;
+  precision is the share of generated points inside the real manifold (fidelity), recall the share of real
+  points inside the generated manifold (coverage).
+
+:class:`FeatureScorer` holds the real images' features, statistics and radii once and scores any number of
+generated sets against them. The scale the issue asked for: 10 000 generated images against the 10 000 test
+images, with the floor of 10 000 training images against the same test images; 2000 for quick runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from torchcfm_nsgf._io import atomic_save
+from torchcfm_nsgf.images import load_images
+from torchcfm_nsgf.images.data import to_unit_range
+
+__all__ = [
+    "K_NEAREST",
+    "Classifier",
+    "FeatureScorer",
+    "frechet_distance",
+    "get_classifier",
+    "knn_precision_recall",
+    "knn_radii",
+    "plot_curves",
+]
+
+#: The k of the k-NN manifolds (Kynkäänniemi et al. 2019 use k = 3).
+K_NEAREST = 3
+
+
+class Classifier(nn.Module):
+    """Two conv blocks and two linear layers; :meth:`features` is the 128-d penultimate layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 128),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(128, 10)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def get_classifier(path: str, root: str, epochs: int = 2) -> tuple[Classifier, float]:
+    """Load the cached classifier, or train it on the MNIST training set (inputs in [-1, 1]).
+
+    Training is seeded (initial weights and batch order) and runs on one thread whatever ``--threads``
+    says, so a fresh clone on the same machine and torch rebuilds the same classifier, and the classifier
+    FIDs of BENCHMARKS.md do not depend on an ignored cache file. The global RNG is left as it was."""
+    if os.path.isfile(path):
+        net = Classifier()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["net"])
+        return net.eval(), float(state["test_accuracy"])
+    train_set, test_set = load_images("mnist", root), load_images("mnist", root, train=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = Classifier()
+        gen = torch.Generator().manual_seed(0)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(train_set), generator=gen).split(128):
+                x, y = to_unit_range(train_set.images[idx]), train_set.labels[idx]
+                loss = nn.functional.cross_entropy(net(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(to_unit_range(b)).argmax(1) for b in test_set.images.split(1000)])
+    acc = float((pred == test_set.labels).float().mean())
+    atomic_save({"net": net.state_dict(), "test_accuracy": acc}, path)  # never half a classifier
+    return net, acc
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def _check_features(x: Tensor, name: str, at_least: int) -> Tensor:
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(
+            f"{name} must be a feature matrix (n, d), got {getattr(x, 'shape', type(x).__name__)}"
+        )
+    if x.shape[0] < at_least:
+        raise ValueError(f"{name} needs at least {at_least} points, got {x.shape[0]}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return x
+
+
+def frechet_distance(real: Tensor, fake: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``(n, d)`` and ``(m, d)`` (float64).
+
+    ``‖μ_r − μ_g‖² + tr Σ_r + tr Σ_g − 2 tr (Σ_r Σ_g)^{1/2}``, the trace of the square root from the
+    eigenvalues of ``Σ_r Σ_g`` (real and non-negative for two covariance matrices; rounding is clamped)."""
+    real = _check_features(real, "real", 2).double()
+    fake = _check_features(fake, "fake", 2).double()
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real and fake features differ in dimension: {real.shape[1]} and {fake.shape[1]}")
+    mu_r, mu_g = real.mean(0), fake.mean(0)
+    cov_r, cov_g = torch.cov(real.T), torch.cov(fake.T)
+    eig = torch.linalg.eigvals(cov_r @ cov_g).real.clamp_min(0)
+    return float((mu_r - mu_g).square().sum() + cov_r.trace() + cov_g.trace() - 2 * eig.sqrt().sum())
+
+
+def _blocks(x: Tensor, size: int = 1024) -> Iterable[tuple[int, Tensor]]:
+    for start in range(0, x.shape[0], size):
+        yield start, x[start : start + size]
+
+
+def knn_radii(x: Tensor, k: int = K_NEAREST) -> Tensor:
+    """Distance of each point of ``x`` (n, d) to its k-th nearest neighbour in ``x`` (itself excluded), (n,)."""
+    x = _check_features(x, "x", k + 1)
+    radii = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    for start, block in _blocks(x):
+        # the k + 1 smallest distances hold the point itself (distance 0) and its k nearest neighbours
+        radii[start : start + len(block)] = torch.cdist(block, x).topk(k + 1, largest=False).values[:, -1]
+    return radii
+
+
+def _inside(points: Tensor, centres: Tensor, radii: Tensor) -> Tensor:
+    """Whether each point lies within ``radii[j]`` of some ``centres[j]`` (closed balls), (n,) bool."""
+    hit = torch.zeros(points.shape[0], dtype=torch.bool, device=points.device)
+    for start, block in _blocks(points):
+        hit[start : start + len(block)] = (torch.cdist(block, centres) <= radii[None, :]).any(1)
+    return hit
+
+
+def knn_precision_recall(
+    real: Tensor, fake: Tensor, k: int = K_NEAREST, *, real_radii: Tensor | None = None
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of ``fake`` (m, d) against ``real`` (n, d).
+
+    precision = share of fake points inside some real point's k-NN ball; recall = share of real points inside
+    some fake point's k-NN ball. ``real_radii``: :func:`knn_radii` of ``real``, when already computed.
+    """
+    real = _check_features(real, "real", k + 1)
+    fake = _check_features(fake, "fake", k + 1)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real and fake features differ in dimension: {real.shape[1]} and {fake.shape[1]}")
+    if real_radii is None:
+        real_radii = knn_radii(real, k)
+    precision = _inside(fake, real, real_radii).double().mean()
+    recall = _inside(real, fake, knn_radii(fake, k)).double().mean()
+    return float(precision), float(recall)
+
+
+class FeatureScorer:
+    """Scores of generated images against fixed real images in a classifier's feature space.
+
+    ``features``: ``images (B, C, H, W) in [-1, 1] -> (B, d)``; ``real``: the real images, whose features,
+    and k-NN radii, are computed once. Calling the scorer on generated images returns ``classifier_fid``,
+    ``precision`` and ``recall``."""
+
+    def __init__(self, features, real: Tensor, k: int = K_NEAREST, batch_size: int = 500) -> None:
+        self.features, self.k, self.batch_size = features, k, batch_size
+        self.real = self.embed(real)
+        self.real_radii = knn_radii(self.real, k)
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        return torch.cat([self.features(b) for b in images.split(self.batch_size)]).float()
+
+    def __call__(self, images: Tensor) -> dict[str, float]:
+        fake = self.embed(images)
+        precision, recall = knn_precision_recall(self.real, fake, self.k, real_radii=self.real_radii)
+        return {"classifier_fid": frechet_distance(self.real, fake), "precision": precision, "recall": recall}
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def plot_curves(curves: dict[str, list[tuple[float, float]]], path: str, title: str, floor: float) -> None:
+    """One line per label: ``(CPU minutes, classifier FID)`` points; the floor dashed; log y axis; PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in curves.items():
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, "o-", ms=4, label=label)
+    ax.axhline(floor, color="k", ls="--", lw=1, label="floor (train vs test)")
+    ax.set_yscale("log")
+    ax.set_xlabel("training CPU time (min)")
+    ax.set_ylabel("classifier FID")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
