@@ -285,3 +285,11 @@ def test_benchmark_generator_learns_a_two_dim_task():
     samples, nfe = sampler.sample(x0, 10, "dopri5")
     assert nfe == 1 and samples.shape == (300, 2) and sampler.n_opt_steps == 50
     assert w2(samples, y) < 0.3 * w2(x0, y)  # 0.59 against 2.88 when written
+
+
+@pytest.mark.parametrize("backend", ["dense", "streaming", "multiscale"])
+def test_every_backend_gives_the_pot_velocity(backend):
+    x, x1, _ = _clouds()
+    options = SinkhornOptions(blur=BLUR, relative_blur=False, tol=1e-9, max_iter=20_000, backend=backend)
+    v = SinkhornDrift(sinkhorn=options).velocity(x, x1)
+    assert rel_err(v, _pot_velocity(x, x1, BLUR, "same")) <= 1e-6
