@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torchvision
+from harness.images import mnist_unit
 
 from torchcfm_nsgf import SinkhornOptions
 
@@ -23,8 +23,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=500)
     args = parser.parse_args()
-    data = torchvision.datasets.MNIST(args.data_root, train=True, download=False).data
-    x = data.float().div(127.5).sub(1).unsqueeze(1)
+    x, _ = mnist_unit(args.data_root)
     full = SinkhornOptions.scale_of(x[:20000])
     g = torch.Generator().manual_seed(0)
     ratios = torch.tensor(

@@ -19,8 +19,8 @@ import statistics
 import time
 
 import torch
-import torchvision
 from _report import emit  # benchmarks/, next to this script
+from harness.images import mnist_unit
 
 from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions
 
@@ -61,12 +61,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = p.parse_args()
     torch.set_num_threads(1)
-    try:
-        ds = torchvision.datasets.MNIST(args.data_root, train=True, download=False)
-    except RuntimeError as err:
-        raise SystemExit(f"MNIST not found under --data-root {args.data_root!r}: {err}") from None
-    x = ds.data[: args.images].float().div(127.5).sub(1).unsqueeze(1)
-    y = ds.targets[: args.images]
+    x, y = mnist_unit(args.data_root, args.images)
     lines = [
         f"End points of Sinkhorn flows (η = 1) from N(0, I) to batches of {args.batch} MNIST images, "
         f"{args.flows} flows per row, one thread. Distance of each end point to its nearest image of the batch "

@@ -25,8 +25,8 @@ import argparse
 import os
 
 import torch
-import torchvision
 from _report import emit  # benchmarks/, next to this script
+from harness.images import mnist_unit
 
 from torchcfm_nsgf.images.registry import make_method
 from torchcfm_nsgf.images.settings import NSGFSettings
@@ -72,8 +72,7 @@ def main() -> None:
     if args.n % 64:
         p.error("--n must be a multiple of 64")
     torch.set_num_threads(1)
-    mnist = torchvision.datasets.MNIST(args.data_root, train=True, download=False)
-    images = (mnist.data[: args.images + args.others].float() / 127.5 - 1.0).unsqueeze(1)
+    images, _ = mnist_unit(args.data_root, args.images + args.others)
     data, others = images[: args.images], images[args.images :].flatten(1)
     gen = torch.Generator().manual_seed(args.seed)
     x0 = torch.randn((args.n, *SHAPE), generator=gen)

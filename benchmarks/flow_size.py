@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from harness import BenchConfig, method_fn
-from harness.runner import claim, evaluate, run_file, write_json
+from harness.runner import claim, evaluate_snapshots, run_file, write_json
 
 from torchcfm_nsgf.datasets import TASKS
 from torchcfm_nsgf.metrics import w2
@@ -91,18 +91,9 @@ def run(task, method: str, seed: int, steps: int, width: int, eval_every: int, b
     trained = method_fn(method)(task, config, seed)
     evals_g = torch.Generator().manual_seed(seed + 3000)
     x0_eval, target = task.source(2000, evals_g), task.target(2000, evals_g)
-    evaluations = [
-        dict(
-            steps=s.steps,
-            cpu_s=s.cpu_s,
-            wall_s=s.wall_s,
-            loss=s.loss,
-            sinkhorn_s=s.stats["sinkhorn_s"],
-            flows=s.stats["flows"],
-            w2={int(k): v for k, v in evaluate(s, x0_eval, target, NFES)[0].items()},
-        )
-        for s in trained.snapshots
-    ]
+    evaluations = evaluate_snapshots(trained, x0_eval, target, NFES)
+    for e in evaluations:
+        e["w2"] = {int(k): v for k, v in e["w2"].items()}
     last = evaluations[-1]
     return dict(
         w2=last["w2"],

@@ -36,7 +36,7 @@ import time
 
 import torch
 from _report import emit
-from mnist import get_classifier
+from harness.images import get_classifier
 
 from torchcfm_nsgf import SinkhornCouplingMatcher, SinkhornFlowMatcher
 from torchcfm_nsgf.images import feature_frechet_distance, load_images

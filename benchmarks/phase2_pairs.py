@@ -25,8 +25,8 @@ import argparse
 import os
 
 import torch
-import torchvision
 from _report import emit  # benchmarks/, next to this script
+from harness.images import mnist_unit
 from torchcfm.optimal_transport import OTPlanSampler
 
 from torchcfm_nsgf import SinkhornFlowMatcher
@@ -60,12 +60,8 @@ def main() -> None:
     if args.big % args.batch or args.big > args.flows * args.batch:
         p.error("--big must be a multiple of --batch and at most --flows * --batch")
     torch.set_num_threads(1)
-    try:
-        ds = torchvision.datasets.MNIST(args.data_root, train=True, download=False)
-    except RuntimeError as err:
-        raise SystemExit(f"MNIST not found under --data-root {args.data_root!r}: {err}") from None
-    x = ds.data[: args.images].float().div(127.5).sub(1).unsqueeze(1)
-    others = ds.data[args.images : args.images + args.others].float().div(127.5).sub(1).flatten(1)
+    x, _ = mnist_unit(args.data_root, args.images)
+    others = mnist_unit(args.data_root, args.images + args.others, start=args.images)[0].flatten(1)
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the objective's pair draws use torch's global RNG
 

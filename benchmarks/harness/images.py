@@ -37,6 +37,7 @@ __all__ = [
     "get_classifier",
     "knn_precision_recall",
     "knn_radii",
+    "mnist_unit",
     "plot_curves",
 ]
 
@@ -104,6 +105,15 @@ def get_classifier(path: str, root: str, epochs: int = 2) -> tuple[Classifier, f
     acc = float((pred == test_set.labels).float().mean())
     atomic_save({"net": net.state_dict(), "test_accuracy": acc}, path)  # never half a classifier
     return net, acc
+
+
+def mnist_unit(
+    root: str, stop: int | None = None, start: int = 0, train: bool = True
+) -> tuple[Tensor, Tensor]:
+    """MNIST images ``[start, stop)`` of a split as the image loop sees them, in [-1, 1], shape (n, 1, 28, 28),
+    and their labels (n,)."""
+    data = load_images("mnist", root, train=train)
+    return to_unit_range(data.images[start:stop]), data.labels[start:stop]
 
 
 # ---------------------------------------------------------------------------------------------- metrics

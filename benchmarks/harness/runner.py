@@ -38,6 +38,7 @@ __all__ = [
     "RunSpec",
     "claim",
     "evaluate",
+    "evaluate_snapshots",
     "parse_methods",
     "run_file",
     "run_one",
@@ -137,22 +138,28 @@ def evaluate(sampler, x0: torch.Tensor, target: torch.Tensor, nfes: Iterable[int
     return scores, used
 
 
-def run_one(spec: RunSpec, config: BenchConfig, evals: EvalSet) -> dict:
-    """Train and score one run; its record (:data:`SCHEMA`). Raises :class:`NotApplicable` where it does not
-    apply."""
-    sampler = method_fn(spec.method)(get_task(spec.task), config, spec.seed)
-    scores, used = evaluate(sampler, evals.x0, evals.target, spec.nfes)
-    evaluations = [
+def evaluate_snapshots(sampler, x0: torch.Tensor, target: torch.Tensor, nfes: Iterable[int]) -> list[dict]:
+    """For each snapshot of ``sampler`` (none: an empty list): its ``steps``, ``cpu_s``, ``wall_s``, ``loss``,
+    matcher counters and ``w2`` at ``nfes`` (:func:`evaluate`)."""
+    return [
         dict(
             steps=s.steps,
             cpu_s=s.cpu_s,
             wall_s=s.wall_s,
             loss=s.loss,
             **s.stats,
-            w2=evaluate(s, evals.x0, evals.target, spec.nfes)[0],
+            w2=evaluate(s, x0, target, nfes)[0],
         )
         for s in getattr(sampler, "snapshots", [])
     ]
+
+
+def run_one(spec: RunSpec, config: BenchConfig, evals: EvalSet) -> dict:
+    """Train and score one run; its record (:data:`SCHEMA`). Raises :class:`NotApplicable` where it does not
+    apply."""
+    sampler = method_fn(spec.method)(get_task(spec.task), config, spec.seed)
+    scores, used = evaluate(sampler, evals.x0, evals.target, spec.nfes)
+    evaluations = evaluate_snapshots(sampler, evals.x0, evals.target, spec.nfes)
     steps = getattr(sampler, "n_opt_steps", None)
     cpu_s = getattr(sampler, "cpu_s", sampler.train_time_s if config.clock == "cpu" else None)
     wall_s = getattr(sampler, "wall_s", sampler.train_time_s if config.clock == "wall" else None)
