@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,13 @@ def publish(lines: list[str], out: str | os.PathLike | None = None) -> str:
     if out:
         Path(out).write_text(text)
     return text
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """``python benchmarks/<script> ARGS``: the command as given (``argv``, or this process's arguments)."""
+    return " ".join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def table_head(columns: list[str], align: str = "---") -> list[str]:
+    """The two header lines of a markdown table: ``| a | b |`` and ``|---|---|`` (``align`` per column)."""
+    return ["| " + " | ".join(columns) + " |", "|" + f"{align}|" * len(columns)]

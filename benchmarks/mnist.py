@@ -46,11 +46,11 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _report import command_line, table_head
 from harness.images import Classifier, FeatureScorer, get_classifier, plot_curves
 from harness.runner import claim, write_json
 
@@ -104,6 +104,8 @@ NAMES = {
     "fm": "FM",
     "rf": "RF",
     "coupling": "large coupling",
+    "drift": "SinkhornDrift (one step)",
+    "meanflow": "MeanFlow",
 }
 # NSGFSettings fields whose default is None, and the type of their values
 OPTIONAL_FIELDS = {"flow_size": int, "pool_max_bytes": int, "pool_path": str}
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     header = {
         "args": vars(args),
-        "command": "python benchmarks/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("mnist.py", argv),
         "machine": (
             torch.cuda.get_device_name(args.device)
             if args.device.startswith("cuda")
@@ -335,27 +337,33 @@ def train_config(args, name: str, settings: NSGFSettings, run_dir: str, train_st
     """The image loop's settings of one benchmark run (checkpoints only at the end of each call)."""
     return TrainConfig(
         dataset="mnist",
-        data_root=args.data_root,
         method=name,
         train_steps=train_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        ema_decay=args.ema_decay,
-        preset=args.preset,
-        seed=args.seed,
         ckpt_dir=run_dir,
         ckpt_every=10**9,
         resume=resume,
         time_budget_s=budget,
-        budget_clock=args.budget_clock,
         progress=False,
         log_every=500,
-        conditional=args.conditional,
-        cfg_dropout=args.cfg_dropout,
         nsgf=settings,
-        device=args.device,
+        **{k: getattr(args, k) for k in SHARED_FLAGS},
     )
+
+
+#: The command-line flags that are :class:`TrainConfig` fields of the same name.
+SHARED_FLAGS = (
+    "data_root",
+    "batch_size",
+    "lr",
+    "warmup",
+    "ema_decay",
+    "preset",
+    "seed",
+    "budget_clock",
+    "conditional",
+    "cfg_dropout",
+    "device",
+)
 
 
 class Scoring:
@@ -615,8 +623,7 @@ def report(folder: str) -> None:
             "",
             f"{title}{': ' + budget if budget else ''}",
             "",
-            "| method | steps | train time (wall / cpu) | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-            "|---|---|---|" + "---|" * len(nfes),
+            *table_head(["method", "steps", "train time (wall / cpu)", *(f"NFE {n}" for n in nfes)]),
         ]
         for r in rows:
             part = r["row"][key]
@@ -686,8 +693,7 @@ def curve_tables(runs: list[dict], nfes: list[int], folder: str, floor: float) -
             "",
             f"NFE {n}:",
             "",
-            "| method | " + " | ".join(f"{m:g} min" for m in minutes) + " |",
-            "|---|" + "---|" * len(minutes),
+            *table_head(["method", *(f"{m:g} min" for m in minutes)]),
             *rows,
         ]
         png = f"curves_nfe{n}.png"

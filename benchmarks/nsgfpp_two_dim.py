@@ -27,6 +27,7 @@ import sys
 import time
 
 import torch
+from _report import command_line
 from harness import BenchConfig, method_fn, train_nsgfpp
 from harness.runner import evaluate
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     totals = [int(n) for n in args.totals.split(",")]
     phase1 = parse_phase1(args.phase1)
 
-    cmd = "python benchmarks/nsgfpp_two_dim.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = command_line("nsgfpp_two_dim.py", argv)
     lines = [
         "# NSGF++ on 2D: phase-2 variants and phase-1 lengths, next to NSGF and the baselines",
         "",

@@ -13,21 +13,12 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (torchcfm_nsgf.toy's shim)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.loop import (  # noqa: E402
-    Sampler,
-    TrainedField,
-    make_conditional_model,
-    make_model,
-    train_flow_matching,
-)
-from harness.methods import train_nsgf, train_nsgfpp  # noqa: E402
+import harness  # noqa: E402
 
-__all__ = [
-    "Sampler",
-    "TrainedField",
-    "make_conditional_model",
-    "make_model",
-    "train_flow_matching",
-    "train_nsgf",
-    "train_nsgfpp",
-]
+Sampler = harness.Sampler
+TrainedField = harness.TrainedField
+make_conditional_model = harness.make_conditional_model
+make_model = harness.make_model
+train_flow_matching = harness.train_flow_matching
+train_nsgf = harness.train_nsgf
+train_nsgfpp = harness.train_nsgfpp

@@ -31,11 +31,10 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
-from _report import publish  # benchmarks/, next to this script
+from _report import command_line, publish, table_head  # benchmarks/, next to this script
 from harness import BenchConfig, method_fn, train_nsgfpp
 
 from torchcfm_nsgf.datasets import get_task
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = [run_seed(task, s, args, nfes) for s in seeds]
     wall = time.perf_counter() - start
 
-    cmd = "python benchmarks/two_dim_conditional.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = command_line("two_dim_conditional.py", argv)
     lines = [
         "# Class-conditional 2D: conditional NSGF, NSGF++, guided OT-CFM and I-CFM, W2 per class",
         "",
@@ -194,8 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"## Summary: class-mean W2, mean ± std over {len(seeds)} seed(s)",
         "",
-        "| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-        "|---|" + "---|" * len(nfes),
+        *table_head(["method", *(f"NFE {n}" for n in nfes)]),
     ]
     for name in METHODS:
         cells = []
