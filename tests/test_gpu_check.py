@@ -67,7 +67,7 @@ def test_throughput_covers_every_registered_method(smoke) -> None:
     out, _ = smoke
     part = _part(out, "a_throughput.json")
     rows = {r["method"]: r for r in part["rows"]}
-    assert list(rows) == list(available_methods())
+    assert sorted(rows) == sorted(available_methods()) and list(rows)[:2] == ["otcfm", "nsgf++"]
     for name, r in rows.items():
         assert "error" not in r, (name, r.get("traceback"))
         assert r["timed_steps"] == gpu_check.SMOKE.window, name
@@ -126,7 +126,7 @@ def test_readme_has_the_tables_and_lists_every_method(smoke) -> None:
     assert [s.split("\n", 1)[0][:3] for s in sections[1:]] == ["(a)", "(b)", "(c)"]
     for section in (sections[1], sections[3]):
         table = [line for line in section.splitlines() if line.startswith("| ")]
-        assert [line.split(" | ")[0][2:] for line in table[1:]] == list(available_methods())
+        assert sorted(line.split(" | ")[0][2:] for line in table[1:]) == sorted(available_methods())
     assert "nan" not in text.lower()
 
 
