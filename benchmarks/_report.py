@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,10 @@ def command_line(script: str, argv: list[str] | None = None) -> str:
 def table_head(columns: list[str], align: str = "---") -> list[str]:
     """The two header lines of a markdown table: ``| a | b |`` and ``|---|---|`` (``align`` per column)."""
     return ["| " + " | ".join(columns) + " |", "|" + f"{align}|" * len(columns)]
+
+
+def machine() -> str:
+    """The processor (or architecture) and torch version, as the tables' setup lines name the machine."""
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, torch {torch.__version__}"

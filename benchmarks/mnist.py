@@ -51,14 +51,13 @@ from pathlib import Path
 
 import torch
 from _report import command_line, table_head
-from harness.images import Classifier, FeatureScorer, get_classifier, plot_curves
+from harness.images import Classifier, FeatureScorer, frechet_distance, get_classifier, plot_curves
 from harness.runner import claim, write_json
 
 from torchcfm_nsgf.images import (
     NSGFSettings,
     TrainConfig,
     available_methods,
-    feature_frechet_distance,
     generate,
     load_images,
     train,
@@ -76,14 +75,18 @@ class ClassScores:
 
     def __init__(self, classifier: Classifier, test, train_imgs, k: int) -> None:
         self.classifier, self.k = classifier, k
-        self.real = [self._first(test, c) for c in range(10)]
+        self.real = [self._features(self._first(test, c)) for c in range(10)]
         self.floor = sum(self._fid(self._first(train_imgs, c), c) for c in range(10)) / 10
 
     def _first(self, data, c: int) -> torch.Tensor:
         return to_unit_range(data.images[torch.nonzero(data.labels == c).flatten()[: self.k]])
 
+    @torch.no_grad()
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.classifier.features(b) for b in images.split(500)])
+
     def _fid(self, fake: torch.Tensor, c: int) -> float:
-        return feature_frechet_distance(self.classifier.features, [self.real[c]], [fake], num_features=128)
+        return frechet_distance(self.real[c], self._features(fake))
 
     @torch.no_grad()
     def __call__(self, samples: torch.Tensor, labels: torch.Tensor) -> dict:

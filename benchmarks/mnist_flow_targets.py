@@ -31,11 +31,10 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 
 import torch
-from _report import emit
+from _report import emit, machine, table_head
 from harness.images import get_classifier
 
 from torchcfm_nsgf import SinkhornCouplingMatcher, SinkhornFlowMatcher
@@ -102,12 +101,22 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     lines = [
         f"MNIST, `{matcher_cls.__name__}()` image defaults, {args.n_eval} end points per size, seed {args.seed}, "
-        f"one torch thread, {platform.processor() or platform.machine()}, torch {torch.__version__}. "
+        f"one torch thread, {machine()}. "
         f"Median nearest-neighbour distance between training images: {nn_scale:.2f}.",
         "",
-        "| flow of N images | flows | classifier FID of X_T | of the flows' targets | end point to nearest "
-        "target / NN scale (median) | targets used | transport cost | CPU s per flow |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *table_head(
+            [
+                "flow of N images",
+                "flows",
+                "classifier FID of X_T",
+                "of the flows' targets",
+                "end point to nearest target / NN scale (median)",
+                "targets used",
+                "transport cost",
+                "CPU s per flow",
+            ],
+            "---:",
+        ),
     ]
     for r in rows:
         lines.append(

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
-from _report import emit
+from _report import emit, machine
 from harness import BenchConfig
 from harness.methods import train_torchcfm
 
@@ -172,11 +171,10 @@ def main() -> None:
             rows.append(end_points(task, args, blur, dict(task=name, floor=floor), target, reference, radius))
             print(json.dumps(rows[-1]), flush=True)
     lines = [
-        f"Flows of {args.flow_size}, {args.steps} steps, seed {args.seed}, one torch thread, "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}.",
+        f"Flows of {args.flow_size}, {args.steps} steps, seed {args.seed}, one torch thread, {machine()}.",
         "",
         "| task | row | W2 NFE 1 | W2 NFE 2 | W2 NFE 10 | NFE 2 / floor | off support (NFE 2) | CPU s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|" + "---:|" * 6,
     ]
     for r in rows:
         lines.append(
