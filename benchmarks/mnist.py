@@ -51,13 +51,20 @@ from pathlib import Path
 
 import torch
 from _report import command_line, table_head
-from harness.images import Classifier, FeatureScorer, frechet_distance, get_classifier, plot_curves
+from harness.images import (
+    Classifier,
+    FeatureScorer,
+    frechet_distance,
+    get_classifier,
+    parse_method,
+    plot_curves,
+    slug,
+)
 from harness.runner import claim, write_json
 
 from torchcfm_nsgf.images import (
     NSGFSettings,
     TrainConfig,
-    available_methods,
     generate,
     load_images,
     train,
@@ -97,78 +104,6 @@ class ClassScores:
             "per_class_fid": sum(fids) / 10,
             "class_fids": fids,
         }
-
-
-NAMES = {
-    "nsgf++": "NSGF++",
-    "otcfm": "OT-CFM",
-    "icfm": "I-CFM",
-    "nsgf": "NSGF",
-    "fm": "FM",
-    "rf": "RF",
-    "coupling": "large coupling",
-    "drift": "SinkhornDrift (one step)",
-    "meanflow": "MeanFlow",
-}
-# NSGFSettings fields whose default is None, and the type of their values
-OPTIONAL_FIELDS = {"flow_size": int, "pool_max_bytes": int, "pool_path": str}
-
-
-# the spec keys of NSGF++'s options before they became one object (NSGFSettings.nsgfpp)
-OLD_NSGFPP_KEYS = {
-    "phase1_steps": "nsgfpp.flow_steps",
-    "phase1_step_size": "nsgfpp.step_size",
-    "phase2": "nsgfpp.phase2",
-    "phase1_batch_fraction": "nsgfpp.phase1_batch_fraction",
-    "endpoints": "nsgfpp.endpoints",
-}
-
-
-def parse_method(spec: str, base: NSGFSettings) -> tuple[str, NSGFSettings, str]:
-    """``name[:field=value...]`` -> (method name, settings, label)."""
-    name, *pairs = spec.split(":")
-    if name not in available_methods():
-        raise SystemExit(f"method {name!r} is not available here (available: {available_methods()})")
-    changes = {}
-    nsgfpp = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key == "blur":  # the Sinkhorn blur, relative to the data's RMS radius
-            changes["sinkhorn"] = dataclasses.replace(base.sinkhorn, blur=float(value))
-            continue
-        key = OLD_NSGFPP_KEYS.get(key, key)
-        if key.startswith("nsgfpp."):  # a field of NSGF++'s options
-            field_name = key.removeprefix("nsgfpp.")
-            current = getattr(base.nsgfpp, field_name)
-            nsgfpp[field_name] = value if isinstance(current, str) else type(current)(value)
-            continue
-        if key not in {f.name for f in dataclasses.fields(NSGFSettings)} or key in ("sinkhorn", "nsgfpp"):
-            raise SystemExit(f"{spec!r}: {key!r} is not an NSGFSettings field (or blur, or nsgfpp.FIELD)")
-        current = getattr(base, key)
-        kind = OPTIONAL_FIELDS.get(key, str) if current is None else type(current)
-        changes[key] = kind(value)
-    if nsgfpp:
-        changes["nsgfpp"] = base.nsgfpp.replace(**nsgfpp)
-    settings = dataclasses.replace(base, **changes)
-    label = NAMES.get(name, name)
-    if name == "nsgf++":
-        s = settings.nsgfpp
-        label += f" `{s.phase2}` (T={s.flow_steps}, η={s.step_size:g})"
-        if s.phase1_batch_fraction != 1:
-            label += f", NSGF field on {s.phase1_batch_fraction:g} of each batch"
-        if s.phase2 != "paper":
-            label += f", {s.endpoints} X_T"
-    elif name == "nsgf":
-        label += f" (T={settings.flow_steps}, η={settings.step_size:g}, {settings.path})"
-    if name in ("nsgf", "nsgf++", "coupling"):
-        label += f", blur {settings.sinkhorn.blur:g}"
-        if settings.flow_size is not None:
-            label += f", flows of {settings.flow_size}"
-    return name, settings, label
-
-
-def slug(spec: str) -> str:
-    return spec.replace("+", "p").replace(":", "_").replace("=", "")
 
 
 def build_parser() -> argparse.ArgumentParser:

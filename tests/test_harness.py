@@ -263,3 +263,43 @@ def test_nsgfpp_with_ema_and_a_cpu_budget() -> None:
     assert used == plain.sample(x0, 1)[1]
     if sampler.n_opt_steps > 1:
         assert not torch.equal(ema_samples, plain.sample(x0, 1)[0])
+
+
+def test_study_command_runs_resumes_and_reports(tmp_path: Path, capsys) -> None:
+    import study
+
+    argv = [
+        "--tasks",
+        "gaussian-moons",
+        "--methods",
+        "otcfm@1,2",
+        "2rf@1",
+        "--seeds",
+        "2",
+        "--train-steps",
+        "3",
+        "--ema",
+        "0.9",
+        "--width",
+        "16",
+        "--n-eval",
+        "64",
+        "--out-dir",
+        str(tmp_path / "runs"),
+    ]
+    study.main(argv)
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*.json")) == [
+        "gaussian-moons_2rf_seed0.json",
+        "gaussian-moons_2rf_seed1.json",
+        "gaussian-moons_otcfm_seed0.json",
+        "gaussian-moons_otcfm_seed1.json",
+    ]
+    capsys.readouterr()
+    study.main(argv)  # every run is finished: nothing is trained again
+    assert capsys.readouterr().out == ""
+    study.main(["--report", str(tmp_path / "runs"), "--out", str(tmp_path / "study.md")])
+    text = (tmp_path / "study.md").read_text()
+    runs = load_runs([tmp_path / "runs"])
+    mean = sum(r["w2"]["2"] for r in runs if r["method"] == "otcfm") / 2
+    assert f"{mean:.3f}" in text and "2-RF (one reflow) @1" in text and "EMA 0.9 weights" in text
+    assert all(r["config"]["ema"] == 0.9 and r["steps"] == 3 for r in runs)

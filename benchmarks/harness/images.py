@@ -19,6 +19,7 @@ images, with the floor of 10 000 training images against the same test images; 2
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from torchcfm_nsgf._io import atomic_save
-from torchcfm_nsgf.images import load_images
+from torchcfm_nsgf.images import NSGFSettings, available_methods, load_images
 from torchcfm_nsgf.images.data import to_unit_range
 
 __all__ = [
@@ -38,7 +39,9 @@ __all__ = [
     "knn_precision_recall",
     "knn_radii",
     "mnist_unit",
+    "parse_method",
     "plot_curves",
+    "slug",
 ]
 
 #: The k of the k-NN manifolds (Kynkäänniemi et al. 2019 use k = 3).
@@ -206,6 +209,82 @@ class FeatureScorer:
         fake = self.embed(images)
         precision, recall = knn_precision_recall(self.real, fake, self.k, real_radii=self.real_radii)
         return {"classifier_fid": frechet_distance(self.real, fake), "precision": precision, "recall": recall}
+
+
+# ---------------------------------------------------------------------------------------------- methods
+#: The image methods' names in tables. A method spec is ``name[:field=value...]``: any method of the image
+#: loop's registry (``torchcfm_nsgf.images.available_methods()``, where a new image method registers once)
+#: with :class:`~torchcfm_nsgf.images.NSGFSettings` fields, ``blur`` or ``nsgfpp.FIELD`` (:func:`parse_method`).
+NAMES = {
+    "nsgf++": "NSGF++",
+    "otcfm": "OT-CFM",
+    "icfm": "I-CFM",
+    "nsgf": "NSGF",
+    "fm": "FM",
+    "rf": "RF",
+    "coupling": "large coupling",
+    "drift": "SinkhornDrift (one step)",
+    "meanflow": "MeanFlow",
+}
+# NSGFSettings fields whose default is None, and the type of their values
+OPTIONAL_FIELDS = {"flow_size": int, "pool_max_bytes": int, "pool_path": str}
+
+
+# the spec keys of NSGF++'s options before they became one object (NSGFSettings.nsgfpp)
+OLD_NSGFPP_KEYS = {
+    "phase1_steps": "nsgfpp.flow_steps",
+    "phase1_step_size": "nsgfpp.step_size",
+    "phase2": "nsgfpp.phase2",
+    "phase1_batch_fraction": "nsgfpp.phase1_batch_fraction",
+    "endpoints": "nsgfpp.endpoints",
+}
+
+
+def parse_method(spec: str, base: NSGFSettings) -> tuple[str, NSGFSettings, str]:
+    """``name[:field=value...]`` -> (method name, settings, label)."""
+    name, *pairs = spec.split(":")
+    if name not in available_methods():
+        raise SystemExit(f"method {name!r} is not available here (available: {available_methods()})")
+    changes = {}
+    nsgfpp = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key == "blur":  # the Sinkhorn blur, relative to the data's RMS radius
+            changes["sinkhorn"] = dataclasses.replace(base.sinkhorn, blur=float(value))
+            continue
+        key = OLD_NSGFPP_KEYS.get(key, key)
+        if key.startswith("nsgfpp."):  # a field of NSGF++'s options
+            field_name = key.removeprefix("nsgfpp.")
+            current = getattr(base.nsgfpp, field_name)
+            nsgfpp[field_name] = value if isinstance(current, str) else type(current)(value)
+            continue
+        if key not in {f.name for f in dataclasses.fields(NSGFSettings)} or key in ("sinkhorn", "nsgfpp"):
+            raise SystemExit(f"{spec!r}: {key!r} is not an NSGFSettings field (or blur, or nsgfpp.FIELD)")
+        current = getattr(base, key)
+        kind = OPTIONAL_FIELDS.get(key, str) if current is None else type(current)
+        changes[key] = kind(value)
+    if nsgfpp:
+        changes["nsgfpp"] = base.nsgfpp.replace(**nsgfpp)
+    settings = dataclasses.replace(base, **changes)
+    label = NAMES.get(name, name)
+    if name == "nsgf++":
+        s = settings.nsgfpp
+        label += f" `{s.phase2}` (T={s.flow_steps}, η={s.step_size:g})"
+        if s.phase1_batch_fraction != 1:
+            label += f", NSGF field on {s.phase1_batch_fraction:g} of each batch"
+        if s.phase2 != "paper":
+            label += f", {s.endpoints} X_T"
+    elif name == "nsgf":
+        label += f" (T={settings.flow_steps}, η={settings.step_size:g}, {settings.path})"
+    if name in ("nsgf", "nsgf++", "coupling"):
+        label += f", blur {settings.sinkhorn.blur:g}"
+        if settings.flow_size is not None:
+            label += f", flows of {settings.flow_size}"
+    return name, settings, label
+
+
+def slug(spec: str) -> str:
+    return spec.replace("+", "p").replace(":", "_").replace("=", "")
 
 
 # ---------------------------------------------------------------------------------------------- plots
