@@ -101,7 +101,7 @@ PARTS = {
 }
 #: The order the parts run in: the engine last, since one solve cannot be stopped halfway.
 ORDER = ("a", "c", "b")
-#: Methods timed first in part (a), so that the time guard never drops the comparison the issue is about.
+#: Methods timed first in part (a), so that the time guard never drops the comparison BENCHMARKS.md tracks.
 FIRST = ("otcfm", "nsgf++")
 #: Seconds before the total at which the watchdog writes the README and stops the process.
 WATCHDOG_MARGIN_S = 5.0

@@ -52,6 +52,7 @@ def _part(out: Path, name: str) -> dict:
     return json.loads((out / name).read_text())
 
 
+@pytest.mark.slow
 def test_smoke_writes_one_folder_with_every_part(smoke) -> None:
     out, wall = smoke
     assert sorted(p.name for p in out.iterdir()) == FILES  # no temporaries left beside them
@@ -63,6 +64,7 @@ def test_smoke_writes_one_folder_with_every_part(smoke) -> None:
     assert _part(out, "a_throughput.json")["environment"]["total_wall_s"] <= wall
 
 
+@pytest.mark.slow
 def test_throughput_covers_every_registered_method(smoke) -> None:
     out, _ = smoke
     part = _part(out, "a_throughput.json")
@@ -83,6 +85,7 @@ def test_throughput_covers_every_registered_method(smoke) -> None:
         assert rows[name]["passes_per_step"] == 1.0 and rows[name]["calls_per_step"] == 1.0
 
 
+@pytest.mark.slow
 def test_engine_solves_both_sizes_to_tolerance(smoke) -> None:
     out, _ = smoke
     part = _part(out, "b_engine.json")
@@ -96,6 +99,7 @@ def test_engine_solves_both_sizes_to_tolerance(smoke) -> None:
     assert _finite(part["rows"][1]["predicted_s"])
 
 
+@pytest.mark.slow
 def test_mnist_scores_every_method_at_every_nfe_it_accepts(smoke) -> None:
     out, _ = smoke
     part = _part(out, "c_mnist.json")
@@ -117,6 +121,7 @@ def test_mnist_scores_every_method_at_every_nfe_it_accepts(smoke) -> None:
         assert "classifier_fid" in rows["otcfm"]["scores"][str(nfe)], nfe
 
 
+@pytest.mark.slow
 def test_readme_has_the_tables_and_lists_every_method(smoke) -> None:
     out, _ = smoke
     text = (out / "README.md").read_text()
