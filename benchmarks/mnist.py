@@ -32,7 +32,8 @@ merges a folder's JSON files into a markdown table.
         --equal-steps 3000 --out-dir benchmarks/results/mnist
     python benchmarks/mnist.py --report benchmarks/results/mnist
     python benchmarks/mnist.py --methods nsgf++,nsgf,otcfm,icfm --curve-minutes 15,30,60,120 --resume auto \
-        --threads 1 --seed 0 --out-dir benchmarks/results/mnist_curves
+        --seeds 0,1 --threads 1 --out-dir benchmarks/results/mnist_curves   # twice, side by side: they share the runs
+    python benchmarks/mnist.py --report benchmarks/results/mnist_curves
 """
 
 from __future__ import annotations
@@ -153,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training and sampling"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="with --curve-minutes: these seeds (comma-separated), one run per method and seed; the same "
+        "command in several processes shares the runs",
+    )
     p.add_argument("--classifier", default=os.path.join(HERE, "results", "mnist_classifier.pt"))
     p.add_argument("--out-dir", default=os.path.join(HERE, "results", "mnist"))
     p.add_argument(
@@ -207,8 +214,8 @@ def main(argv: list[str] | None = None) -> None:
             p.error("--curve-minutes must be increasing positive minutes, e.g. 15,30,60,120")
         if args.equal_steps or args.score_kept:
             p.error("--curve-minutes replaces --equal-steps and --score-kept")
-    elif args.resume != "no":
-        p.error("--resume auto goes with --curve-minutes")
+    elif args.resume != "no" or args.seeds:
+        p.error("--resume auto and --seeds go with --curve-minutes")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     base = NSGFSettings(pool_capacity=args.pool_capacity)
@@ -258,10 +265,14 @@ def main(argv: list[str] | None = None) -> None:
         "floor_scores": floor_scores,
     }
     scorer = Scoring(args, score, nfes, scales, per_class)
+    if minutes is not None:
+        for seed in [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]:
+            args.seed = seed
+            for name, settings, label, spec in methods:
+                run = {**header, "args": dict(vars(args))}
+                run_curve(args, name, settings, label, spec, train_imgs, scorer, minutes, run)
+        return
     for name, settings, label, spec in methods:
-        if minutes is not None:
-            run_curve(args, name, settings, label, spec, train_imgs, scorer, minutes, header)
-            continue
         row = run_method(args, name, settings, label, spec, train_imgs, scorer)
         write_json(Path(args.out_dir) / (slug(spec) + ".json"), {**header, "row": row})
 
