@@ -24,8 +24,9 @@ the README and stops the process a few seconds before the total is spent.
 (c) **MNIST at equal wall time**: every method trains ``mnist_seconds`` (90 s) of wall time from scratch
     (``mnist`` UNet preset, batch 128, Adam 2e-4, warm-up 200, EMA 0.995, as BENCHMARKS §5b), all methods at
     the same time, one process each, on the one GPU; the EMA weights are scored at NFE 1, 2 and 10 (where the
-    method accepts the NFE) by the classifier FID of ``benchmarks/mnist.py`` (its seeded classifier; the
-    floor is ``n_eval`` training images against as many test images). Without MNIST under ``--data-root``
+    method accepts the NFE) by the MNIST benchmark's scorer (``benchmarks/harness/images.py``: classifier FID,
+    k-NN precision and recall in the features of its seeded classifier, 10 000 generated against the 10 000
+    test images; the floor is 10 000 training images against them). Without MNIST under ``--data-root``
     the part is skipped and the README says why.
 
 ``--smoke`` runs the same code at tiny sizes on the CPU (``tests/test_gpu_check.py``).
@@ -84,7 +85,6 @@ from torchcfm_nsgf.images import (
     NSGFSettings,
     TrainConfig,
     available_methods,
-    feature_frechet_distance,
     generate,
     load_images,
     make_method,
@@ -633,14 +633,32 @@ def summary_b(row: dict[str, Any]) -> str:
 # (c) MNIST at equal wall time
 
 
-def classifier_tools() -> tuple[Any, str | None]:
-    """``benchmarks/mnist.py``'s ``get_classifier``, or None and the reason it cannot be used."""
-    sys.path.insert(0, HERE)
+def scorer_tools() -> tuple[Any, Any, str | None]:
+    """The MNIST benchmark's scorer (``benchmarks/harness/images.py``: ``get_classifier``, ``FeatureScorer``),
+    or None, None and the reason it cannot be used."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
     try:
-        from mnist import get_classifier
+        from harness.images import FeatureScorer, get_classifier
     except Exception as err:  # noqa: BLE001 - the part then trains and reports steps without scores
-        return None, f"benchmarks/mnist.py's get_classifier could not be imported ({error_text(err)})"
-    return get_classifier, None
+        return None, None, f"benchmarks/harness/images.py's scorer could not be imported ({error_text(err)})"
+    return get_classifier, FeatureScorer, None
+
+
+def make_scorer(feature_scorer: Any, classifier: Any, real: torch.Tensor, device: str) -> Any:
+    """``FeatureScorer`` of the classifier's features computed on ``device`` in float32 (cuDNN's TF32
+    convolutions would shift them): ``scorer(images) -> {classifier_fid, precision, recall}``."""
+    classifier = classifier.to(device)
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            return classifier.features(x.to(device))
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+
+    return feature_scorer(features, real)
 
 
 class MnistWorkers:
@@ -727,26 +745,15 @@ def part_mnist(run: Run, data_root: str, classifier_path: str, workers: MnistWor
     train_set = load_images("mnist", data_root)
     test_set = load_images("mnist", data_root, train=False)
     part["n_eval"] = n_eval = min(sizes.n_eval, len(train_set), len(test_set))
-    get_classifier, why_not = classifier_tools()
+    get_classifier, feature_scorer, why_not = scorer_tools()
     if get_classifier is not None:
         try:
             t = time.perf_counter()
             classifier, accuracy = get_classifier(classifier_path, data_root)
             part.update(classifier_accuracy=accuracy, classifier_s=time.perf_counter() - t)
-            real = to_unit_range(test_set.images[:n_eval])
-            fake = to_unit_range(train_set.images[:n_eval])
-            tf32 = torch.backends.cudnn.allow_tf32
-            torch.backends.cudnn.allow_tf32 = False  # float32 features, as the workers score
-            try:
-                part["floor"] = feature_frechet_distance(
-                    classifier.to(device).features,
-                    real.split(500),
-                    fake.split(500),
-                    num_features=128,
-                    device=device,
-                )
-            finally:
-                torch.backends.cudnn.allow_tf32 = tf32
+            scorer = make_scorer(feature_scorer, classifier, to_unit_range(test_set.images[:n_eval]), device)
+            part["floor_scores"] = scorer(to_unit_range(train_set.images[:n_eval]))
+            part["floor"] = part["floor_scores"]["classifier_fid"]
         except Exception as err:  # noqa: BLE001 - reported; the workers then train without scoring
             why_not = f"the classifier could not be built ({error_text(err)})"
     if why_not is not None:
@@ -804,7 +811,7 @@ def mnist_worker(work: str, methods: list[str], data_root: str) -> None:
     torch.set_num_threads(sizes.worker_threads)
     spec["n_eval"] = min(sizes.n_eval, len(train_set), len(test_images))  # as the parent computes it
     real = to_unit_range(test_images[: spec["n_eval"]])
-    classifier = None
+    scorer = None
     for method in methods:
         path = os.path.join(work, f"{slug(method)}.json")
         row: dict[str, Any] = {"method": method, "status": "training"}
@@ -829,15 +836,15 @@ def mnist_worker(work: str, methods: list[str], data_root: str) -> None:
             result = train(config, data=train_set)
             row.update(steps=result.step, train_wall_s=result.wall_time_s, status="scoring", scores={})
             write_text(path, json.dumps(row))
-            if classifier is None:
-                classifier, why_not = wait_for_classifier(spec)
-                if classifier is None:
+            if scorer is None:
+                scorer, why_not = wait_for_scorer(spec, real)
+                if scorer is None:
                     row["unscored"] = why_not
             for nfe in sorted(sizes.nfes, reverse=True):  # NFE 10 first: the one most worth its time
                 if time.time() > spec["deadline"]:
                     row["scores"][str(nfe)] = {"note": "not scored: the part's budget was spent"}
                     continue
-                row["scores"][str(nfe)] = score(result, nfe, classifier, real, spec)
+                row["scores"][str(nfe)] = score(result, nfe, scorer, spec)
                 write_text(path, json.dumps(row))
             row["status"] = "done"
         except Exception as err:  # noqa: BLE001 - reported in the table; the next method still runs
@@ -847,23 +854,25 @@ def mnist_worker(work: str, methods: list[str], data_root: str) -> None:
         free_memory(spec["device"])
 
 
-def wait_for_classifier(spec: dict[str, Any]) -> tuple[Any, str | None]:
-    """The classifier the parent process builds (loaded once it is written), or None and why."""
-    get_classifier, why_not = classifier_tools()
+def wait_for_scorer(spec: dict[str, Any], real: torch.Tensor) -> tuple[Any, str | None]:
+    """The scorer of the classifier the parent process builds (once it is written), or None and why."""
+    get_classifier, feature_scorer, why_not = scorer_tools()
     while get_classifier is not None:
         if os.path.isfile(spec["classifier_failed"]):
             with open(spec["classifier_failed"]) as f:
                 return None, f.read()
         if os.path.isfile(spec["classifier"]):
-            return get_classifier(spec["classifier"], spec["data_root"])[0].to(spec["device"]), None
+            classifier = get_classifier(spec["classifier"], spec["data_root"])[0]
+            return make_scorer(feature_scorer, classifier, real, spec["device"]), None
         if time.time() > spec["deadline"]:
             return None, "the classifier was not ready within the part's budget"
         time.sleep(0.2)
     return None, why_not
 
 
-def score(result: Any, nfe: int, classifier: Any, real: torch.Tensor, spec: dict[str, Any]) -> dict[str, Any]:
-    """Classifier FID of ``n_eval`` EMA samples at ``nfe``; a method that refuses the NFE says why."""
+def score(result: Any, nfe: int, scorer: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """Classifier FID, precision and recall of ``n_eval`` EMA samples at ``nfe``; a method that refuses the
+    NFE says why."""
     t = time.perf_counter()
     try:
         gen = generate(
@@ -879,20 +888,8 @@ def score(result: Any, nfe: int, classifier: Any, real: torch.Tensor, spec: dict
     except ValueError as err:  # e.g. NSGF++ needs T + 1 calls at least
         return {"note": f"not applicable: {err}"}
     out: dict[str, Any] = {"nfe": gen.total_nfe, "breakdown": gen.nfe}
-    if classifier is not None:
-        # the classifier's features in float32 on the device (cuDNN's TF32 convolutions would shift them)
-        tf32 = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            out["classifier_fid"] = feature_frechet_distance(
-                classifier.features,
-                real.split(500),
-                gen.samples.split(500),
-                num_features=128,
-                device=spec["device"],
-            )
-        finally:
-            torch.backends.cudnn.allow_tf32 = tf32
+    if scorer is not None:
+        out.update(scorer(gen.samples))
     out["sample_and_score_s"] = time.perf_counter() - t
     return out
 
@@ -1000,6 +997,12 @@ def readme_b(part: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def floor_text(scores: dict[str, float] | None) -> str:
+    if not scores:
+        return "—"
+    return f"FID {scores['classifier_fid']:.2f}; P {scores['precision']:.2f} / R {scores['recall']:.2f}"
+
+
 def readme_c(part: dict[str, Any], sizes: Sizes) -> list[str]:
     lines = [f"## {part['title']}", ""]
     if "skipped" in part:
@@ -1008,10 +1011,11 @@ def readme_c(part: dict[str, Any], sizes: Sizes) -> list[str]:
         f"Every registered method trained {fmt(part.get('train_seconds'), 1)} s of wall time (pool warm-up included) from "
         f"scratch, all at the same time ({part.get('processes', '?')} process(es) on one device); UNet preset "
         f"`{sizes.mnist_preset}`, batch {sizes.mnist_batch}, Adam 2e-4, warm-up {sizes.mnist_warmup}, EMA "
-        f"{sizes.mnist_ema}. EMA weights, Euler sampling; classifier FID (`benchmarks/mnist.py`'s seeded "
-        f"classifier, test accuracy {fmt(part.get('classifier_accuracy'), 4)}; not FID) of {part.get('n_eval')} "
-        f"generated against {part.get('n_eval')} test images. Floor ({part.get('n_eval')} training against "
-        f"{part.get('n_eval')} test images): {fmt(part.get('floor'))}. A cell reads FID (NFE breakdown).",
+        f"{sizes.mnist_ema}. EMA weights, Euler sampling; scored by `benchmarks/harness/images.py` (the seeded "
+        f"classifier of `benchmarks/mnist.py`, test accuracy {fmt(part.get('classifier_accuracy'), 4)}): "
+        f"classifier FID (not FID), k-NN precision P and recall R of {part.get('n_eval')} generated against "
+        f"{part.get('n_eval')} test images. Floor ({part.get('n_eval')} training against {part.get('n_eval')} "
+        f"test images): {floor_text(part.get('floor_scores'))}. A cell reads FID (NFE breakdown); P / R.",
         "",
     ]
     if "unscored" in part:
@@ -1031,7 +1035,7 @@ def readme_c(part: dict[str, Any], sizes: Sizes) -> list[str]:
             elif "classifier_fid" in s:
                 parts = list(s["breakdown"].values())
                 detail = "" if len(parts) == 1 else " (" + "+".join(str(v) for v in parts) + ")"
-                cells.append(f"{s['classifier_fid']:.2f}{detail}")
+                cells.append(f"{s['classifier_fid']:.2f}{detail}; {s['precision']:.2f} / {s['recall']:.2f}")
             else:
                 cells.append(s.get("note", "—").split(":")[0])
         notes = [r.get("error"), r.get("note"), r.get("unscored")]

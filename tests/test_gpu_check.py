@@ -104,6 +104,8 @@ def test_mnist_scores_every_method_at_every_nfe_it_accepts(smoke) -> None:
     out, _ = smoke
     part = _part(out, "c_mnist.json")
     assert _finite(part["floor"]) and 0 <= part["classifier_accuracy"] <= 1
+    assert part["floor_scores"]["classifier_fid"] == part["floor"]
+    assert 0 <= part["floor_scores"]["precision"] <= 1 and 0 <= part["floor_scores"]["recall"] <= 1
     rows = {r["method"]: r for r in part["rows"]}
     assert list(rows) == list(available_methods())
     for name, r in rows.items():
@@ -113,6 +115,7 @@ def test_mnist_scores_every_method_at_every_nfe_it_accepts(smoke) -> None:
         for nfe, s in r["scores"].items():
             if "classifier_fid" in s:
                 assert _finite(s["classifier_fid"]) and s["classifier_fid"] >= 0, (name, nfe)
+                assert 0 <= s["precision"] <= 1 and 0 <= s["recall"] <= 1, (name, nfe)
                 assert s["nfe"] == int(nfe), (name, s)  # the sampler spent exactly the NFE asked for
             else:
                 assert s["note"].startswith("not applicable"), (name, nfe, s)
