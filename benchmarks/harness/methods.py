@@ -184,6 +184,7 @@ def method_fn(name: str) -> MethodFn:
 
 
 def label_of(name: str) -> str:
+    """The table label of ``name`` (a family member's from its family's format; else the name itself)."""
     if name in LABELS:
         return LABELS[name]
     prefix, _, arg = name.partition(":")
@@ -191,6 +192,7 @@ def label_of(name: str) -> str:
 
 
 def known() -> list[str]:
+    """Every registered name, families as ``prefix:ARG``."""
     return [*METHODS, *(f"{p}:ARG" for p in FAMILIES)]
 
 
