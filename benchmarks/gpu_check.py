@@ -41,11 +41,14 @@ once, in the repository root, a git-ignored folder ``.gpu`` of wheels and gzippe
         -d .gpu/whl torchcfm==1.0.7 torchdyn==1.0.6 torchcde==0.2.5 torchsde==0.2.6 trampoline==0.1.2 \
         pot==0.9.6.post1
     for f in ../shared/data/MNIST/raw/*-ubyte; do gzip -c $f > .gpu/mnist/$(basename $f).gz; done
+    python -c "import sys; sys.path.insert(0, 'benchmarks'); from harness.images import get_classifier; \
+        get_classifier('benchmarks/results/mnist_classifier.pt', '../shared/data')"
 
-then send ``.gpu`` along with the working tree (and ``benchmarks/results/mnist_classifier.pt``, if it exists,
-to score with the same classifier as the CPU tables; otherwise the run trains it, seeded, while the MNIST
-methods train) and run this one command, with ``$OUT`` the folder whose files come back, allowing it 10
-minutes (the script stops itself within 8)::
+The last line builds (or finds) the MNIST benchmark's seeded classifier, so that the GPU scores use the
+classifier of the CPU tables; without it the run trains one while the MNIST methods train. Send ``.gpu`` and
+``benchmarks/results/mnist_classifier.pt`` (both git-ignored) along with the working tree and run this one
+command, with ``$OUT`` the folder whose files come back, allowing it 10 minutes (the script stops itself
+within 8)::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && mkdir -p /tmp/data/MNIST/raw && for f in .gpu/mnist/*.gz; do gunzip -c $f > /tmp/data/MNIST/raw/$(basename $f .gz); done; nvidia-smi -L; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu_check --data-root /tmp/data 2>&1 | tee $OUT/gpu_check.log
 
