@@ -189,6 +189,11 @@ class TrajectoryPool:
         return self._device
 
     @property
+    def storage(self) -> str:
+        """``"memory"`` or ``"disk"``."""
+        return self._storage
+
+    @property
     def feature_shape(self) -> tuple[int, ...] | None:
         """Feature shape ``(*dim)`` of ``x_t`` and ``u_t`` (None until the first add)."""
         return self._feature_shape
@@ -299,6 +304,12 @@ class TrajectoryPool:
 
         Files of different lengths (a growth interrupted between two files) are cut to the shortest.
         """
+        slots = self._file_slots(size)
+        if slots > 0:
+            self._resize(slots)
+
+    def _file_slots(self, size: int) -> int:
+        """The slots the files of a disk pool hold (a ``ValueError`` when they cannot hold ``size`` items)."""
         slots = self._capacity
         for name, (shape, dtype) in self._slot_shapes(1).items():
             filename = os.path.join(self._path, _FILES[name])
@@ -310,8 +321,7 @@ class TrajectoryPool:
                     f"{slot_bytes} bytes; the files do not match the pool's state"
                 )
             slots = min(slots, file_bytes // slot_bytes)
-        if slots > 0:
-            self._resize(slots)
+        return slots
 
     def _write_meta(self) -> None:
         if self._storage != "disk" or self._feature_shape is None:
@@ -484,6 +494,62 @@ class TrajectoryPool:
             return (*out, self._y[idx].to(out_device))
         return out
 
+    def sample_at(
+        self,
+        t0: Tensor,
+        *,
+        tol: float,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, ...]:
+        """Draw, for each row ``i``, an item whose stored time lies within ``tol`` of ``t0[i]``.
+
+        Items are drawn uniformly among those of each time, without replacement within a batch where they
+        are enough, with replacement otherwise. The times are scanned at every call (a pass over the
+        pool's times, with host reads): meant for calls that give their times, not for the training loop.
+
+        Parameters
+        ----------
+        t0 : Tensor, shape (bs,)
+            The start time each row's item must have.
+        tol : float
+            Tolerance on the stored (float32) times.
+        device, dtype
+            As in :meth:`sample`.
+
+        Returns
+        -------
+        As :meth:`sample`: ``t`` (the stored times), ``xt``, ``ut`` and, for a labelled pool, ``y``.
+        """
+        if not isinstance(t0, Tensor) or t0.dim() != 1 or t0.numel() == 0:
+            raise ValueError("t0 must be a non-empty tensor of shape (bs,)")
+        out_device = self._device if device is None else torch.device(device)
+        if dtype is None:
+            dtype = torch.float32 if self._dtype in (torch.float16, torch.bfloat16) else self._dtype
+        gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
+        times = self._t[: self._size].to(gen_device, torch.float64)
+        want = t0.detach().to(gen_device, torch.float64)
+        idx = torch.empty(t0.shape[0], dtype=torch.long, device=gen_device)
+        for value in torch.unique(want).tolist():
+            rows = torch.nonzero(want == value).flatten()
+            members = torch.nonzero((times - value).abs() <= tol).flatten()
+            if members.numel() == 0:
+                raise ValueError(f"the pool holds no item at time {value:.6g} (tolerance {tol:g})")
+            if members.numel() >= rows.numel():
+                pick = torch.randperm(members.numel(), generator=self.generator, device=gen_device)[
+                    : rows.numel()
+                ]
+            else:
+                pick = torch.randint(
+                    members.numel(), (rows.numel(),), generator=self.generator, device=gen_device
+                )
+            idx[rows] = members[pick]
+        idx = idx.to(self._device)
+        out = tuple(b[idx].to(device=out_device, dtype=dtype) for b in (self._t, self._xt, self._ut))
+        if self._labelled:
+            return (*out, self._y[idx].to(out_device))
+        return out
+
     def _draw_balanced(self, batch_size: int) -> Tensor:
         """Indices of ``batch_size`` distinct items with equal counts per class (as far as the classes hold
         items), in random order; every draw goes through the generator."""
@@ -582,22 +648,61 @@ class TrajectoryPool:
                 state["y"] = self._y[: self._size].clone()
         return state
 
+    @staticmethod
+    def check_state(state: object, storage: str | None = None) -> None:
+        """Raise a ``TypeError`` or ``ValueError`` for what :meth:`load_state_dict` cannot load; change nothing.
+
+        ``storage``: the storage kind of the pool that will load it (None: any).
+        """
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"state must be a dict from TrajectoryPool.state_dict, got {type(state).__name__}"
+            )
+        if state.get("storage") not in ("memory", "disk") or (
+            storage is not None and state["storage"] != storage
+        ):
+            raise ValueError(f"state holds a {state.get('storage')!r} pool but this pool is {storage!r}")
+        missing = [
+            k for k in ("capacity", "dtype", "feature_shape", "head", "size", "n_added") if k not in state
+        ]
+        if missing:
+            raise ValueError(f"state is not a TrajectoryPool state_dict: missing keys {missing}")
+        if state["feature_shape"] is None:
+            return
+        _dtype_from_name(state["dtype"])
+        size, shape = state["size"], tuple(state["feature_shape"])
+        if not 0 <= size <= state["capacity"] or not 0 <= state["head"] < max(state["capacity"], 1):
+            raise ValueError(
+                f"state has size={size} and head={state['head']} for a capacity of {state['capacity']}"
+            )
+        if state["storage"] == "memory":
+            names = ("t", "xt", "ut", "y") if state.get("labelled") else ("t", "xt", "ut")
+            for name in names:
+                item = () if name in ("t", "y") else shape
+                value = state.get(name)
+                if not isinstance(value, Tensor) or tuple(value.shape) != (size, *item):
+                    got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"state[{name!r}] must be a tensor of shape {(size, *item)}, got {got}")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a checkpoint from :meth:`state_dict`.
 
         The storage kind must match. A disk pool reads the files under its own ``path`` (which may differ
         from the saved one, for a moved directory), whose files may hold fewer slots than the capacity.
         ``max_bytes`` and the requested capacity of this pool are ignored: the saved effective capacity is
-        used.
+        used. The state is checked first (:meth:`check_state`, and a disk pool's files): a state that cannot
+        be loaded leaves the pool as it was.
         """
-        if not isinstance(state, dict):
-            raise TypeError(
-                f"state must be a dict from TrajectoryPool.state_dict, got {type(state).__name__}"
+        self.check_state(state, self._storage)
+        if state["feature_shape"] is not None and self._storage == "disk":
+            probe = TrajectoryPool(1, storage="disk", path=self._path)
+            probe._configure(
+                tuple(state["feature_shape"]),
+                _dtype_from_name(state["dtype"]),
+                bool(state.get("labelled", False)),
             )
-        if state.get("storage") != self._storage:
-            raise ValueError(
-                f"state holds a {state.get('storage')!r} pool but this pool is {self._storage!r}"
-            )
+            probe._capacity = state["capacity"]
+            probe._file_slots(state["size"])  # raises for files that do not hold the state's items
         self._head, self._size, self._n_added = 0, 0, 0
         self._t = self._xt = self._ut = self._y = None
         self._slots = 0
