@@ -52,6 +52,7 @@ from .options import (
     check_endpoints,
     check_flow_steps,
     check_phase2,
+    option_default,
 )
 from .sampler import nsgfpp_sample
 from .variants import PHASE2
@@ -102,11 +103,12 @@ class NSGFPlusPlusObjective:
     null_label : int, optional
         The "no class" label (``K`` for ``K`` classes; the networks then have ``K + 1``); required with
         ``label_dropout > 0`` and for :meth:`sample` with a ``guidance_scale``.
-    phase1_batch_fraction : float
+    phase1_batch_fraction : float, optional
         In ``(0, 1]``: the share of each call's NSGF targets the NSGF field's loss uses (the first
         ``max(1, round(fraction * n))`` of the ``n`` drawn, a random subset); the straight flow uses the
         whole batch. Phase 1 asks the field for ``T`` velocities only, and a smaller share leaves more of a
-        step's compute to the straight flow (1.0: the whole batch).
+        step's compute to the straight flow. Default: ``NSGFPlusPlusOptions().phase1_batch_fraction`` (1.0,
+        the whole batch).
 
     Attributes
     ----------
@@ -141,7 +143,7 @@ class NSGFPlusPlusObjective:
         label_dropout: float = 0.0,
         null_label: int | None = None,
         endpoints: str = DEFAULT_ENDPOINTS,
-        phase1_batch_fraction: float = 1.0,
+        phase1_batch_fraction: float | None = None,
     ) -> None:
         if not isinstance(matcher, SinkhornFlowMatcher):
             raise TypeError(f"matcher must be a SinkhornFlowMatcher, got {type(matcher).__name__}")
@@ -157,6 +159,8 @@ class NSGFPlusPlusObjective:
             raise ValueError(f"label_dropout must lie in [0, 1], got {label_dropout}")
         if label_dropout > 0 and null_label is None:
             raise ValueError("null_label is required with label_dropout > 0 (the extra 'no class' label)")
+        if phase1_batch_fraction is None:
+            phase1_batch_fraction = option_default("phase1_batch_fraction")
         self.phase1_batch_fraction = check_batch_fraction(phase1_batch_fraction)
         self.endpoints = check_endpoints(endpoints)
         self.label_dropout = label_dropout
