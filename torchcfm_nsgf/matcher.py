@@ -30,7 +30,9 @@ moving the particles assigned to class ``c`` towards the samples of ``x1`` label
 The matcher is a composition: :class:`~torchcfm_nsgf.flow.SinkhornFlow` (the flow, the one part that calls
 the engine), :class:`~torchcfm_nsgf.paths.FlowPath` (the path geometry) and
 :class:`~torchcfm_nsgf.replay.Replay` (the pool, its cadence, the staging of large flows, the drift monitor);
-this module serves them behind torchcfm's interface, and :mod:`torchcfm_nsgf.matcher_state` keeps their state.
+this module serves them behind torchcfm's interface (the rules in :mod:`torchcfm_nsgf.serving`),
+:mod:`torchcfm_nsgf.matcher_parts` gives their attributes the matcher's names and
+:mod:`torchcfm_nsgf.matcher_state` keeps their state.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 from . import serving
 from ._validation import check_labels, check_non_negative, check_positive
 from .flow import HIGH_DIM_FEATURES, SinkhornFlow, SinkhornTrajectory, check_pair
+from .matcher_parts import MatcherParts
 from .matcher_state import MatcherState
 from .paths import PATHS, FlowPath, Path, make_path
 from .pool import TrajectoryPool
@@ -64,7 +67,7 @@ __all__ = ["HIGH_DIM_FEATURES", "PATHS", "SinkhornFlowMatcher", "SinkhornTraject
 _MOVED = (AUTO_POOL_BYTES, AUTO_POOL_ITEMS, DRIFT_SCALES, DRIFT_SCALE_RATIO, HIGH_DIM_BLUR)
 
 
-class SinkhornFlowMatcher(MatcherState, ConditionalFlowMatcher):
+class SinkhornFlowMatcher(MatcherParts, MatcherState, ConditionalFlowMatcher):
     r"""Neural Sinkhorn Gradient Flow (NSGF) targets behind torchcfm's matcher interface.
 
     ``SinkhornFlowMatcher()`` with no arguments is meant to be good in torchcfm's canonical loop, in 2D
@@ -195,73 +198,6 @@ class SinkhornFlowMatcher(MatcherState, ConditionalFlowMatcher):
         self.replay.reset()
         self.flow.reset()
         self.n_calls = 0
-
-    # ------------------------------------------------------------------ the flow
-    def flow_blur(self, x1: Tensor) -> float:
-        """The absolute blur of a flow towards the targets ``x1`` (m, *dim); reads no state and sets none.
-
-        ``sinkhorn.blur`` times the targets' scale (:meth:`SinkhornOptions.scale_of`) for a relative blur,
-        where the default options take ``HIGH_DIM_BLUR`` instead of their 0.1 on targets with more than
-        ``HIGH_DIM_FEATURES`` features per sample; ``sinkhorn.blur`` itself for an absolute one.
-        """
-        return self.flow.flow_blur(x1)
-
-    def simulate(self, x0: Tensor, x1: Tensor) -> SinkhornTrajectory:
-        r"""Simulate the empirical Sinkhorn flow of the particles ``x0`` towards the samples ``x1``.
-
-        Parameters
-        ----------
-        x0 : Tensor, shape (n, *dim)
-            Source particles :math:`X_0`.
-        x1 : Tensor, shape (m, *dim)
-            Target samples (``m`` may differ from ``n``).
-
-        Returns
-        -------
-        SinkhornTrajectory
-            Positions (T+1, n, *dim), normalised-clock velocities (T, n, *dim), times (T+1,), in the promoted
-            dtype of ``x0`` and ``x1``, on their device. A step starts from the previous step's potentials
-            when the particles moved by less than one blur (root mean square); after a larger step the engine
-            anneals afresh, which is cheaper than iterating from potentials of a distant cloud.
-        """
-        return self.flow.simulate(x0, x1)
-
-    def simulate_guided(
-        self, x0: Tensor, x1: Tensor, y1: Tensor, y0: Tensor | None = None
-    ) -> tuple[SinkhornTrajectory, Tensor]:
-        r"""Class-conditional flow: one Sinkhorn flow per class, particles of class ``c`` towards ``x1[y1 == c]``.
-
-        Parameters
-        ----------
-        x0 : Tensor, shape (n, *dim)
-            Source particles.
-        x1 : Tensor, shape (m, *dim)
-            Target samples.
-        y1 : Tensor, shape (m,) or (m, 1)
-            Integer class labels of ``x1``.
-        y0 : Tensor, shape (n,) or (n, 1), optional
-            Class of each source particle; every class in ``y0`` must occur in ``y1``. Default: the
-            particles are split among the classes of ``y1`` in proportion to their counts (for ``n == m``
-            exactly the counts, particle ``i`` taking class ``y1[i]``; otherwise a largest-remainder split
-            over a random permutation drawn with ``generator``). With ``distributed`` every process's
-            particles must cover the same classes (each class's solve is a collective); a ``ValueError`` on
-            every process otherwise.
-
-        Returns
-        -------
-        trajectory : SinkhornTrajectory
-            As :meth:`simulate`, particles in the rows of ``x0``; ``marginal_errors`` holds the largest
-            error over the classes at each step and ``n_iters`` the summed iterations.
-        labels : Tensor, shape (n,)
-            The class of each particle (``y1``'s dtype, on ``x0``'s device).
-
-        Notes
-        -----
-        The blur is resolved once against the whole ``x1``. Counters: one flow, ``T`` solves per class.
-        Why one flow per class rather than one solve with a cost that forbids cross-class transport:
-        :meth:`torchcfm_nsgf.flow.SinkhornFlow.simulate_guided`.
-        """
-        return self.flow.simulate_guided(x0, x1, y1, y0)
 
     # ------------------------------------------------------------------ the pool
     def fill_pool(

@@ -1,8 +1,7 @@
-"""What :class:`~torchcfm_nsgf.SinkhornFlowMatcher` keeps: the attributes of its parts, and its checkpoints.
+"""What :class:`~torchcfm_nsgf.SinkhornFlowMatcher` keeps between calls, written and read as one state.
 
-:class:`MatcherState` is the part of the matcher that names the settings and counters of its parts
-(:class:`~torchcfm_nsgf.flow.SinkhornFlow`, :class:`~torchcfm_nsgf.paths.FlowPath`,
-:class:`~torchcfm_nsgf.replay.Replay`) as the matcher's own attributes, and writes and reads its state.
+:class:`MatcherState` writes the state of the matcher's parts (:class:`~torchcfm_nsgf.flow.SinkhornFlow`,
+:class:`~torchcfm_nsgf.replay.Replay` with its pool) and reads it back.
 
 **The state's format.** :meth:`MatcherState.state_dict` returns the keys of the first format (``calls``,
 ``flows``, ``solves``, ``blur``, ``targets``, ``warned_drift``, ``fixed_blur``, ``staged``, ``since_flow``,
@@ -21,9 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flow import SinkhornTrajectory
 from .pool import TrajectoryPool
-from .sinkhorn import SinkhornOptions
 
 __all__ = ["STATE_FORMAT", "MatcherState"]
 
@@ -32,130 +29,7 @@ STATE_FORMAT = "SinkhornFlowMatcher/2"
 
 
 class MatcherState:
-    """The matcher's attributes, read from (and written to) its parts, and its ``state_dict``."""
-
-    # ------------------------------------------------------------------ the flow's settings and counters
-    @property
-    def flow_steps(self) -> int:
-        """Number of Euler steps ``T`` of each flow."""
-        return self.flow.flow_steps
-
-    @property
-    def step_sizes(self) -> tuple[float, ...]:
-        """Euler step of each flow step, in the flow's own time."""
-        return self.flow.step_sizes
-
-    @property
-    def flow_time(self) -> float:
-        """Total time :math:`\\sum_k \\eta_k` of the simulated flow in its own units."""
-        return self.flow.flow_time
-
-    @property
-    def sinkhorn(self) -> SinkhornOptions:
-        """The engine's settings."""
-        return self.flow.sinkhorn
-
-    @property
-    def blur(self) -> float | None:
-        """The absolute blur of the latest flow (the given blur for an absolute one; None before a flow)."""
-        return self.flow.blur
-
-    @blur.setter
-    def blur(self, value: float | None) -> None:
-        self.flow.blur = value
-
-    @property
-    def n_flows(self) -> int:
-        """Simulated flows."""
-        return self.flow.n_flows
-
-    @n_flows.setter
-    def n_flows(self, value: int) -> None:
-        self.flow.n_flows = value
-
-    @property
-    def n_solves(self) -> int:
-        """Sinkhorn solves."""
-        return self.flow.n_solves
-
-    @n_solves.setter
-    def n_solves(self, value: int) -> None:
-        self.flow.n_solves = value
-
-    @property
-    def _sim_seconds(self) -> float:
-        return self.flow.sim_seconds
-
-    @property
-    def generator(self) -> torch.Generator | None:
-        """The CPU generator of the matcher's draws (shared by its parts)."""
-        return self.flow.generator
-
-    @generator.setter
-    def generator(self, value: torch.Generator | None) -> None:
-        self.flow.generator = self.replay.generator = value
-
-    @property
-    def progress(self) -> bool:
-        return self.flow.progress
-
-    @progress.setter
-    def progress(self, value: bool) -> None:
-        self.flow.progress = value
-
-    # ------------------------------------------------------------------ the path's and the replay's
-    @property
-    def path(self) -> str:
-        """The served path: ``"straight"``, ``"polyline"`` or ``"grid"``."""
-        return self.geometry.name
-
-    @property
-    def pool(self) -> TrajectoryPool | None:
-        """The trajectory pool (None without one, and before the first call with ``pool="auto"``)."""
-        return self.replay.pool
-
-    @property
-    def _auto_pool(self) -> bool:
-        return self.replay.auto
-
-    @property
-    def refresh_every(self) -> int:
-        return self.replay.refresh_every
-
-    @refresh_every.setter
-    def refresh_every(self, value: int) -> None:
-        self.replay.refresh_every = value
-
-    @property
-    def flow_size(self) -> int | None:
-        return self.replay.flow_size
-
-    # ------------------------------------------------------------------ the path's geometry
-    @property
-    def segment_length(self) -> float:
-        """Clock length of one served segment: 1 (straight), 1/T (polyline) or 0 (grid)."""
-        return self.geometry.segment_length
-
-    def segments(self, traj: SinkhornTrajectory) -> tuple[Tensor, Tensor, Tensor]:
-        """The served segments of a trajectory: start times (N,), start points (N, *dim), velocities (N, *dim).
-
-        A segment starting at ``(t_s, x_s)`` with velocity ``u`` covers ``t_s + s * L`` for ``s in [0, 1)``,
-        ``L = segment_length``, at ``x_s + s * L * u``. ``N = n`` for ``"straight"``, ``T * n`` otherwise.
-        """
-        return self.geometry.segments(traj)
-
-    def segment_labels(self, labels: Tensor) -> Tensor:
-        """The class of each served segment (:meth:`segments`) from the class of each particle ``(n,)``."""
-        return self.geometry.segment_labels(labels)
-
-    def path_at(self, traj: SinkhornTrajectory, t: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Position and velocity of each particle's path at its own time ``t`` (n,) in [0, 1].
-
-        ``"straight"``: :math:`X_0 + t (X_T - X_0)` and :math:`X_T - X_0`. ``"polyline"`` and ``"grid"``: the
-        Euler polyline, :math:`X_k + (t - k/T) u_k` with :math:`k = \min(\lfloor tT \rfloor, T - 1)`, and
-        :math:`u_k` (the right derivative; ``t = 1`` gives :math:`X_T` and :math:`u_{T-1}`).
-        """
-        return self.geometry.at(traj, t)
+    """The matcher's ``state_dict`` and ``load_state_dict`` over its parts (module docstring)."""
 
     # ------------------------------------------------------------------ checkpoints
     def _sample_shape(self) -> list[int] | None:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .flow import SinkhornTrajectory, check_pair, target_moments
-from .matcher_state import MatcherState
+from .matcher_parts import MatcherParts
 from .replay import DeviceChecks, reads_late
 
 __all__ = ["SLOW_CALL_S", "fill", "from_flow", "from_pool", "on_segments", "warn_if_slow"]
@@ -29,7 +29,7 @@ SLOW_CALL_S = 1.0
 
 
 def fill(
-    m: MatcherState, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, stats
+    m: MatcherParts, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, stats
 ) -> SinkhornTrajectory:
     """:meth:`fill_pool` with the moments of ``x1`` when the caller has them (computed once per call)."""
     m.replay.check_shape(x0)
@@ -54,7 +54,7 @@ def fill(
 
 
 def from_pool(
-    m: MatcherState,
+    m: MatcherParts,
     x0: Tensor,
     x1: Tensor,
     t: Tensor | None,
@@ -118,14 +118,14 @@ def from_pool(
     return (*on_segments(m, *drawn[:3]), *drawn[3:])
 
 
-def on_segments(m: MatcherState, t0: Tensor, xs: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def on_segments(m: MatcherParts, t0: Tensor, xs: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A uniform point on each segment: ``t = t0 + s L``, ``xt = xs + s L u`` with ``s ~ U[0, 1)``."""
     s = torch.rand(t0.shape[0], generator=m.generator).to(device=u.device, dtype=u.dtype)
     return m.geometry.serve(t0, xs, u, s)
 
 
 def from_flow(
-    m: MatcherState, x0: Tensor, x1: Tensor, t: Tensor | None, y0: Tensor | None, y1: Tensor | None
+    m: MatcherParts, x0: Tensor, x1: Tensor, t: Tensor | None, y0: Tensor | None, y1: Tensor | None
 ) -> tuple[Tensor, ...]:
     """Without a pool: a new flow of this call's batch, read at ``t`` or at uniform points of its segments."""
     bs, guided = x0.shape[0], y1 is not None
@@ -145,7 +145,7 @@ def from_flow(
     return (*served, *((m.segment_labels(labels)[pick],) if guided else ()))
 
 
-def warn_if_slow(m: MatcherState, calls_per_flow: int) -> None:
+def warn_if_slow(m: MatcherParts, calls_per_flow: int) -> None:
     """Warn once when the flows cost more than ``SLOW_CALL_S`` seconds per call at this cadence."""
     if m.flow.warned_slow or m.n_flows == 0:
         return
