@@ -157,7 +157,7 @@ def test_a_call_served_from_the_pool_reads_nothing_back(monkeypatch, host_reads,
         host_reads.clear()
         call()
         assert [r for r in host_reads if r[0] not in _POOL_DRAWS] == [], host_reads
-        assert all(file == "pool.py" for _, file in host_reads)
+        assert all(file == "pool_draws.py" for _, file in host_reads)
 
 
 def test_late_checks_drop_a_drifted_pool_and_name_bad_data_at_the_next_call(monkeypatch):
