@@ -4,6 +4,7 @@ and the coupling's partners are drawn on the data's device."""
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from pathlib import Path
@@ -252,3 +253,22 @@ def test_plan_rows_on_a_gpu_draw_there_from_a_cpu_generator(monkeypatch):
     b = sample_plan_rows(x, y, pot, 0.5, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.device.type == "cuda"
     assert devices and all(d.type == "cuda" for d in devices)
+
+
+def test_checks_pending_at_a_checkpoint_are_carried_by_the_state(monkeypatch):
+    _late_everywhere(monkeypatch)
+    a = SinkhornFlowMatcher(generator=torch.Generator().manual_seed(0))
+    x0, x1, _ = _data(0, 64)
+    a.sample_location_and_conditional_flow(x0, x1)
+    a.sample_location_and_conditional_flow(x0, x1 + 100)  # drift decided, not read yet
+    state = a.state_dict()
+    assert state["pending"]["drifted"] == 1.0
+    b = SinkhornFlowMatcher(generator=torch.Generator())
+    b.load_state_dict(copy.deepcopy(state))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the drift warning, read now on both
+        out_a = a.sample_location_and_conditional_flow(x0, x1 + 100)
+        out_b = b.sample_location_and_conditional_flow(x0, x1 + 100)
+    assert a.n_flows == b.n_flows == 2
+    for u, v in zip(out_a, out_b, strict=True):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .pool import TrajectoryPool
+from .replay import CHECKS
 
 __all__ = ["STATE_FORMAT", "MatcherState"]
 
@@ -134,6 +135,11 @@ class MatcherState:
             raise ValueError(
                 f"state holds samples of shape {tuple(theirs)}, but this matcher's pool holds items of shape "
                 f"{tuple(held)}: pass a new TrajectoryPool, or load the checkpoint of this data"
+            )
+        pending = state.get("pending")
+        if pending is not None and not (isinstance(pending, dict) and set(pending) == set(CHECKS)):
+            raise ValueError(
+                f"state['pending'] must be None or a dict of the checks {list(CHECKS)}, got {pending!r}"
             )
         for key in ("calls", "flows", "solves", "since_flow", "last_flow_n"):
             value = state.get(key, 0)

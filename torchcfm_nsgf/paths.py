@@ -10,7 +10,7 @@ point ``x_s`` and a constant velocity ``u``, covering ``t_s + s L`` for ``s in [
 
 A new path is one subclass of :class:`FlowPath` registered in :data:`PATH_CLASSES`.
 
-**A given time.** :meth:`FlowPath.bin_of` names, for a time ``t``, the segments that may be served at it:
+**A given time.** :meth:`FlowPath.start_at` names, for a time ``t``, the segments that may be served at it:
 the segment whose range holds ``t`` (``"polyline"``: step :math:`k = \min(\lfloor tT \rfloor, T - 1)`; every
 segment for ``"straight"``), and for ``"grid"``, whose segments have no length, the grid time nearest below
 ``t``, :math:`k/T` with the same ``k``. :meth:`FlowPath.place` puts a segment at ``t``: ``x_s + (t - t_s) u``,
@@ -50,11 +50,6 @@ class FlowPath:
         """Clock length ``L`` of one segment."""
         raise NotImplementedError
 
-    @property
-    def n_bins(self) -> int:
-        """Number of distinct segment start times, the bins of :meth:`bin_of`."""
-        return self.flow_steps
-
     def segments(self, traj: SinkhornTrajectory) -> tuple[Tensor, Tensor, Tensor]:
         """Start times (N,), start points (N, *dim), velocities (N, *dim): ``N = T n``, step-major."""
         T, n = traj.us.shape[:2]
@@ -79,14 +74,11 @@ class FlowPath:
         ut = traj.us[k, idx]
         return traj.xs[k, idx] + _pad(t - k.to(t.dtype) / T, ut) * ut, ut
 
-    def bin_of(self, t: Tensor) -> Tensor:
-        """The bin of segments served at each time ``t`` (bs,): :math:`\\min(\\lfloor tT \\rfloor, T - 1)`."""
+    def start_at(self, t: Tensor) -> Tensor:
+        """The start time (float64) of the segments served at each time ``t`` (bs,): :math:`k/T` with
+        :math:`k = \\min(\\lfloor tT \\rfloor, T - 1)`. Starts of different steps lie at least ``1/T`` apart."""
         T = self.flow_steps
-        return (t.double() * T).floor().long().clamp_(0, T - 1)
-
-    def bin_of_start(self, t0: Tensor) -> Tensor:
-        """The bin of segments starting at ``t0`` (as stored, float32): the nearest grid index."""
-        return (t0.double() * self.flow_steps).round().long()
+        return (t.double() * T).floor().clamp_(0, T - 1) / T
 
     def serve(self, t0: Tensor, xs: Tensor, u: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The point at fraction ``s`` (N,) in [0, 1) of each segment: ``(t0 + s L, xs + s L u, u)``."""
@@ -108,10 +100,6 @@ class StraightPath(FlowPath):
     def segment_length(self) -> float:
         return 1.0
 
-    @property
-    def n_bins(self) -> int:
-        return 1
-
     def segments(self, traj: SinkhornTrajectory) -> tuple[Tensor, Tensor, Tensor]:
         T, n = traj.us.shape[:2]
         t0 = torch.zeros(n, dtype=traj.xs.dtype, device=traj.xs.device)
@@ -125,11 +113,8 @@ class StraightPath(FlowPath):
         ut = traj.xs[T] - traj.xs[0]
         return traj.xs[0] + _pad(t.to(traj.xs.dtype), ut) * ut, ut
 
-    def bin_of(self, t: Tensor) -> Tensor:
-        return torch.zeros(t.shape, dtype=torch.long, device=t.device)
-
-    def bin_of_start(self, t0: Tensor) -> Tensor:
-        return torch.zeros(t0.shape, dtype=torch.long, device=t0.device)
+    def start_at(self, t: Tensor) -> Tensor:
+        return torch.zeros(t.shape, dtype=torch.float64, device=t.device)
 
 
 class PolylinePath(FlowPath):

@@ -28,7 +28,15 @@ from torch import Tensor
 
 from .pool import TrajectoryPool
 
-__all__ = ["DRIFT_SCALES", "DRIFT_SCALE_RATIO", "DeviceChecks", "DriftMonitor", "Replay", "reads_late"]
+__all__ = [
+    "CHECKS",
+    "DRIFT_SCALES",
+    "DRIFT_SCALE_RATIO",
+    "DeviceChecks",
+    "DriftMonitor",
+    "Replay",
+    "reads_late",
+]
 
 # The pool built by pool="auto": bounded in items and in bytes (about 24 KiB per CIFAR-10 item).
 AUTO_POOL_ITEMS = 1_000_000
@@ -39,7 +47,7 @@ AUTO_POOL_BYTES = 2**30
 DRIFT_SCALES = 2.0
 DRIFT_SCALE_RATIO = 3.0
 # The entries of a DeviceChecks vector.
-_CHECKS = ("x0_finite", "x1_finite", "labels_ok", "drifted", "shift", "ratio")
+CHECKS = ("x0_finite", "x1_finite", "labels_ok", "drifted", "shift", "ratio")
 
 
 def reads_late(device: torch.device) -> bool:
@@ -68,7 +76,7 @@ class DeviceChecks:
         if self.event is not None:
             self.event.synchronize()
         host = self.host if self.host.device.type == "cpu" else self.host.cpu()
-        return dict(zip(_CHECKS, host.numpy().tolist(), strict=True))
+        return dict(zip(CHECKS, host.numpy().tolist(), strict=True))
 
 
 class DriftMonitor:

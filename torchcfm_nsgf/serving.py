@@ -107,10 +107,7 @@ def from_pool(
     replay.since_flow += 1
     if t is not None:  # a segment whose time range holds t, placed at t
         path = m.geometry
-        bins = path.bin_of(t)
-        starts = (
-            bins.double() / path.flow_steps if path.n_bins > 1 else torch.zeros_like(t, dtype=torch.float64)
-        )
+        starts = path.start_at(t)  # as stored (float32), each start lies within 1/(2T) of its k/T
         drawn = m.pool.sample_at(starts, tol=0.5 / path.flow_steps, device=x0.device, dtype=dtype)
         xt, ut = path.place(drawn[0], drawn[1], drawn[2], t)
         return (t, xt, ut, *drawn[3:])
