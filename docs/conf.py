@@ -48,7 +48,13 @@ html_extra_path = ["../BENCHMARKS.md", "../BENCHMARKS_HISTORY.md", "../CHANGELOG
 
 autosummary_generate = True
 autosummary_imported_members = True
-autodoc_default_options = {"members": True, "show-inheritance": True, "member-order": "bysource"}
+# members of the parts a class is built from (mixins) are its own; those of torch, torchcfm and Python are not
+autodoc_default_options = {
+    "members": True,
+    "show-inheritance": True,
+    "member-order": "bysource",
+    "inherited-members": "ConditionalFlowMatcher,Module,BaseException,object",
+}
 autodoc_typehints = "description"
 autodoc_typehints_format = "short"
 autodoc_class_signature = "mixed"

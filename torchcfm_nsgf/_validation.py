@@ -12,8 +12,12 @@ import torch
 from torch import Tensor
 
 
-def check_cloud(x: object, name: str) -> Tensor:
-    """A point cloud ``(n, *dim)``: floating tensor, at least one point, finite entries."""
+def check_cloud(x: object, name: str, *, finite: bool = True) -> Tensor:
+    """A point cloud ``(n, *dim)``: floating tensor, at least one point, finite entries.
+
+    ``finite=False`` leaves out the finiteness check, the only one that reads the data back to the host (a
+    caller that checks it on the device instead, see :class:`torchcfm_nsgf.replay.DeviceChecks`).
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -24,7 +28,7 @@ def check_cloud(x: object, name: str) -> Tensor:
         raise ValueError(f"{name} is empty: it must hold at least one point, got shape {tuple(x.shape)}")
     if x[0].numel() == 0:
         raise ValueError(f"{name} has zero features per point, got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
+    if finite and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf entries")
     return x
 
@@ -98,14 +102,24 @@ def check_non_negative(value: object, name: str) -> float:
     return float(value)
 
 
-def check_labels(y: object, k: int, name: str, like: str) -> Tensor:
-    """``y`` as an integer tensor of shape ``(k,)`` with non-negative entries, or a ``ValueError`` naming it."""
+def check_labels(
+    y: object, k: int, name: str, like: str, *, column: bool = False, read: bool = True
+) -> Tensor:
+    """``y`` as an integer tensor of shape ``(k,)`` with non-negative entries, or an error naming it.
+
+    ``column=True`` also takes labels of shape ``(k, 1)`` (torchcfm's guided tests pass them so) and returns
+    them as ``(k,)``. ``read=False`` leaves out the sign check, the only one that reads the labels back to the
+    host.
+    """
     if not isinstance(y, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer class labels, got {type(y).__name__}")
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if column and y.shape == (k, 1):
+        y = y.reshape(k)
     if y.shape != (k,):
-        raise ValueError(f"{name} must have shape ({k},) to match {like}, got {tuple(y.shape)}")
-    if k and int(y.min()) < 0:
+        shapes = f"({k},) or ({k}, 1)" if column else f"({k},)"
+        raise ValueError(f"{name} must have shape {shapes} to match {like}, got {tuple(y.shape)}")
+    if read and k and int(y.min()) < 0:
         raise ValueError(f"{name} must hold non-negative class labels, got {int(y.min())}")
     return y

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .flow import SinkhornFlow
 from .matcher import SinkhornFlowMatcher
 from .pool import TrajectoryPool
 from .sinkhorn import SinkhornOptions
@@ -54,7 +55,10 @@ def sample_plan_rows(
     eps : float
         :math:`\varepsilon = \mathrm{blur}^2`.
     generator : torch.Generator, optional
-        CPU generator of the draws.
+        Generator of the draws. The noise is drawn on ``x``'s device: with a generator on another device
+        (a CPU generator for data on a GPU), a generator on ``x``'s device is seeded from one draw of it, so
+        that the same seed gives the same partners on the same device. Default: the global RNG of ``x``'s
+        device.
 
     Returns
     -------
@@ -67,14 +71,35 @@ def sample_plan_rows(
     gf = g.to(xf.dtype)
     out = torch.empty(n, dtype=torch.long, device=x.device)
     y_sq = 0.5 * yf.square().sum(1)
+    if generator is not None and generator.device != x.device:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        generator = torch.Generator(device=x.device).manual_seed(seed)
     for start in range(0, n, _ROW_BLOCK):
         xb = xf[start : start + _ROW_BLOCK]
         cost = 0.5 * xb.square().sum(1, keepdim=True) + y_sq - xb @ yf.T  # ½‖x − y‖², (block, m)
         logits = (gf - cost) / eps  # log b_j is a constant per row: it drops out of the argmax
-        u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
+        u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
         gumbel = -torch.log(-torch.log(u.clamp_(min=1e-300)))
         out[start : start + xb.shape[0]] = (logits.double() + gumbel).argmax(1)
     return out
+
+
+class PlanCoupling(SinkhornFlow):
+    """The coupling matcher's flow part: one plan solve and one partner per particle instead of Euler steps."""
+
+    def steps(
+        self, x0: Tensor, x1: Tensor, blur: float
+    ) -> tuple[Tensor, Tensor, list[float], list[int], int]:
+        """One solve of the plan of ``(x0, x1)`` and one partner per particle: positions (2, n, *dim) =
+        ``(x0, x1[j])``, velocity (1, n, *dim) = ``x1[j] - x0``."""
+        sol = self.sinkhorn.solve(x0, x1, blur=blur)
+        partner = sample_plan_rows(x0, x1, sol.g_xy, sol.eps, self.generator)
+        end = x1[partner.to(x1.device)]
+        xs = torch.stack([x0, end])
+        us = (end - x0).unsqueeze(0)
+        if not math.isfinite(sol.marginal_error):
+            raise FloatingPointError("the plan's Sinkhorn solve returned a non-finite marginal error")
+        return xs, us, [sol.marginal_error], [sol.n_iter + sol.n_anneal], int(not sol.converged)
 
 
 class SinkhornCouplingMatcher(SinkhornFlowMatcher):
@@ -129,19 +154,8 @@ class SinkhornCouplingMatcher(SinkhornFlowMatcher):
             progress=progress,
         )
 
-    def _flow(
-        self, x0: Tensor, x1: Tensor, blur: float
-    ) -> tuple[Tensor, Tensor, list[float], list[int], int]:
-        """One solve of the plan of ``(x0, x1)`` and one partner per particle: positions (2, n, *dim) =
-        ``(x0, x1[j])``, velocity (1, n, *dim) = ``x1[j] - x0``."""
-        sol = self.sinkhorn.solve(x0, x1, blur=blur)
-        partner = sample_plan_rows(x0, x1, sol.g_xy, sol.eps, self.generator)
-        end = x1[partner.to(x1.device)]
-        xs = torch.stack([x0, end])
-        us = (end - x0).unsqueeze(0)
-        if not math.isfinite(sol.marginal_error):
-            raise FloatingPointError("the plan's Sinkhorn solve returned a non-finite marginal error")
-        return xs, us, [sol.marginal_error], [sol.n_iter + sol.n_anneal], int(not sol.converged)
+    def _make_flow(self, flow_steps, step_size, sinkhorn, generator, progress) -> SinkhornFlow:
+        return PlanCoupling(flow_steps, step_size, sinkhorn, generator=generator, progress=progress)
 
     def __repr__(self) -> str:
         pool = "auto" if self._auto_pool else ("yes" if self.pool is not None else "no")

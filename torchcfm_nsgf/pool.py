@@ -8,40 +8,28 @@ The paper's CIFAR-10 pool reportedly took about 45 GB, so storage precision, dev
 For class-conditional (guided) training each item can carry an integer class label ``y``, stored next to it
 and served with it (optionally in class-balanced batches).
 
-One class, with its memory and disk storage and its checkpoints: longer than 600 lines on purpose.
+The pool is one class built from two parts: its storage (:mod:`torchcfm_nsgf.pool_storage`, memory or
+memory-mapped files) and its draws (:mod:`torchcfm_nsgf.pool_draws`); this module holds the ring of items,
+its checks and its checkpoints.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import warnings
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ._validation import check_cloud, check_labels, check_positive
+from .pool_draws import PoolDraws
+from .pool_storage import DTYPE_NAMES, LABEL_DTYPE, META, STORAGE_DTYPES, PoolStorage
 
 __all__ = ["TrajectoryPool"]
 
-_STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in _STORAGE_DTYPES}
-_FILES = {"t": "t.bin", "xt": "xt.bin", "ut": "ut.bin", "y": "y.bin"}
-_LABEL_DTYPE = torch.int64  # labels are stored as int64, the dtype torch indexes embeddings with
-_META = "pool.json"
-_MIN_ALLOCATION_BYTES = 2**20  # the first allocation holds about 1 MiB of items, or the capacity
 
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    for dtype, dtype_name in _DTYPE_NAMES.items():
-        if dtype_name == name:
-            return dtype
-    raise ValueError(f"unknown storage dtype {name!r} in the pool metadata")
-
-
-class TrajectoryPool:
+class TrajectoryPool(PoolDraws, PoolStorage):
     r"""Fixed-size replay buffer of ``(t, x_t, u_t)`` items for velocity-field matching.
 
     Each item is one particle of a simulated Sinkhorn flow: its time ``t ∈ [0, 1]``, position ``x_t`` and
@@ -121,8 +109,8 @@ class TrajectoryPool:
         check_positive(capacity, "capacity", integer=True)
         if max_bytes is not None:
             check_positive(max_bytes, "max_bytes", integer=True)
-        if dtype is not None and dtype not in _STORAGE_DTYPES:
-            raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES.values())} or None, got {dtype}")
+        if dtype is not None and dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_NAMES.values())} or None, got {dtype}")
         if storage not in ("memory", "disk"):
             raise ValueError(f"storage must be 'memory' or 'disk', got {storage!r}")
         device = torch.device(device)
@@ -169,16 +157,6 @@ class TrajectoryPool:
         return self._capacity
 
     @property
-    def nbytes(self) -> int:
-        """Bytes allocated for the buffers, growing with the items held (0 before the first add).
-
-        For a disk pool, the bytes of the files. At most ``capacity * bytes_per_item``.
-        """
-        if self._t is None:
-            return 0
-        return sum(buf.untyped_storage().nbytes() for buf in self._buffers().values())
-
-    @property
     def dtype(self) -> torch.dtype | None:
         """Storage dtype of ``x_t`` and ``u_t`` (None until known)."""
         return self._dtype
@@ -187,6 +165,11 @@ class TrajectoryPool:
     def device(self) -> torch.device:
         """Storage device."""
         return self._device
+
+    @property
+    def storage(self) -> str:
+        """``"memory"`` or ``"disk"``."""
+        return self._storage
 
     @property
     def feature_shape(self) -> tuple[int, ...] | None:
@@ -211,124 +194,6 @@ class TrajectoryPool:
             f"TrajectoryPool(len={self._size}, capacity={self._capacity}, feature_shape={self._feature_shape}, "
             f"dtype={self._dtype}, device={self._device}, storage={self._storage!r})"
         )
-
-    # ------------------------------------------------------------------ allocation
-
-    def _bytes_per_item(self, feature_shape: tuple[int, ...], dtype: torch.dtype, labelled: bool) -> int:
-        label_bytes = _LABEL_DTYPE.itemsize if labelled else 0
-        return 4 + 2 * math.prod(feature_shape) * dtype.itemsize + label_bytes
-
-    def _buffers(self) -> dict[str, Tensor]:
-        """The allocated buffers by name (``y`` only for a labelled pool)."""
-        names = ("t", "xt", "ut", "y") if self._labelled else ("t", "xt", "ut")
-        return {name: getattr(self, f"_{name}") for name in names}
-
-    def _configure(self, feature_shape: tuple[int, ...], dtype: torch.dtype, labelled: bool) -> None:
-        """Set the feature shape, dtype and labelling and compute the effective capacity (no allocation)."""
-        capacity = self._requested_capacity
-        per_item = self._bytes_per_item(feature_shape, dtype, labelled)
-        if self._max_bytes is not None:
-            fitting = self._max_bytes // per_item
-            if fitting < 1:
-                raise ValueError(
-                    f"max_bytes={self._max_bytes} cannot hold a single item of feature shape {feature_shape} "
-                    f"in {dtype} ({per_item} bytes per item)"
-                )
-            capacity = min(capacity, fitting)
-        self._feature_shape = feature_shape
-        self._dtype = dtype
-        self._labelled = bool(labelled)
-        self._capacity = capacity
-        self._min_slots = min(capacity, max(1, _MIN_ALLOCATION_BYTES // per_item))
-
-    def _slot_shapes(self, slots: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Shape and dtype of each buffer with ``slots`` slots."""
-        shapes = {
-            "t": ((slots,), torch.float32),
-            "xt": ((slots, *self._feature_shape), self._dtype),
-            "ut": ((slots, *self._feature_shape), self._dtype),
-        }
-        if self._labelled:
-            shapes["y"] = ((slots,), _LABEL_DTYPE)
-        return shapes
-
-    def _resize(self, slots: int) -> None:
-        """Give the buffers ``slots >= len(self)`` slots, keeping the items in slots ``[0, len(self))``.
-
-        Only called while the pool is not full, when the stored items fill slots ``[0, len(self))``.
-        A memory pool copies them into new buffers; a disk pool resizes its files and maps them again.
-        """
-        buffers = {}
-        if self._storage == "memory":
-            old = {"t": self._t, "xt": self._xt, "ut": self._ut, "y": self._y}
-            for name, (shape, dtype) in self._slot_shapes(slots).items():
-                buffers[name] = torch.empty(shape, dtype=dtype, device=self._device)
-                if old[name] is not None:
-                    buffers[name][: self._size] = old[name][: self._size]
-        else:
-            self._t = self._xt = self._ut = self._y = None  # unmap before resizing the files
-            for name, (shape, dtype) in self._slot_shapes(slots).items():
-                filename = os.path.join(self._path, _FILES[name])
-                numel = math.prod(shape)
-                os.truncate(filename, numel * dtype.itemsize)  # new bytes read as zeros
-                buffers[name] = torch.from_file(filename, shared=True, size=numel, dtype=dtype).view(shape)
-        self._t, self._xt, self._ut = buffers["t"], buffers["xt"], buffers["ut"]
-        self._y = buffers.get("y")
-        self._slots = slots
-
-    def _create_files(self) -> None:
-        """Start the empty files of a fresh disk pool, warning if they replace an old pool."""
-        os.makedirs(self._path, exist_ok=True)
-        if os.path.exists(os.path.join(self._path, _META)):
-            warnings.warn(
-                f"overwriting the trajectory pool stored under path={self._path!r}; "
-                "use TrajectoryPool.open or load_state_dict to resume it",
-                stacklevel=3,
-            )
-        used = self._slot_shapes(1)
-        for name, filename in _FILES.items():
-            filename = os.path.join(self._path, filename)
-            if name in used:
-                with open(filename, "wb"):  # truncate: a new pool starts empty
-                    pass
-            elif os.path.exists(filename):  # the labels of an old labelled pool
-                os.unlink(filename)
-
-    def _map_files(self, size: int) -> None:
-        """Map the files of a reopened disk pool; their slots are read from their sizes.
-
-        Files of different lengths (a growth interrupted between two files) are cut to the shortest.
-        """
-        slots = self._capacity
-        for name, (shape, dtype) in self._slot_shapes(1).items():
-            filename = os.path.join(self._path, _FILES[name])
-            slot_bytes = math.prod(shape) * dtype.itemsize
-            file_bytes = os.path.getsize(filename) if os.path.exists(filename) else 0
-            if file_bytes % slot_bytes or file_bytes < size * slot_bytes:
-                raise ValueError(
-                    f"path={self._path!r}: {_FILES[name]} is missing or does not hold {size} slots of "
-                    f"{slot_bytes} bytes; the files do not match the pool's state"
-                )
-            slots = min(slots, file_bytes // slot_bytes)
-        if slots > 0:
-            self._resize(slots)
-
-    def _write_meta(self) -> None:
-        if self._storage != "disk" or self._feature_shape is None:
-            return
-        meta = {
-            "capacity": self._capacity,
-            "dtype": _DTYPE_NAMES[self._dtype],
-            "feature_shape": list(self._feature_shape),
-            "labelled": self._labelled,
-            "head": self._head,
-            "size": self._size,
-            "n_added": self._n_added,
-        }
-        tmp = os.path.join(self._path, _META + ".tmp")
-        with open(tmp, "w") as handle:
-            json.dump(meta, handle)
-        os.replace(tmp, os.path.join(self._path, _META))
 
     # ------------------------------------------------------------------ add / sample
 
@@ -374,7 +239,7 @@ class TrajectoryPool:
             )
         if self._feature_shape is None:
             dtype = self._dtype if self._dtype is not None else xt.dtype
-            if dtype not in _STORAGE_DTYPES:
+            if dtype not in STORAGE_DTYPES:
                 raise ValueError(f"xt has dtype {xt.dtype}, which the pool cannot store; pass dtype=...")
             self._configure(feature_shape, dtype, labelled)
             if self._storage == "disk":
@@ -388,7 +253,7 @@ class TrajectoryPool:
                 "ut": ut[k - keep :].detach().to(device=self._device, dtype=self._dtype),
             }
             if labelled:
-                new["y"] = y[k - keep :].to(device=self._device, dtype=_LABEL_DTYPE)
+                new["y"] = y[k - keep :].to(device=self._device, dtype=LABEL_DTYPE)
             for name in ("xt", "ut"):
                 if not bool(torch.isfinite(new[name]).all()):
                     raise ValueError(f"{name} overflows the storage dtype {self._dtype}: use a wider dtype")
@@ -422,204 +287,10 @@ class TrajectoryPool:
             raise ValueError("t must lie in [0, 1]")
         return t
 
-    def sample(
-        self,
-        batch_size: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        balanced: bool = False,
-    ) -> tuple[Tensor, ...]:
-        """Draw ``batch_size`` distinct items uniformly at random (or class-balanced).
-
-        Parameters
-        ----------
-        batch_size : int
-            Number of items, at most ``len(self)``.
-        device : torch.device or str, optional
-            Device of the returned tensors. Default: the storage device.
-        dtype : torch.dtype, optional
-            Floating dtype of all three returned tensors (``t`` included, so that ``model(t, xt)`` works).
-            Default: the storage dtype, except float32 for a float16/bfloat16 pool.
-        balanced : bool
-            Labelled pools only: draw equal numbers of items of every class the pool holds (the remainder
-            of ``batch_size / n_classes`` going to classes drawn at random; a class with too few items gives
-            all it has and the others fill in), uniformly without replacement within each class, returned in
-            random order. Costs a pass over the labels.
-
-        Returns
-        -------
-        t : Tensor
-            Shape ``(batch_size,)``.
-        xt, ut : Tensor
-            Shape ``(batch_size, *dim)``.
-        y : Tensor, only for a labelled pool
-            int64 labels, shape ``(batch_size,)``, of the items in the rows of ``xt``.
-        """
-        check_positive(batch_size, "batch_size", integer=True)
-        if batch_size > self._size:
-            raise ValueError(
-                f"batch_size={batch_size} exceeds the {self._size} items in the pool "
-                "(sampling is without replacement)"
-            )
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype}")
-        out_device = self._device if device is None else torch.device(device)
-        if dtype is None:
-            dtype = torch.float32 if self._dtype in (torch.float16, torch.bfloat16) else self._dtype
-        if balanced and not self._labelled:
-            raise ValueError("balanced=True needs a labelled pool (items added with y)")
-
-        if balanced:
-            idx = self._draw_balanced(batch_size).to(self._device)
-        else:
-            idx = self._draw_indices(batch_size).to(self._device)
-        t, xt, ut = self._t[idx], self._xt[idx], self._ut[idx]
-        out = (
-            t.to(device=out_device, dtype=dtype),
-            xt.to(device=out_device, dtype=dtype),
-            ut.to(device=out_device, dtype=dtype),
-        )
-        if self._labelled:
-            return (*out, self._y[idx].to(out_device))
-        return out
-
-    def _draw_balanced(self, batch_size: int) -> Tensor:
-        """Indices of ``batch_size`` distinct items with equal counts per class (as far as the classes hold
-        items), in random order; every draw goes through the generator."""
-        gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
-        labels = self._y[: self._size].to(gen_device)
-        classes, counts = torch.unique(labels, return_counts=True)
-        k = len(classes)
-        quota = torch.full((k,), batch_size // k, dtype=torch.long, device=gen_device)
-        extra = torch.randperm(k, generator=self.generator, device=gen_device)[: batch_size % k]
-        quota[extra] += 1
-        # a class short of items gives what it has; the missing ones go to classes with room, one by one
-        while bool((quota > counts).any()):
-            missing = int((quota - counts).clamp(min=0).sum())
-            quota = torch.minimum(quota, counts)
-            room = (counts - quota).clamp(min=0)
-            for _ in range(missing):
-                has_room = torch.nonzero(room > 0).flatten()
-                pick = has_room[
-                    torch.randint(len(has_room), (1,), generator=self.generator, device=gen_device)
-                ]
-                quota[pick] += 1
-                room[pick] -= 1
-        parts = []
-        for c, q in zip(classes.tolist(), quota.tolist(), strict=True):
-            members = torch.nonzero(labels == c).flatten()
-            order = torch.randperm(len(members), generator=self.generator, device=gen_device)[:q]
-            parts.append(members[order])
-        idx = torch.cat(parts)
-        return idx[torch.randperm(batch_size, generator=self.generator, device=gen_device)]
-
-    def _draw_indices(self, batch_size: int) -> Tensor:
-        """Uniform ``batch_size``-subset of ``range(len(self))``, in uniformly random order.
-
-        ``randperm`` costs O(len) per batch, too slow for pools of millions of items; for small batches,
-        draw with replacement and redraw the repeated positions until all are distinct. The procedure is
-        invariant under relabelling the items, hence uniform over ordered tuples of distinct indices.
-        """
-        n = self._size
-        gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
-        if 2 * batch_size > n:
-            return torch.randperm(n, generator=self.generator, device=gen_device)[:batch_size]
-        idx = torch.randint(n, (batch_size,), generator=self.generator, device=gen_device)
-        while True:
-            values, order = torch.sort(idx, stable=True)
-            repeated = torch.zeros(batch_size, dtype=torch.bool, device=gen_device)
-            repeated[order[1:]] = values[1:] == values[:-1]
-            n_repeated = int(repeated.sum())
-            if n_repeated == 0:
-                return idx
-            idx[repeated] = torch.randint(n, (n_repeated,), generator=self.generator, device=gen_device)
-
     def clear(self) -> None:
         """Remove all items. Buffers stay allocated, and the feature shape and dtype stay fixed."""
         self._head = 0
         self._size = 0
-        self._write_meta()
-
-    def flush(self) -> None:
-        """Ask the OS to write a disk pool's files (a no-op for a memory pool); closing needs no flush."""
-        if self._storage == "disk" and self._t is not None:
-            for name in self._buffers():
-                fd = os.open(os.path.join(self._path, _FILES[name]), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def state_dict(self) -> dict[str, Any]:
-        """Checkpoint of the pool.
-
-        For a memory pool it holds the stored items (``t``, ``xt``, ``ut``, and ``y`` if labelled, in buffer order, on the storage
-        device) and the counters, so that a loaded pool samples exactly as the saved one. For a disk pool it
-        holds the path and the counters only: the items stay in the files, and later adds overwrite them.
-        Both include the generator state when the pool has a generator.
-        """
-        state: dict[str, Any] = {
-            "storage": self._storage,
-            "capacity": self._capacity,
-            "dtype": None if self._dtype is None else _DTYPE_NAMES[self._dtype],
-            "feature_shape": None if self._feature_shape is None else list(self._feature_shape),
-            "labelled": self._labelled,
-            "head": self._head,
-            "size": self._size,
-            "n_added": self._n_added,
-            "generator_state": None if self.generator is None else self.generator.get_state(),
-        }
-        if self._storage == "disk":
-            state["path"] = self._path
-        elif self._t is not None:
-            state["t"] = self._t[: self._size].clone()
-            state["xt"] = self._xt[: self._size].clone()
-            state["ut"] = self._ut[: self._size].clone()
-            if self._labelled:
-                state["y"] = self._y[: self._size].clone()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a checkpoint from :meth:`state_dict`.
-
-        The storage kind must match. A disk pool reads the files under its own ``path`` (which may differ
-        from the saved one, for a moved directory), whose files may hold fewer slots than the capacity.
-        ``max_bytes`` and the requested capacity of this pool are ignored: the saved effective capacity is
-        used.
-        """
-        if not isinstance(state, dict):
-            raise TypeError(
-                f"state must be a dict from TrajectoryPool.state_dict, got {type(state).__name__}"
-            )
-        if state.get("storage") != self._storage:
-            raise ValueError(
-                f"state holds a {state.get('storage')!r} pool but this pool is {self._storage!r}"
-            )
-        self._head, self._size, self._n_added = 0, 0, 0
-        self._t = self._xt = self._ut = self._y = None
-        self._slots = 0
-        self._feature_shape = None
-        self._labelled = None
-        if state["feature_shape"] is not None:
-            self._requested_capacity, self._max_bytes = state["capacity"], None
-            labelled = bool(state.get("labelled", False))  # states written before labels: unlabelled
-            self._configure(tuple(state["feature_shape"]), _dtype_from_name(state["dtype"]), labelled)
-            size = state["size"]
-            if self._storage == "disk":
-                self._map_files(size)
-            else:
-                self._resize(min(self._capacity, max(size, self._min_slots)))
-                self._t[:size] = state["t"].to(self._device)
-                self._xt[:size] = state["xt"].to(self._device)
-                self._ut[:size] = state["ut"].to(self._device)
-                if labelled:
-                    self._y[:size] = state["y"].to(self._device)
-            self._head, self._size, self._n_added = state["head"], state["size"], state["n_added"]
-        if state.get("generator_state") is not None and self.generator is not None:
-            self.generator.set_state(state["generator_state"])
         self._write_meta()
 
     @classmethod
@@ -627,9 +298,9 @@ class TrajectoryPool:
         cls, path: str | os.PathLike[str], *, generator: torch.Generator | None = None
     ) -> TrajectoryPool:
         """Reopen the disk pool stored under ``path`` (from its ``pool.json``), with its items and counters."""
-        meta_file = os.path.join(os.fspath(path), _META)
+        meta_file = os.path.join(os.fspath(path), META)
         if not os.path.exists(meta_file):
-            raise ValueError(f"path={os.fspath(path)!r} holds no trajectory pool ({_META} is missing)")
+            raise ValueError(f"path={os.fspath(path)!r} holds no trajectory pool ({META} is missing)")
         with open(meta_file) as handle:
             meta = json.load(handle)
         pool = cls(meta["capacity"], storage="disk", path=path, generator=generator)

@@ -11,12 +11,16 @@ from the pool would change which ones each step draws, and so the numbers of eve
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["EndpointBuffer"]
+from .._validation import check_labels
+from ..sampling import odeint_sample
+
+__all__ = ["EndpointBuffer", "Phase2Data"]
 
 
 class EndpointBuffer:
@@ -110,3 +114,127 @@ class EndpointBuffer:
         self.capacity = None if state["capacity"] is None else int(state["capacity"])
         self.items = state["items"]
         self.labels = state.get("labels")
+
+
+class Phase2Data:
+    """The straight flow's training data of :class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`: phase-1 end
+    points (simulated, or from the NSGF network) kept in its :class:`EndpointBuffer`, and the segments of the
+    phase-2 variant (the attributes are the objective's own: ``matcher``, ``buffer``, ``variant``, ...)."""
+
+    @property
+    def n_endpoints(self) -> int:
+        """End points held in the ``"ot"`` variant's buffer."""
+        return len(self.buffer)
+
+    def simulate_endpoints(self, x0: Tensor, x1: Tensor) -> Tensor:
+        r""":math:`X_T` of the matcher's simulated Sinkhorn flow of ``x0`` (n, *dim) towards ``x1`` (m, *dim).
+
+        Returns shape ``(n, *dim)``, detached. ``T`` Sinkhorn solves; no network is called; the buffer is
+        not touched.
+        """
+        return self.matcher.simulate(x0, x1).xs[-1].detach()
+
+    @torch.no_grad()
+    def network_endpoints(self, nsgf: Any, x0: Tensor, y: Tensor | None = None) -> Tensor:
+        r""":math:`\hat X_T` of the NSGF network ``nsgf(t, x)``: ``T`` Euler steps from ``x0`` on the matcher's
+        normalised clock, exactly phase 1 of :meth:`sample` (labels ``y`` passed as ``y=``). Detached; the
+        network's train/eval mode is kept."""
+        extra = None if y is None else {"y": y}
+        return odeint_sample(nsgf, x0, solver="euler", n_steps=self.flow_steps, extra_args=extra).samples
+
+    def _add_endpoints(self, xT: Tensor, labels: Tensor | None = None) -> None:
+        self.buffer.add(xT, labels)
+
+    def guided_phase1_endpoints(
+        self, x0: Tensor, x1: Tensor, y1: Tensor, nets: Mapping[str, Any] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        r"""Class-conditional :meth:`phase1_endpoints`: for data labels ``y1`` (m,), ``m`` end points with exactly
+        the class counts of ``y1``, drawn without replacement within each class from the labelled buffer.
+
+        The buffer is refreshed with a guided flow of ``(x0, x1, y1)``
+        (:meth:`SinkhornFlowMatcher.simulate_guided`) on the first call, every ``refresh_every`` calls, and
+        whenever it holds too few end points of a class of ``y1``.
+
+        Returns
+        -------
+        xT : Tensor, shape (m, *dim)
+            End points grouped by class (in increasing class order), detached, on ``x0``'s device.
+        labels : Tensor, shape (m,)
+            Their classes (``y1``'s dtype).
+        """
+        y1 = check_labels(y1, x1.shape[0], "y1", "x1")
+        m = x1.shape[0]
+        self.buffer.check_capacity(max(m, x0.shape[0]))
+        self.buffer.check_labelled(True)
+        if self.n_calls % self.refresh_every == 0 or self.buffer.short_of(y1):
+            if self.endpoints == "network":
+                if nets is None:
+                    raise ValueError("nets is required with endpoints='network' (the NSGF network makes X_T)")
+                if x0.shape[0] != m:
+                    raise ValueError("x0 and x1 must have the same batch size with endpoints='network'")
+                labels = y1.to(x0.device)  # source row i takes class y1[i], as in the guided flow
+                self._add_endpoints(self.network_endpoints(nets["nsgf"], x0, labels), labels)
+            else:
+                traj, labels = self.matcher.simulate_guided(x0, x1, y1)
+                self._add_endpoints(traj.xs[-1].detach(), labels)
+        if self.buffer.short_of(y1):
+            raise ValueError(
+                "y1 asks for more end points of a class than the buffer holds after a new flow: give x0 and x1 "
+                "the same batch size (the guided flow then has exactly the class counts of y1)"
+            )
+        self.buffer.n_calls += 1
+        return self.buffer.draw_by_class(y1, self.generator, x0.device)
+
+    def phase1_endpoints(self, x0: Tensor, x1: Tensor, nets: Mapping[str, Any] | None = None) -> Tensor:
+        r"""``n`` phase-1 end points :math:`X_T` for a source batch ``x0`` (n, *dim) and data ``x1`` (m, *dim).
+
+        Drawn uniformly without replacement (through ``generator``) from the end-point buffer, after
+        adding a newly simulated flow of ``(x0, x1)`` (:meth:`simulate_endpoints`) on the first call, every
+        ``refresh_every`` calls, and whenever the buffer holds fewer than ``n`` end points.
+
+        Returns
+        -------
+        Tensor, shape (n, *dim)
+            Detached, on ``x0``'s device and in the dtype of the simulation.
+
+        Raises
+        ------
+        ValueError
+            ``endpoint_capacity`` is smaller than the batch size ``n``, or ``x0`` has another feature
+            shape than the buffer.
+        """
+        n = x0.shape[0]
+        self.buffer.check_capacity(n)
+        self.buffer.check_labelled(False)
+        if self.n_calls % self.refresh_every == 0 or self.n_endpoints < n:
+            if self.endpoints == "network":
+                if nets is None:
+                    raise ValueError("nets is required with endpoints='network' (the NSGF network makes X_T)")
+                self._add_endpoints(self.network_endpoints(nets["nsgf"], x0))
+            else:
+                self._add_endpoints(self.simulate_endpoints(x0, x1))
+        self.buffer.n_calls += 1
+        return self.buffer.draw(n, self.generator, x0.device)
+
+    def phase2_pairs(
+        self, x0: Tensor, x1: Tensor, y1: Tensor | None = None, nets: Mapping[str, Any] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        r"""Start and end points ``(a, b)``, each ``(n, *dim)``, of the straight flow's training segments, and
+        their class labels ``(n,)`` (None without ``y1``).
+
+        ``"paper"``: ``(x0, x1)`` as given (independent noise and data). ``"ot"``: ``n`` phase-1 end points
+        :math:`X_T` from the buffer (:meth:`phase1_endpoints`) and the data points ``x1`` paired with them by the
+        exact OT plan of the minibatch (torchcfm's ``OTPlanSampler("exact").get_map``, squared Euclidean
+        cost). ``"ot-source"``: the end points of this call's ``x0`` (a simulated flow towards ``x1``, or the
+        NSGF network in ``nets`` with ``endpoints="network"``), each paired with the data point that the exact
+        OT plan between ``x0`` and ``x1`` gives its source. ``n`` pairs are drawn from the plan without
+        replacement through ``generator`` (torchcfm's ``sample_plan`` draws with NumPy's global RNG); for
+        ``n == m`` the exact plan is a permutation, so every end point is used once.
+
+        With labels ``y1`` of ``x1``: ``"paper"`` labels each segment with its data point's class; the OT
+        variants give the end points the class counts of ``y1`` (``"ot"``: drawn from the labelled buffer,
+        :meth:`guided_phase1_endpoints`; ``"ot-source"``: source ``i`` takes class ``y1[i]``, as in the guided
+        flow, so ``x0`` and ``x1`` must have the same batch size) and solve the exact OT plan within each
+        class (a block-diagonal plan), so no segment joins two classes.
+        """
+        return self.variant.pairs(self, x0, x1, y1, nets)

@@ -41,9 +41,9 @@ from .._validation import check_labels, check_non_negative, check_positive
 from ..guidance import CFGField, drop_labels
 from ..matcher import SinkhornFlowMatcher
 from ..pool import TrajectoryPool
-from ..sampling import SampleResult, odeint_sample
+from ..sampling import SampleResult
 from ..sinkhorn import SinkhornOptions
-from .endpoints import EndpointBuffer
+from .endpoints import EndpointBuffer, Phase2Data
 from .options import (
     DEFAULT_ENDPOINTS,
     DEFAULT_PHASE2,
@@ -52,6 +52,7 @@ from .options import (
     check_endpoints,
     check_flow_steps,
     check_phase2,
+    option_default,
 )
 from .sampler import nsgfpp_sample
 from .variants import PHASE2
@@ -66,7 +67,7 @@ def _mse(pred: object, target: Tensor, name: str) -> Tensor:
     return torch.mean((pred - target) ** 2)
 
 
-class NSGFPlusPlusObjective:
+class NSGFPlusPlusObjective(Phase2Data):
     r"""The NSGF++ training interface: one loss per network, and the matching two-phase sampler.
 
     A training loop calls :meth:`losses` on a source batch and a data batch and optimises the sum (the losses
@@ -102,11 +103,12 @@ class NSGFPlusPlusObjective:
     null_label : int, optional
         The "no class" label (``K`` for ``K`` classes; the networks then have ``K + 1``); required with
         ``label_dropout > 0`` and for :meth:`sample` with a ``guidance_scale``.
-    phase1_batch_fraction : float
+    phase1_batch_fraction : float, optional
         In ``(0, 1]``: the share of each call's NSGF targets the NSGF field's loss uses (the first
         ``max(1, round(fraction * n))`` of the ``n`` drawn, a random subset); the straight flow uses the
         whole batch. Phase 1 asks the field for ``T`` velocities only, and a smaller share leaves more of a
-        step's compute to the straight flow (1.0: the whole batch).
+        step's compute to the straight flow. Default: ``NSGFPlusPlusOptions().phase1_batch_fraction`` (1.0,
+        the whole batch).
 
     Attributes
     ----------
@@ -141,7 +143,7 @@ class NSGFPlusPlusObjective:
         label_dropout: float = 0.0,
         null_label: int | None = None,
         endpoints: str = DEFAULT_ENDPOINTS,
-        phase1_batch_fraction: float = 1.0,
+        phase1_batch_fraction: float | None = None,
     ) -> None:
         if not isinstance(matcher, SinkhornFlowMatcher):
             raise TypeError(f"matcher must be a SinkhornFlowMatcher, got {type(matcher).__name__}")
@@ -157,6 +159,8 @@ class NSGFPlusPlusObjective:
             raise ValueError(f"label_dropout must lie in [0, 1], got {label_dropout}")
         if label_dropout > 0 and null_label is None:
             raise ValueError("null_label is required with label_dropout > 0 (the extra 'no class' label)")
+        if phase1_batch_fraction is None:
+            phase1_batch_fraction = option_default("phase1_batch_fraction")
         self.phase1_batch_fraction = check_batch_fraction(phase1_batch_fraction)
         self.endpoints = check_endpoints(endpoints)
         self.label_dropout = label_dropout
@@ -254,125 +258,6 @@ class NSGFPlusPlusObjective:
 
     def _uniform(self, n: int, like: Tensor) -> Tensor:
         return torch.rand(n, generator=self.generator).to(device=like.device, dtype=like.dtype)
-
-    # ------------------------------------------------------------------ phase-2 training data
-    @property
-    def n_endpoints(self) -> int:
-        """End points held in the ``"ot"`` variant's buffer."""
-        return len(self.buffer)
-
-    def simulate_endpoints(self, x0: Tensor, x1: Tensor) -> Tensor:
-        r""":math:`X_T` of the matcher's simulated Sinkhorn flow of ``x0`` (n, *dim) towards ``x1`` (m, *dim).
-
-        Returns shape ``(n, *dim)``, detached. ``T`` Sinkhorn solves; no network is called; the buffer is
-        not touched.
-        """
-        return self.matcher.simulate(x0, x1).xs[-1].detach()
-
-    @torch.no_grad()
-    def network_endpoints(self, nsgf: Any, x0: Tensor, y: Tensor | None = None) -> Tensor:
-        r""":math:`\hat X_T` of the NSGF network ``nsgf(t, x)``: ``T`` Euler steps from ``x0`` on the matcher's
-        normalised clock, exactly phase 1 of :meth:`sample` (labels ``y`` passed as ``y=``). Detached; the
-        network's train/eval mode is kept."""
-        extra = None if y is None else {"y": y}
-        return odeint_sample(nsgf, x0, solver="euler", n_steps=self.flow_steps, extra_args=extra).samples
-
-    def _add_endpoints(self, xT: Tensor, labels: Tensor | None = None) -> None:
-        self.buffer.add(xT, labels)
-
-    def guided_phase1_endpoints(
-        self, x0: Tensor, x1: Tensor, y1: Tensor, nets: Mapping[str, Any] | None = None
-    ) -> tuple[Tensor, Tensor]:
-        r"""Class-conditional :meth:`phase1_endpoints`: for data labels ``y1`` (m,), ``m`` end points with exactly
-        the class counts of ``y1``, drawn without replacement within each class from the labelled buffer.
-
-        The buffer is refreshed with a guided flow of ``(x0, x1, y1)``
-        (:meth:`SinkhornFlowMatcher.simulate_guided`) on the first call, every ``refresh_every`` calls, and
-        whenever it holds too few end points of a class of ``y1``.
-
-        Returns
-        -------
-        xT : Tensor, shape (m, *dim)
-            End points grouped by class (in increasing class order), detached, on ``x0``'s device.
-        labels : Tensor, shape (m,)
-            Their classes (``y1``'s dtype).
-        """
-        y1 = check_labels(y1, x1.shape[0], "y1", "x1")
-        m = x1.shape[0]
-        self.buffer.check_capacity(max(m, x0.shape[0]))
-        self.buffer.check_labelled(True)
-        if self.n_calls % self.refresh_every == 0 or self.buffer.short_of(y1):
-            if self.endpoints == "network":
-                if nets is None:
-                    raise ValueError("nets is required with endpoints='network' (the NSGF network makes X_T)")
-                if x0.shape[0] != m:
-                    raise ValueError("x0 and x1 must have the same batch size with endpoints='network'")
-                labels = y1.to(x0.device)  # source row i takes class y1[i], as in the guided flow
-                self._add_endpoints(self.network_endpoints(nets["nsgf"], x0, labels), labels)
-            else:
-                traj, labels = self.matcher.simulate_guided(x0, x1, y1)
-                self._add_endpoints(traj.xs[-1].detach(), labels)
-        if self.buffer.short_of(y1):
-            raise ValueError(
-                "y1 asks for more end points of a class than the buffer holds after a new flow: give x0 and x1 "
-                "the same batch size (the guided flow then has exactly the class counts of y1)"
-            )
-        self.buffer.n_calls += 1
-        return self.buffer.draw_by_class(y1, self.generator, x0.device)
-
-    def phase1_endpoints(self, x0: Tensor, x1: Tensor, nets: Mapping[str, Any] | None = None) -> Tensor:
-        r"""``n`` phase-1 end points :math:`X_T` for a source batch ``x0`` (n, *dim) and data ``x1`` (m, *dim).
-
-        Drawn uniformly without replacement (through ``generator``) from the end-point buffer, after
-        adding a newly simulated flow of ``(x0, x1)`` (:meth:`simulate_endpoints`) on the first call, every
-        ``refresh_every`` calls, and whenever the buffer holds fewer than ``n`` end points.
-
-        Returns
-        -------
-        Tensor, shape (n, *dim)
-            Detached, on ``x0``'s device and in the dtype of the simulation.
-
-        Raises
-        ------
-        ValueError
-            ``endpoint_capacity`` is smaller than the batch size ``n``, or ``x0`` has another feature
-            shape than the buffer.
-        """
-        n = x0.shape[0]
-        self.buffer.check_capacity(n)
-        self.buffer.check_labelled(False)
-        if self.n_calls % self.refresh_every == 0 or self.n_endpoints < n:
-            if self.endpoints == "network":
-                if nets is None:
-                    raise ValueError("nets is required with endpoints='network' (the NSGF network makes X_T)")
-                self._add_endpoints(self.network_endpoints(nets["nsgf"], x0))
-            else:
-                self._add_endpoints(self.simulate_endpoints(x0, x1))
-        self.buffer.n_calls += 1
-        return self.buffer.draw(n, self.generator, x0.device)
-
-    def phase2_pairs(
-        self, x0: Tensor, x1: Tensor, y1: Tensor | None = None, nets: Mapping[str, Any] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        r"""Start and end points ``(a, b)``, each ``(n, *dim)``, of the straight flow's training segments, and
-        their class labels ``(n,)`` (None without ``y1``).
-
-        ``"paper"``: ``(x0, x1)`` as given (independent noise and data). ``"ot"``: ``n`` phase-1 end points
-        :math:`X_T` from the buffer (:meth:`phase1_endpoints`) and the data points ``x1`` paired with them by the
-        exact OT plan of the minibatch (torchcfm's ``OTPlanSampler("exact").get_map``, squared Euclidean
-        cost). ``"ot-source"``: the end points of this call's ``x0`` (a simulated flow towards ``x1``, or the
-        NSGF network in ``nets`` with ``endpoints="network"``), each paired with the data point that the exact
-        OT plan between ``x0`` and ``x1`` gives its source. ``n`` pairs are drawn from the plan without
-        replacement through ``generator`` (torchcfm's ``sample_plan`` draws with NumPy's global RNG); for
-        ``n == m`` the exact plan is a permutation, so every end point is used once.
-
-        With labels ``y1`` of ``x1``: ``"paper"`` labels each segment with its data point's class; the OT
-        variants give the end points the class counts of ``y1`` (``"ot"``: drawn from the labelled buffer,
-        :meth:`guided_phase1_endpoints`; ``"ot-source"``: source ``i`` takes class ``y1[i]``, as in the guided
-        flow, so ``x0`` and ``x1`` must have the same batch size) and solve the exact OT plan within each
-        class (a block-diagonal plan), so no segment joins two classes.
-        """
-        return self.variant.pairs(self, x0, x1, y1, nets)
 
     # ------------------------------------------------------------------ training
     def _net_labels(self, y: Tensor | None) -> Tensor | None:

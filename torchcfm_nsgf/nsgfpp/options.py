@@ -146,3 +146,10 @@ class NSGFPlusPlusOptions:
             )
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return NSGFPlusPlusOptions(**{**values, **changes})
+
+
+def option_default(name: str) -> Any:
+    """The default of the :class:`NSGFPlusPlusOptions` field ``name``: the one home of NSGF++'s defaults, read
+    by every function that takes the same setting (:func:`~torchcfm_nsgf.nsgfpp.nsgfpp_sample`'s
+    ``flow_steps``, :class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`'s ``phase1_batch_fraction``)."""
+    return NSGFPlusPlusOptions.__dataclass_fields__[name].default

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .._deprecation import renamed_keywords
 from .._validation import check_cloud
 from ..sampling import NFECounter, SampleResult, check_step_budget, default_steps, odeint_sample
-from .options import check_flow_steps
+from .options import check_flow_steps, option_default
 
 __all__ = ["STRAIGHT_STEPS", "nsgfpp_sample", "predict_time", "straight_flow_from"]
 
@@ -194,7 +194,7 @@ def nsgfpp_sample(
     straight: Callable[..., Tensor],
     x0: Tensor,
     *,
-    flow_steps: int = 5,
+    flow_steps: int | None = None,
     solver: str = "euler",
     straight_steps: int | None = None,
     atol: float = 1e-5,
@@ -218,9 +218,10 @@ def nsgfpp_sample(
         Straight flow ``straight(t, x)`` with per-sample ``t`` of shape ``(bs,)``.
     x0 : Tensor, shape (bs, *dim)
         Source samples.
-    flow_steps : int
-        ``T``, the phase-1 Euler steps (``1 .. 5``; ``> 5`` raises ``ValueError``). Formerly ``n_steps``
-        (still accepted, with a ``DeprecationWarning``).
+    flow_steps : int, optional
+        ``T``, the phase-1 Euler steps (``1 .. 5``; ``> 5`` raises ``ValueError``). Default: the trainer's,
+        ``NSGFPlusPlusOptions().flow_steps`` (2), so that a call without it integrates what a model trained
+        at the defaults learned. Formerly ``n_steps`` (still accepted, with a ``DeprecationWarning``).
     solver, straight_steps, atol, rtol
         Phase-2 solver (see :func:`straight_flow_from`); ``straight_steps`` defaults to
         :data:`STRAIGHT_STEPS` for fixed-step solvers.
@@ -247,7 +248,7 @@ def nsgfpp_sample(
         _check_callable(predictor, "predictor")
     _check_callable(straight, "straight")
     x0 = check_cloud(x0, "x0")
-    flow_steps = check_flow_steps(flow_steps)
+    flow_steps = check_flow_steps(option_default("flow_steps") if flow_steps is None else flow_steps)
     straight_steps = default_steps(solver, straight_steps, STRAIGHT_STEPS)
     check_step_budget(solver, straight_steps, "straight_steps")
 

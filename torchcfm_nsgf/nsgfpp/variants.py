@@ -19,7 +19,7 @@ named in :attr:`Phase2Variant.settings`), so adding one is a subclass decorated 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -27,8 +27,26 @@ from torchcfm.optimal_transport import OTPlanSampler
 
 from .._validation import check_labels
 
-if TYPE_CHECKING:
-    from .objective import NSGFPlusPlusObjective
+
+class ObjectiveView(Protocol):
+    """What a variant reads from :class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective` (the registry sits below
+    the objective it serves and takes it by reference: this module imports nothing of it)."""
+
+    matcher: Any
+    buffer: Any
+    generator: torch.Generator | None
+    endpoints: str
+
+    def phase1_endpoints(self, x0: Tensor, x1: Tensor, nets: Any) -> Tensor: ...
+
+    def guided_phase1_endpoints(
+        self, x0: Tensor, x1: Tensor, y1: Tensor, nets: Any
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def network_endpoints(self, net: Any, x0: Tensor, labels: Tensor | None) -> Tensor: ...
+
+    def simulate_endpoints(self, x0: Tensor, x1: Tensor) -> Tensor: ...
+
 
 __all__ = ["PHASE2", "Phase2Variant", "register_phase2"]
 
@@ -75,7 +93,7 @@ class Phase2Variant:
 
     def pairs(
         self,
-        objective: NSGFPlusPlusObjective,
+        objective: ObjectiveView,
         x0: Tensor,
         x1: Tensor,
         y1: Tensor | None,
@@ -181,7 +199,7 @@ class OTSource(_OTPairing):
 
     @staticmethod
     def _endpoints(
-        objective: NSGFPlusPlusObjective,
+        objective: ObjectiveView,
         x0: Tensor,
         x1: Tensor,
         labels: Tensor | None,
