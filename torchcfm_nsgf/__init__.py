@@ -3,7 +3,10 @@
 Layout (engine -> matcher -> pool -> samplers -> examples):
 
 * :mod:`torchcfm_nsgf.sinkhorn`: the Sinkhorn velocity engine (:func:`sinkhorn_velocity`);
-* :mod:`torchcfm_nsgf.matcher`: :class:`SinkhornFlowMatcher`, NSGF behind torchcfm's matcher interface;
+* :mod:`torchcfm_nsgf.matcher`: :class:`SinkhornFlowMatcher`, NSGF behind torchcfm's matcher interface, composed of
+  the flow (:mod:`~torchcfm_nsgf.flow`, the one part that calls the engine), the path geometry
+  (:mod:`~torchcfm_nsgf.paths`), the replay (:mod:`~torchcfm_nsgf.replay`, :mod:`~torchcfm_nsgf.serving`) and
+  the state (:mod:`~torchcfm_nsgf.matcher_state`);
 * :mod:`torchcfm_nsgf.coupling`: :class:`SinkhornCouplingMatcher`, flow matching on pairs of a large
   entropic OT plan (the large-coupling baseline);
 * :mod:`torchcfm_nsgf.drift`: :class:`SinkhornDrift`, regression targets that train a one-step generator by the
@@ -11,7 +14,8 @@ Layout (engine -> matcher -> pool -> samplers -> examples):
   baseline (average-velocity regression);
 * :mod:`torchcfm_nsgf.nsgfpp`: NSGF++ (one options object, phase-2 variants in a registry, one training
   objective, the two-phase sampler, the vector trainer);
-* :mod:`torchcfm_nsgf.pool`: the trajectory pool (experience replay);
+* :mod:`torchcfm_nsgf.pool`: the trajectory pool (experience replay; its storage and draws in
+  :mod:`~torchcfm_nsgf.pool_storage` and :mod:`~torchcfm_nsgf.pool_draws`);
 * :mod:`torchcfm_nsgf.sampling`: one sampler over a solver registry, with exact NFE accounting;
 * :mod:`torchcfm_nsgf.guidance`: classifier-free guidance for class-conditional fields.
 """
