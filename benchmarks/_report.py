@@ -75,3 +75,8 @@ def machine() -> str:
     import torch
 
     return f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
+
+
+def table_row(cells: list[object]) -> str:
+    """One markdown table row ``| a | b |`` of already formatted cells."""
+    return "| " + " | ".join(map(str, cells)) + " |"

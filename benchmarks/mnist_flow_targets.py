@@ -34,7 +34,7 @@ import os
 import time
 
 import torch
-from _report import emit, machine, table_head
+from _report import emit, machine, table_head, table_row
 from harness.images import get_classifier
 
 from torchcfm_nsgf import SinkhornCouplingMatcher, SinkhornFlowMatcher
@@ -118,12 +118,21 @@ def main() -> None:
             "---:",
         ),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['n']} | {r['flows']} | {r['fid_end_points']:.2f} | {r['fid_targets']:.2f} | "
-            f"{r['dist_to_target']:.3f} | {r['targets_used']:.3f} | {r['transport_cost']:.3f} | "
-            f"{r['cpu_s_per_flow']:.2f} |"
+    lines += [
+        table_row(
+            [
+                r["n"],
+                r["flows"],
+                f"{r['fid_end_points']:.2f}",
+                f"{r['fid_targets']:.2f}",
+                f"{r['dist_to_target']:.3f}",
+                f"{r['targets_used']:.3f}",
+                f"{r['transport_cost']:.3f}",
+                f"{r['cpu_s_per_flow']:.2f}",
+            ]
         )
+        for r in rows
+    ]
     emit("mnist_flow_targets.py", args, lines, data=rows)
 
 
