@@ -19,6 +19,7 @@ The 2D one-step comparison at equal CPU time (5 tasks x 3 seeds, EMA weights for
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import fields
@@ -58,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sigma", type=float, default=0.1, help="σ of I-CFM, OT-CFM and FM")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY.FIELD=VALUE",
+        help="settings of methods registered elsewhere, read as config.KEY (e.g. drift.self_term=independent; "
+        "values as JSON, else as text)",
+    )
     p.add_argument("--n-eval", type=int, default=2000, help="generated and target points of each W2")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--shard", default="0/1", help="i/n: every n-th run from the i-th")
@@ -70,11 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
 def config_of(args: argparse.Namespace) -> BenchConfig:
     """The study's :class:`BenchConfig`: every field the command line names (1000 steps if no budget)."""
     given = {f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)}
+    given["extra"] = extra_settings(args.set)
     if given["time_budget_s"] is None and given["train_steps"] is None:
         given["train_steps"] = 1000
     elif given["time_budget_s"] is not None:
         given["train_steps"] = None
     return BenchConfig(**given)
+
+
+def extra_settings(items: list[str]) -> dict:
+    """``["drift.step_size=0.5", ...]`` -> ``{"drift": {"step_size": 0.5}}`` (values as JSON, else text)."""
+    extra: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        owner, dot, name = key.partition(".")
+        if not (sep and dot and owner and name):
+            raise ValueError(f"--set takes KEY.FIELD=VALUE, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        extra.setdefault(owner, {})[name] = parsed
+    return extra
 
 
 def main(argv: list[str] | None = None) -> None:

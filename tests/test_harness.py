@@ -303,3 +303,25 @@ def test_study_command_runs_resumes_and_reports(tmp_path: Path, capsys) -> None:
     mean = sum(r["w2"]["2"] for r in runs if r["method"] == "otcfm") / 2
     assert f"{mean:.3f}" in text and "2-RF (one reflow) @1" in text and "EMA 0.9 weights" in text
     assert all(r["config"]["ema"] == 0.9 and r["steps"] == 3 for r in runs)
+
+
+def test_study_settings_of_other_modules_reach_the_config_by_name() -> None:
+    import study
+
+    args = study.build_parser().parse_args(
+        [
+            "--budget-s",
+            "90",
+            "--set",
+            "drift.self_term=independent",
+            "drift.step_size=0.5",
+            "meanflow.ratio=0.25",
+        ]
+    )
+    config = study.config_of(args)
+    assert config.train_steps is None and config.time_budget_s == 90 and config.clock == "cpu"
+    assert config.drift == {"self_term": "independent", "step_size": 0.5}
+    assert config.meanflow == {"ratio": 0.25}
+    assert getattr(config, "nothing", None) is None
+    with pytest.raises(ValueError, match="KEY.FIELD=VALUE"):
+        study.extra_settings(["step_size=0.5"])
