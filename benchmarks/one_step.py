@@ -57,9 +57,9 @@ DEFAULT_EMA = 0.999
 class DriftSettings:
     """The Sinkhorn drift's settings in the 2D benchmark (``config.drift`` as a dict overrides them).
 
-    ``data_batch``: data samples per step (None: ``config.batch_size``); ``ema_decay``: None takes
-    ``config.ema_decay`` when the config has one, else 0.999. The Sinkhorn fields are
-    :class:`~torchcfm_nsgf.SinkhornOptions`'.
+    ``data_batch``: data samples per step (None: ``config.batch_size``); ``lr``: Adam's learning rate (None:
+    ``config.lr``); ``ema_decay``: None takes ``config.ema_decay`` when the config has one, else 0.999. The
+    Sinkhorn fields are :class:`~torchcfm_nsgf.SinkhornOptions`'.
     """
 
     step_size: float = 1.0
@@ -69,6 +69,7 @@ class DriftSettings:
     scaling: float = 0.5
     tol: float = 1e-2
     data_batch: int | None = None
+    lr: float | None = None
     ema_decay: float | None = None
 
     def sinkhorn(self) -> SinkhornOptions:
@@ -80,17 +81,18 @@ class DriftSettings:
 @dataclass(frozen=True)
 class MeanFlowSettings:
     """MeanFlow's settings in the 2D benchmark (``config.meanflow`` as a dict overrides them); the objective's
-    fields are :class:`~torchcfm_nsgf.MeanFlow`'s, ``ema_decay`` as in :class:`DriftSettings`."""
+    fields are :class:`~torchcfm_nsgf.MeanFlow`'s, ``lr`` and ``ema_decay`` as in :class:`DriftSettings`."""
 
     logit_mean: float = 0.4
     logit_std: float = 1.0
     unequal_share: float = 0.25
     weight_power: float = 1.0
     weight_eps: float = 1e-3
+    lr: float | None = None
     ema_decay: float | None = None
 
     def objective(self) -> MeanFlow:
-        kw = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ema_decay"}
+        kw = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("lr", "ema_decay")}
         return MeanFlow(**kw)
 
 
@@ -160,13 +162,15 @@ def _settings(cls: type, config: Any, key: str, settings: Any) -> Any:
         settings = cls(**dict(getattr(config, key, None) or {}))
     if settings.ema_decay is None:
         settings = replace(settings, ema_decay=float(getattr(config, "ema_decay", None) or DEFAULT_EMA))
+    if settings.lr is None:
+        settings = replace(settings, lr=float(config.lr))
     return settings
 
 
 def train_drift(
     task: Task, config: Any, seed: int, settings: DriftSettings | None = None
 ) -> OneStepGenerator:
-    """A one-step generator ``G(x0)`` trained with :class:`~torchcfm_nsgf.SinkhornDrift` (Adam, ``config.lr``).
+    """A one-step generator ``G(x0)`` trained with :class:`~torchcfm_nsgf.SinkhornDrift` (Adam, ``settings.lr``).
 
     Each step: ``x = G(x0)`` for a source batch of ``config.batch_size``, a data batch of ``data_batch``
     (and, with ``self_term="independent"``, a second generated batch ``G(x0')`` without grad), then
@@ -178,7 +182,7 @@ def train_drift(
     model = MLP(dim=2, w=config.width, time_varying=False)
     ema = _EMA(model, settings.ema_decay)
     drift = SinkhornDrift(settings.step_size, sinkhorn=settings.sinkhorn(), self_term=settings.self_term)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     n, m = config.batch_size, settings.data_batch or config.batch_size
     losses: list[float] = []
     start = time.process_time()
@@ -203,14 +207,14 @@ def train_meanflow(
 ) -> MeanFlowSampler:
     """MeanFlow's average-velocity MLP (:class:`~torchcfm_nsgf.AverageVelocityMLP`, width ``config.width``)
     trained on independent (source, target) pairs with :meth:`~torchcfm_nsgf.MeanFlow.loss` (Adam,
-    ``config.lr``); ``train_time_s`` is the CPU time of the loop."""
+    ``settings.lr``); ``train_time_s`` is the CPU time of the loop."""
     settings = _settings(MeanFlowSettings, config, "meanflow", settings)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = AverageVelocityMLP(2, config.width)
     ema = _EMA(model, settings.ema_decay)
     objective = settings.objective()
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     n = config.batch_size
     losses: list[float] = []
     start = time.process_time()
@@ -246,7 +250,7 @@ def _parse_set(items: list[str], cls: type) -> dict:
         key, _, value = item.partition("=")
         if key not in types:
             raise SystemExit(f"--set {key}: not a field of {cls.__name__} ({sorted(types)})")
-        if value in ("None", "none"):
+        if value == "None":
             out[key] = None
         elif value in ("True", "False"):
             out[key] = value == "True"
