@@ -67,7 +67,7 @@ class DriftSettings:
     blur: float = 0.1
     relative_blur: bool = True
     scaling: float = 0.5
-    tol: float = 1e-2
+    tol: float = 0.1
     data_batch: int | None = None
     lr: float | None = None
     ema_decay: float | None = None
