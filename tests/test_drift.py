@@ -142,7 +142,7 @@ def test_loss_gradient_moves_the_generator_towards_the_targets():
     x = net(z)
     loss = drift.loss(x, x1)
     targets = drift.targets(x, x1)
-    assert float(loss.detach()) == pytest.approx(float(((x - targets) ** 2).mean()), rel=1e-9)
+    assert float(loss.detach()) == pytest.approx(float(((x.detach() - targets) ** 2).mean()), rel=1e-9)
     # d loss / d x = -2 eta V / N with V the independent velocity
     (gx,) = torch.autograd.grad(drift.loss(x, x1), x, retain_graph=True)
     ref = _pot_velocity(x.detach(), x1, BLUR, "same")
