@@ -2,14 +2,16 @@ r"""One-step generators on the 2D tasks: the Sinkhorn drift (:class:`~torchcfm_n
 (:class:`~torchcfm_nsgf.MeanFlow`), as method functions of the 2D benchmark.
 
 ``train_drift(task, config, seed)`` and ``train_meanflow(task, config, seed)`` have the shape of the methods of
-``benchmarks/two_dim.py`` (``fn(task, config, seed) -> Sampler``): ``config`` is its ``BenchConfig`` (read:
-``train_steps``, ``time_budget_s``, ``batch_size``, ``lr``, ``width``, and ``ema_decay`` / ``drift`` /
-``meanflow`` when it has them), the returned object answers ``sample(x0, nfe, solver) -> (samples, nfe_used)``
-and carries ``train_time_s``. Differences from the flow-matching methods, on purpose:
+``benchmarks/two_dim.py`` (``fn(task, config, seed) -> Sampler``): ``config`` is the benchmark's ``BenchConfig``
+(read: ``train_steps``, ``time_budget_s``, ``batch_size``, ``lr``, ``width``, and when it has them ``clock``,
+``ema`` or ``ema_decay``, ``drift``, ``meanflow``), the returned object answers ``sample(x0, nfe, solver) ->
+(samples, nfe_used)`` and carries ``train_time_s``. Conventions:
 
-* the time budget is CPU seconds of the training loop (``time.process_time``), not wall-clock seconds;
-* the samples come from EMA weights (decay ``ema_decay``, with the warm-up ``min(decay, (1 + k) / (10 + k))``
-  at step ``k`` so that short runs are not held at the initial weights);
+* the time budget is seconds of the training loop on ``config.clock`` (``"cpu"``: ``time.process_time``, the
+  default when the config has no clock; ``"wall"``: ``time.perf_counter``);
+* the samples come from EMA weights (decay ``config.ema``, or ``ema_decay``, default 0.999; None: the last
+  weights), with the warm-up ``min(decay, (1 + k) / (10 + k))`` at step ``k`` so that short runs are not held
+  at the initial weights;
 * the generator ``G(x0)`` is torchcfm's ``MLP(2, w=width)`` without a time input, so it answers every ``nfe``
   (and the adaptive solvers' ``nfe=None``) with one evaluation and reports ``nfe_used = 1``; MeanFlow's
   network is the same MLP with the two times as inputs (:class:`~torchcfm_nsgf.AverageVelocityMLP`), sampled
@@ -29,7 +31,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -153,22 +155,41 @@ class _EMA:
         self.k += 1
 
 
+def _clock(config: Any) -> Callable[[], float]:
+    """The budget's clock: ``config.clock`` ("cpu": ``time.process_time``, "wall": ``time.perf_counter``) when the
+    config has one, else CPU time."""
+    clock = getattr(config, "clock", "cpu")
+    if clock not in ("cpu", "wall"):
+        raise ValueError(f"config.clock must be 'cpu' or 'wall', got {clock!r}")
+    return time.process_time if clock == "cpu" else time.perf_counter
+
+
 def _steps(config: Any) -> Iterator[int]:
-    """Step indices until ``config.train_steps`` steps or ``config.time_budget_s`` CPU seconds have run."""
-    steps, budget = config.train_steps, config.time_budget_s
+    """Step indices until ``config.train_steps`` steps or ``config.time_budget_s`` seconds of its clock have run."""
+    steps, budget, clock = config.train_steps, config.time_budget_s, _clock(config)
     if (steps is None) == (budget is None):
         raise ValueError("config must set exactly one of train_steps and time_budget_s")
-    start, k = time.process_time(), 0
-    while (k < steps) if steps is not None else (time.process_time() - start < budget):
+    start, k = clock(), 0
+    while (k < steps) if steps is not None else (clock() - start < budget):
         yield k
         k += 1
+
+
+def _config_ema(config: Any) -> float:
+    """The config's EMA decay: ``config.ema`` (the harness's; None: the last weights) or ``config.ema_decay``
+    when the config has either, else :data:`DEFAULT_EMA`."""
+    if hasattr(config, "ema"):
+        return 0.0 if config.ema is None else float(config.ema)
+    if getattr(config, "ema_decay", None) is not None:
+        return float(config.ema_decay)
+    return DEFAULT_EMA
 
 
 def _settings(cls: type, config: Any, key: str, settings: Any) -> Any:
     if settings is None:
         settings = cls(**dict(getattr(config, key, None) or {}))
     if settings.ema_decay is None:
-        settings = replace(settings, ema_decay=float(getattr(config, "ema_decay", None) or DEFAULT_EMA))
+        settings = replace(settings, ema_decay=_config_ema(config))
     if settings.lr is None:
         settings = replace(settings, lr=float(config.lr))
     return settings
@@ -192,7 +213,8 @@ def train_drift(
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     n, m = config.batch_size, settings.data_batch or config.batch_size
     losses: list[float] = []
-    start = time.process_time()
+    clock = _clock(config)
+    start = clock()
     for _ in _steps(config):
         x = model(task.source(n, gen))
         x1 = task.target(m, gen)
@@ -206,7 +228,7 @@ def train_drift(
         opt.step()
         ema.update(model)
         losses.append(float(loss.detach()))
-    return OneStepGenerator(ema.model, time.process_time() - start, len(losses), losses)
+    return OneStepGenerator(ema.model, clock() - start, len(losses), losses)
 
 
 def train_meanflow(
@@ -224,7 +246,8 @@ def train_meanflow(
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     n = config.batch_size
     losses: list[float] = []
-    start = time.process_time()
+    clock = _clock(config)
+    start = clock()
     for _ in _steps(config):
         loss = objective.loss(model, task.source(n, gen), task.target(n, gen), generator=gen)
         opt.zero_grad(set_to_none=True)
@@ -232,7 +255,7 @@ def train_meanflow(
         opt.step()
         ema.update(model)
         losses.append(float(loss.detach()))
-    return MeanFlowSampler(ema.model, time.process_time() - start, len(losses), losses)
+    return MeanFlowSampler(ema.model, clock() - start, len(losses), losses)
 
 
 METHODS = {"drift": (train_drift, DriftSettings), "meanflow": (train_meanflow, MeanFlowSettings)}
