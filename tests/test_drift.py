@@ -4,6 +4,7 @@ of the Sinkhorn divergence, the convex hull of a class's samples, and sharded so
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 
 import numpy as np
@@ -93,6 +94,21 @@ def test_step_schedules_follow_the_call_count():
         drift.reset()
         assert drift.n_calls == 0
         assert float((drift.targets(x, x1) - x).norm() / v.norm()) == pytest.approx(0.5, rel=1e-9)
+
+
+def _halving(k: int) -> float:
+    return 0.5 / (k + 1)
+
+
+@pytest.mark.parametrize("step_size", [0.5, [0.5, 0.25], _halving])
+def test_a_pickled_drift_continues_its_schedule(step_size):
+    """A drift survives pickling mid-schedule (spawned workers, DDP) and gives the original's next targets."""
+    x, x1, _ = _clouds(n=20, m=20)
+    drift = SinkhornDrift(step_size, sinkhorn=EXACT)
+    drift.targets(x, x1)
+    copy = pickle.loads(pickle.dumps(drift))
+    assert copy.n_calls == 1
+    torch.testing.assert_close(copy.targets(x, x1), drift.targets(x, x1), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- classes

@@ -106,7 +106,7 @@ class SinkhornDrift:
             raise TypeError(f"sinkhorn must be a SinkhornOptions, got {type(sinkhorn).__name__}")
         if self_term not in SELF_TERMS:
             raise ValueError(f"self_term must be one of {SELF_TERMS}, got {self_term!r}")
-        self._steps = _step_schedule(step_size)
+        self._steps = _StepSchedule(step_size)
         self.step_size = step_size
         self.sinkhorn = sinkhorn
         self.self_term = self_term
@@ -330,18 +330,34 @@ def _check_step(value: object, name: str) -> float:
     return float(value)
 
 
-def _step_schedule(step_size: object) -> Callable[[int], float]:
-    """``k -> eta_k`` from a number, a non-empty sequence (its last value held) or a callable (checked per call)."""
-    if isinstance(step_size, (int, float)) and not isinstance(step_size, bool):
-        eta = _check_step(step_size, "step_size")
-        return lambda k: eta
-    if callable(step_size):
-        return lambda k: _check_step(step_size(k), f"step_size({k})")
-    if isinstance(step_size, Sequence) and not isinstance(step_size, str):
-        if len(step_size) == 0:
-            raise ValueError("step_size must not be an empty sequence")
-        steps = tuple(_check_step(v, "step_size") for v in step_size)
-        return lambda k: steps[min(k, len(steps) - 1)]
-    raise TypeError(
-        f"step_size must be a number, a sequence of numbers or a callable k -> eta, got {type(step_size).__name__}"
-    )
+class _StepSchedule:
+    """``k -> eta_k`` from a number, a non-empty sequence (its last value held) or a callable (checked per call).
+
+    A plain object rather than a closure, so that a drift pickles (``torch.multiprocessing`` spawn, DDP) as
+    long as a callable ``step_size`` does.
+    """
+
+    def __init__(self, step_size: object) -> None:
+        self.constant: float | None = None
+        self.steps: tuple[float, ...] | None = None
+        self.function: Callable[[int], float] | None = None
+        if isinstance(step_size, (int, float)) and not isinstance(step_size, bool):
+            self.constant = _check_step(step_size, "step_size")
+        elif callable(step_size):
+            self.function = step_size
+        elif isinstance(step_size, Sequence) and not isinstance(step_size, str):
+            if len(step_size) == 0:
+                raise ValueError("step_size must not be an empty sequence")
+            self.steps = tuple(_check_step(v, "step_size") for v in step_size)
+        else:
+            raise TypeError(
+                "step_size must be a number, a sequence of numbers or a callable k -> eta, "
+                f"got {type(step_size).__name__}"
+            )
+
+    def __call__(self, k: int) -> float:
+        if self.constant is not None:
+            return self.constant
+        if self.steps is not None:
+            return self.steps[min(k, len(self.steps) - 1)]
+        return _check_step(self.function(k), f"step_size({k})")
