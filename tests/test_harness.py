@@ -223,6 +223,57 @@ def test_resume_skips_finished_and_claimed_runs_and_takes_over_stale_claims(tmp_
         subprocess.run(["kill", alive.read_text()], check=False)
 
 
+class _Shift:
+    """A sampler that moves every point by +1 (with a label: by +1 + label)."""
+
+    train_time_s = 0.0
+
+    def sample(self, x0, nfe, solver="euler", y=None):
+        return x0 + 1.0 + (0.0 if y is None else y[:, None].to(x0.dtype)), nfe
+
+
+def _per_class_w2(sampler, task, seed: int) -> dict:
+    """A spec's own scoring: W2 per class of the shifted source against that class's targets."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = task.target(400, g)
+    x0 = task.source(len(x), g)
+    moved, _ = sampler.sample(x0, 1, y=y)
+    per_class = [w2(moved[y == c], x[y == c]) for c in range(task.num_classes)]
+    return {"per_class": per_class, "w2": {"1": sum(per_class) / len(per_class)}, "note": "own scoring"}
+
+
+def test_a_spec_with_its_own_evaluation_writes_its_fields_and_resumes(tmp_path: Path) -> None:
+    register("shift", "shift by one")(lambda task, config, seed: _Shift())
+    try:
+        task = "gaussian-8gaussians-conditional"  # class-conditional: no EvalSet can be drawn for it
+        jobs = [RunSpec(task, "shift", seed, (1,), evaluate=_per_class_w2) for seed in (0, 1)]
+        config = BenchConfig(train_steps=1, **SMALL)
+        first = run_study(jobs, config, tmp_path)
+        assert [r["seed"] for r in first] == [0, 1]
+        on_disk = json.loads(run_file(tmp_path, task, "shift", 1).read_text())
+        assert set(SCHEMA) <= set(on_disk) and on_disk["note"] == "own scoring"
+        assert on_disk["floor"] is None and on_disk["nfe_used"] == {}
+        assert on_disk["evaluations"][-1]["w2"] == on_disk["w2"]
+        # the per-class scores, recomputed by hand from the same draws
+        t = get_task(task)
+        g = torch.Generator().manual_seed(1)
+        x, y = t.target(400, g)
+        x0 = t.source(len(x), g) + 1.0 + y[:, None].float()
+        expected = [w2(x0[y == c], x[y == c]) for c in range(8)]
+        assert on_disk["per_class"] == pytest.approx(expected)
+        assert on_disk["w2"]["1"] == pytest.approx(sum(expected) / 8)
+        # resume: both runs are finished, nothing is rewritten; a spec keeps its identity without evaluate
+        stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")}
+        assert run_study(jobs, config, tmp_path) == []
+        assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")} == stamps
+        assert jobs[0] == RunSpec(task, "shift", 0, (1,))
+        with pytest.raises(ValueError, match="class-conditional"):
+            run_study([RunSpec(task, "shift", 2, (1,))], config, None)
+    finally:
+        METHODS.pop("shift", None)
+        LABELS.pop("shift", None)
+
+
 def test_report_of_two_shards_equals_report_of_one(tmp_path: Path) -> None:
     _study(tmp_path / "a", shard=(0, 2))
     _study(tmp_path / "b", shard=(1, 2))

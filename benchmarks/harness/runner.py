@@ -13,6 +13,12 @@ The record (:data:`SCHEMA` lists its keys): the run's identity and settings, ``w
 end (keys are NFEs as strings), ``steps``, ``train_time_s`` (on the budget's clock), ``cpu_s`` and ``wall_s``,
 the two-sample ``floor`` W2(target, target), and ``evaluations``: one entry per snapshot (or one, at the end)
 with ``steps``, ``cpu_s``, ``wall_s`` and ``w2``.
+
+A spec with its own scoring (per class, on total-NFE grids, of a simulated flow) gives
+``RunSpec.evaluate(sampler, task, seed) -> dict``: the runner then trains as usual, draws no
+:class:`EvalSet`, and merges that dict into the record in place of its own scores (``w2``, ``nfe_used`` and
+``floor`` are whatever the dict holds, ``{}``/``None`` if it holds none). Resuming, claims and shards are
+the same.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -71,12 +77,14 @@ SCHEMA = (
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: ``method`` (a registered name) on ``task`` with ``seed``, scored at ``nfes``."""
+    """One run: ``method`` (a registered name) on ``task`` with ``seed``, scored at ``nfes``; or, with
+    ``evaluate``, scored by ``evaluate(sampler, task, seed)`` (a dict of JSON values merged into the record)."""
 
     task: str
     method: str
     seed: int
     nfes: tuple[int, ...]
+    evaluate: Callable[..., dict] | None = field(default=None, compare=False, repr=False)
 
 
 def parse_methods(specs: Iterable[str], default_nfes: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
@@ -154,18 +162,28 @@ def evaluate_snapshots(sampler, x0: torch.Tensor, target: torch.Tensor, nfes: It
     ]
 
 
-def run_one(spec: RunSpec, config: BenchConfig, evals: EvalSet) -> dict:
+def run_one(spec: RunSpec, config: BenchConfig, evals: EvalSet | None) -> dict:
     """Train and score one run; its record (:data:`SCHEMA`). Raises :class:`NotApplicable` where it does not
-    apply."""
-    sampler = method_fn(spec.method)(get_task(spec.task), config, spec.seed)
-    scores, used = evaluate(sampler, evals.x0, evals.target, spec.nfes)
-    evaluations = evaluate_snapshots(sampler, evals.x0, evals.target, spec.nfes)
+    apply. ``evals`` is unused (may be None) where ``spec.evaluate`` scores the run."""
+    task = get_task(spec.task)
+    sampler = method_fn(spec.method)(task, config, spec.seed)
+    own: dict = {}
+    if spec.evaluate is not None:
+        own = spec.evaluate(sampler, task, spec.seed)
+        scores, used, evaluations = own.get("w2", {}), own.get("nfe_used", {}), []
+        floor = own.get("floor")
+    elif evals is None:
+        raise ValueError(f"run {spec}: evals is None and the spec has no evaluate of its own")
+    else:
+        scores, used = evaluate(sampler, evals.x0, evals.target, spec.nfes)
+        evaluations = evaluate_snapshots(sampler, evals.x0, evals.target, spec.nfes)
+        floor = evals.floor
     steps = getattr(sampler, "n_opt_steps", None)
     cpu_s = getattr(sampler, "cpu_s", sampler.train_time_s if config.clock == "cpu" else None)
     wall_s = getattr(sampler, "wall_s", sampler.train_time_s if config.clock == "wall" else None)
     if not evaluations:
         evaluations = [dict(steps=steps, cpu_s=cpu_s, wall_s=wall_s, w2=scores)]
-    return dict(
+    record = dict(
         task=spec.task,
         method=spec.method,
         label=label_of(spec.method),
@@ -179,12 +197,14 @@ def run_one(spec: RunSpec, config: BenchConfig, evals: EvalSet) -> dict:
         cpu_s=cpu_s,
         wall_s=wall_s,
         clock=config.clock,
-        floor=evals.floor,
+        floor=floor,
         evaluations=evaluations,
         machine=platform.processor() or platform.machine(),
         torch=torch.__version__,
         finished=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
+    record.update(own)
+    return record
 
 
 def run_file(out_dir: Path, task: str, method: str, seed: int) -> Path:
@@ -242,7 +262,7 @@ def run_study(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     eval_set = eval_set or (lambda task, seed: EvalSet.draw(task, seed, n_eval))
-    cache: dict[tuple[str, int], EvalSet] = {}
+    cache: dict[tuple[str, int], EvalSet | None] = {}
     records = []
     for spec in jobs[index::count]:
         path = held = None
@@ -256,6 +276,8 @@ def run_study(
             if key not in cache:
                 cache.clear()
                 clear_caches()
+                cache[key] = None if spec.evaluate is not None else eval_set(spec.task, spec.seed)
+            elif cache[key] is None and spec.evaluate is None:
                 cache[key] = eval_set(spec.task, spec.seed)
             try:
                 record = run_one(spec, config, cache[key])
