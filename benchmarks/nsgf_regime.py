@@ -5,7 +5,9 @@ many target samples, W2 to ``--n-eval`` fresh target samples after each Euler st
 ``--particles`` target samples themselves, the floor a flow of that size can reach) and the seconds per flow;
 (b) the field learned by torchcfm's loop with that ``SinkhornFlowMatcher`` (``harness.train_nsgf``, batch 256,
 ``--train-steps`` Adam steps, MLP ``--width``), its W2 at Euler NFE 1, 2, 5, 10, 100 and with dopri5, and its
-training seconds (simulation included).
+training seconds (simulation included). Each (task, setting) is one run of the benchmark harness
+(``harness.run_study`` with the run's own scoring): one resumable JSON record per run in the folder named
+like ``--json`` without its suffix; ``--json`` gathers that folder's records.
 
     python benchmarks/nsgf_regime.py --shard 0/2 --json benchmarks/results/nsgf_regime_0.json &
     python benchmarks/nsgf_regime.py --shard 1/2 --json benchmarks/results/nsgf_regime_1.json
@@ -17,16 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
 import warnings
 
 import torch
-from harness import train_nsgf
+from harness import BenchConfig, RunSpec, load_runs, register, run_study, train_nsgf
 
 from torchcfm_nsgf import SinkhornFlowMatcher, SinkhornOptions
-from torchcfm_nsgf.datasets import TASKS, get_task
+from torchcfm_nsgf.datasets import TASKS
 from torchcfm_nsgf.metrics import w2
 
 NFES = (1, 2, 5, 10, 100)
@@ -55,60 +58,114 @@ def build(setting: dict, seed: int) -> SinkhornFlowMatcher:
     return SinkhornFlowMatcher(**kwargs, generator=torch.Generator().manual_seed(seed))
 
 
-def run(args: argparse.Namespace) -> None:
-    jobs = [(task, name) for task in args.tasks for name in args.settings]
-    index, count = (int(v) for v in args.shard.split("/"))
-    records = []
-    meta = {"argv": [os.path.relpath(sys.argv[0])] + sys.argv[1:], "load_start": os.getloadavg()}
-    for task_name, name in jobs[index::count]:
-        task = get_task(task_name)
-        gen = torch.Generator().manual_seed(args.seed)
-        x0e, ye = task.source(args.n_eval, gen), task.target(args.n_eval, gen)
-        floor = w2(task.target(args.n_eval, gen), ye)
-        # (a) the simulated flow
-        matcher = build(SETTINGS[name], args.seed)
-        xp, yp = task.source(args.particles, gen), task.target(args.particles, gen)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            start = time.perf_counter()
-            traj = matcher.simulate(xp, yp)
-            flow_s = time.perf_counter() - start
-        flow_w2 = [w2(x, ye) for x in traj.xs]
-        # (b) the learned field
+def slug(name: str) -> str:
+    """A setting's name as a file-name part: ``"polyline T=3 η=[1, .5, .5]"`` -> ``"polyline_T=3_1_.5_.5"``."""
+    return "_".join(filter(None, re.split(r"[^A-Za-z0-9.=+-]+", name.replace("η=", ""))))
+
+
+def draws(task, args: argparse.Namespace) -> tuple[torch.Generator, dict]:
+    """The study's draws from one generator of ``args.seed``, in order: ``n_eval`` source points and targets,
+    a second target draw (the floor), ``particles`` source points and targets. The generator goes on to
+    draw the training batches."""
+    gen = torch.Generator().manual_seed(args.seed)
+    x0e, ye = task.source(args.n_eval, gen), task.target(args.n_eval, gen)
+    floor = w2(task.target(args.n_eval, gen), ye)
+    xp, yp = task.source(args.particles, gen), task.target(args.particles, gen)
+    return gen, dict(x0e=x0e, ye=ye, floor=floor, xp=xp, yp=yp)
+
+
+class Learned:
+    """The field learned with one setting's matcher (``harness.train_nsgf``) and that matcher."""
+
+    def __init__(self, trained, matcher: SinkhornFlowMatcher) -> None:
+        self.trained, self.matcher, self.train_time_s = trained, matcher, trained.train_time_s
+
+
+def trainer(name: str, args: argparse.Namespace):
+    """The harness method of setting ``name``: (b) the learned field, trained after the study's draws."""
+
+    def train(task, config, seed: int) -> Learned:
+        gen, _ = draws(task, args)
         torch.manual_seed(args.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             matcher = build(SETTINGS[name], args.seed)
             trained = train_nsgf(
-                task, matcher, train_steps=args.train_steps, generator=gen, width=args.width, batch_size=256
+                task,
+                matcher,
+                train_steps=config.train_steps,
+                generator=gen,
+                width=config.width,
+                batch_size=256,
             )
-        learned = {str(n): w2(matcher.sample(trained.field, x0e, n_steps=n).samples, ye) for n in NFES}
-        adaptive = matcher.sample(trained.field, x0e, solver="dopri5")
-        records.append(
-            {
-                "task": task_name,
-                "setting": name,
-                "floor": floor,
-                "target_sample_w2": w2(yp, ye),
-                "particles": args.particles,
-                "flow_w2": flow_w2,
-                "flow_s": flow_s,
-                "flow_iters": traj.n_iters,
-                "learned_w2": learned,
-                "dopri5": {"w2": w2(adaptive.samples, ye), "nfe": adaptive.total_nfe},
-                "train_s": trained.train_time_s,
-                "n_flows": matcher.n_flows,
-                "blur": matcher.blur,
-            }
-        )
-        r = records[-1]
+        return Learned(trained, matcher)
+
+    return train
+
+
+def scorer(name: str, args: argparse.Namespace):
+    """The run's own scoring: (a) the simulated flow, then the learned field at ``NFES`` and with dopri5."""
+
+    def evaluate(learned: Learned, task, seed: int) -> dict:
+        _, d = draws(task, args)
+        matcher = build(SETTINGS[name], args.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start = time.perf_counter()
+            traj = matcher.simulate(d["xp"], d["yp"])
+            flow_s = time.perf_counter() - start
+        field, trained_matcher = learned.trained.field, learned.matcher
+        scores = {
+            str(n): w2(trained_matcher.sample(field, d["x0e"], n_steps=n).samples, d["ye"]) for n in NFES
+        }
+        adaptive = trained_matcher.sample(field, d["x0e"], solver="dopri5")
+        return {
+            "setting": name,
+            "w2": scores,
+            "nfe_used": {str(n): n for n in NFES},
+            "floor": d["floor"],
+            "target_sample_w2": w2(d["yp"], d["ye"]),
+            "particles": args.particles,
+            "flow_w2": [w2(x, d["ye"]) for x in traj.xs],
+            "flow_s": flow_s,
+            "flow_iters": traj.n_iters,
+            "learned_w2": scores,
+            "dopri5": {"w2": w2(adaptive.samples, d["ye"]), "nfe": adaptive.total_nfe},
+            "train_s": learned.train_time_s,
+            "n_flows": trained_matcher.n_flows,
+            "blur": trained_matcher.blur,
+        }
+
+    return evaluate
+
+
+def run(args: argparse.Namespace) -> None:
+    """Every (task, setting) job of the shard through the harness's runner: one resumable record per run in
+    the folder named like ``--json`` without its suffix, and ``--json`` itself rewritten with every record of
+    that folder after each run (the file ``--report`` reads)."""
+    index, count = (int(v) for v in args.shard.split("/"))
+    jobs = []
+    for task in args.tasks:
+        for name in args.settings:
+            method = f"nsgf-regime-{slug(name)}"
+            register(method, f"NSGF regime: {name}")(trainer(name, args))
+            jobs.append(RunSpec(task, method, args.seed, NFES, evaluate=scorer(name, args)))
+    folder = os.path.splitext(args.json)[0]
+    meta = {"argv": [os.path.relpath(sys.argv[0])] + sys.argv[1:], "load_start": os.getloadavg()}
+    config = BenchConfig(train_steps=args.train_steps, width=args.width, batch_size=256)
+
+    def on_record(r: dict) -> None:
+        learned = {k: round(v, 3) for k, v in r["learned_w2"].items()}
         print(
-            f"{task_name} | {name}: flow {[round(v, 3) for v in flow_w2]} ({flow_s:.2f} s) | learned "
-            f"{ {k: round(v, 3) for k, v in learned.items()} } dopri5 {r['dopri5']['w2']:.3f} ({r['train_s']:.0f} s)",
+            f"{r['task']} | {r['setting']}: flow {[round(v, 3) for v in r['flow_w2']]} ({r['flow_s']:.2f} s) | "
+            f"learned {learned} dopri5 {r['dopri5']['w2']:.3f} ({r['train_s']:.0f} s)",
             flush=True,
         )
+        records = [x for x in load_runs([folder]) if "setting" in x]
         with open(args.json, "w") as handle:
             json.dump({"meta": {**meta, "load_end": os.getloadavg()}, "records": records}, handle, indent=1)
+
+    run_study(jobs, config, folder, shard=(index, count), extra={"argv": meta["argv"]}, on_record=on_record)
 
 
 def report(paths: list[str]) -> None:
