@@ -22,20 +22,27 @@ fresh target points of that class; exact W2 (``torchcfm_nsgf.metrics.w2``), per 
 ``--seeds`` seeds (``--seed``, ``--seed`` + 1, ...). The per-class table is the first seed's; the summary is
 mean ± std over the seeds of the class-mean W2.
 
+Each (method, seed) is one run of the benchmark harness (``harness.run_study``, scored by its own per-class
+evaluation): one resumable JSON record per run in ``--runs`` (default: ``--out`` without its suffix), so an
+interrupted study resumes and the tables can be rewritten from the records.
+
     OMP_NUM_THREADS=1 python benchmarks/two_dim_conditional.py --out benchmarks/results/two_dim_conditional.md
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import time
+from dataclasses import asdict
 
 import torch
 from _report import command_line, publish, table_head  # benchmarks/, next to this script
-from harness import BenchConfig, method_fn, train_nsgfpp
+from harness import BenchConfig, RunSpec, load_runs, register, run_study, train_nsgfpp
+from harness.report import fmt
 
 from torchcfm_nsgf.datasets import get_task
 from torchcfm_nsgf.metrics import w2
@@ -54,40 +61,44 @@ def class_samples(task, c: int, n: int, generator: torch.Generator) -> torch.Ten
     return torch.cat(chunks)[:n]
 
 
-#: The torchcfm-loop methods, by their names in the harness's registry (each handles a class-conditional task).
-LOOP_METHODS = {"NSGF": "nsgf", "OT-CFM (guided)": "otcfm", "I-CFM": "icfm"}
+def registry_names(args: argparse.Namespace) -> dict[str, str]:
+    """Each method of the tables by its name in the harness's registry (NSGF++ is registered by :func:`main`
+    under a name that holds its phase-1 T and η)."""
+    return {
+        "NSGF": "nsgf",
+        "NSGF++": f"nsgf++ot-T{args.nsgfpp_T}-eta{args.nsgfpp_eta:g}",
+        "OT-CFM (guided)": "otcfm",
+        "I-CFM": "icfm",
+    }
 
 
-def train_all(task, seed: int, args) -> tuple[dict, dict]:
-    """The four trained methods of one seed and their training seconds."""
-    config = BenchConfig(
-        train_steps=args.train_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        width=args.width,
-        sigma=args.sigma,
-    )
-    models, times = {}, {}
-    for name in METHODS:
-        if name in LOOP_METHODS:
-            models[name] = method_fn(LOOP_METHODS[name])(task, config, seed)
-            times[name] = models[name].train_time_s
-            continue
+class NSGFPlusPlusRun:
+    """A trained NSGF++ model and its training seconds."""
+
+    def __init__(self, model, train_time_s: float) -> None:
+        self.model, self.train_time_s = model, train_time_s
+
+
+def nsgfpp_trainer(args: argparse.Namespace):
+    """The harness method NSGF++ (variant ``"ot"``, phase 1 ``--nsgfpp-T`` steps of ``--nsgfpp-eta``)."""
+
+    def train(task, config: BenchConfig, seed: int) -> NSGFPlusPlusRun:
         torch.manual_seed(seed)  # network initialisation
         start = time.perf_counter()
-        models[name] = train_nsgfpp(
+        model = train_nsgfpp(
             task,
             phase2="ot",
-            train_steps=args.train_steps,
+            train_steps=config.train_steps,
             generator=torch.Generator().manual_seed(seed),
-            batch_size=args.batch_size,
-            lr=args.lr,
-            width=args.width,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            width=config.width,
             flow_steps=args.nsgfpp_T,
             step_size=args.nsgfpp_eta,
         )
-        times[name] = time.perf_counter() - start
-    return models, times
+        return NSGFPlusPlusRun(model, time.perf_counter() - start)
+
+    return train
 
 
 def generate(name: str, model, x0: torch.Tensor, nfe: int, y: torch.Tensor, T: int) -> torch.Tensor | None:
@@ -96,7 +107,7 @@ def generate(name: str, model, x0: torch.Tensor, nfe: int, y: torch.Tensor, T: i
         if nfe - T < 1:
             return None
         with torch.no_grad():
-            out = model.sample(x0, straight_steps=nfe - T, y=y)
+            out = model.model.sample(x0, straight_steps=nfe - T, y=y)
         assert out.total_nfe == nfe, out.nfe
         return out.samples
     with torch.no_grad():
@@ -105,36 +116,73 @@ def generate(name: str, model, x0: torch.Tensor, nfe: int, y: torch.Tensor, T: i
     return samples
 
 
-def run_seed(task, seed: int, args, nfes: list[int]) -> dict:
-    """Per-class W2 of every (method, NFE) (None where impossible), the two-sample floor and training times."""
-    models, times = train_all(task, seed, args)
-    k = task.num_classes
-    w2s = {}
-    for name, model in models.items():
+def scorer(name: str, args: argparse.Namespace, nfes: list[int]):
+    """The run's own scoring: per-class W2 at each NFE (None where impossible) and the per-class floor."""
+
+    def evaluate(model, task, seed: int) -> dict:
+        k = task.num_classes
+        per_class: dict[str, list[float] | None] = {}
         for nfe in nfes:
             g = torch.Generator().manual_seed(seed + 100)
-            per_class = []
+            scores: list[float] | None = []
             for c in range(k):
                 x0 = task.source(args.n_eval, g)
                 y = torch.full((args.n_eval,), c, dtype=torch.long)
                 ref = class_samples(task, c, args.n_eval, g)
                 samples = generate(name, model, x0, nfe, y, args.nsgfpp_T)
                 if samples is None:
-                    per_class = None
+                    scores = None
                     break
-                per_class.append(w2(samples, ref))
-            w2s[name, nfe] = per_class
-    g = torch.Generator().manual_seed(seed + 200)
-    floor = [
-        w2(class_samples(task, c, args.n_eval, g), class_samples(task, c, args.n_eval, g)) for c in range(k)
+                scores.append(w2(samples, ref))
+            per_class[str(nfe)] = scores
+        g = torch.Generator().manual_seed(seed + 200)
+        floor = [
+            w2(class_samples(task, c, args.n_eval, g), class_samples(task, c, args.n_eval, g))
+            for c in range(k)
+        ]
+        return {
+            "name": name,
+            "n_eval": args.n_eval,
+            "per_class": per_class,
+            "w2": {n: sum(v) / k for n, v in per_class.items() if v is not None},
+            "nfe_used": {n: int(n) for n, v in per_class.items() if v is not None},
+            "floor": sum(floor) / k,
+            "floor_per_class": floor,
+        }
+
+    return evaluate
+
+
+def study(args: argparse.Namespace, seeds: list[int], nfes: list[int]) -> dict[tuple[str, int], dict]:
+    """Every (method, seed) run through the harness's runner; the records by (method name, seed). With a
+    runs folder, a finished run is read back rather than trained again (its settings must be these)."""
+    config = BenchConfig(
+        train_steps=args.train_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        width=args.width,
+        sigma=args.sigma,
+    )
+    names = registry_names(args)
+    register(names["NSGF++"], f"NSGF++ (ot, T={args.nsgfpp_T}, η={args.nsgfpp_eta:g})")(nsgfpp_trainer(args))
+    jobs = [
+        RunSpec(TASK, names[name], s, tuple(nfes), evaluate=scorer(name, args, nfes))
+        for s in seeds
+        for name in METHODS
     ]
-    return {"w2": w2s, "floor": floor, "times": times}
-
-
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    folder = args.runs or (os.path.splitext(args.out)[0] if args.out else None)
+    records = run_study(jobs, config, folder)
+    if folder is not None:
+        wanted = {(j.method, j.seed) for j in jobs}
+        records = [r for r in load_runs([folder]) if (r["method"], r["seed"]) in wanted]
+        settings = json.loads(json.dumps(dict(config=asdict(config), nfes=nfes, n_eval=args.n_eval)))
+        for r in records:
+            if {k: r[k] for k in settings} != settings:
+                raise ValueError(
+                    f"runs folder {folder!r} holds {r['method']} seed {r['seed']} run with other settings "
+                    f"({ {k: r[k] for k in settings} }); name another folder with --runs"
+                )
+    return {(r["name"], r["seed"]): r for r in records}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,6 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--note", default="", help="a line on the machine's load, written under the setup")
     p.add_argument("--out", default=None, help="markdown file to write")
+    p.add_argument(
+        "--runs",
+        default=None,
+        help="folder of the per-run JSON records, resumable (default: --out without its suffix; none without --out)",
+    )
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
@@ -167,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     seeds = [args.seed + i for i in range(args.seeds)]
-    runs = [run_seed(task, s, args, nfes) for s in seeds]
+    by = study(args, seeds, nfes)
     wall = time.perf_counter() - start
 
     cmd = command_line("two_dim_conditional.py", argv)
@@ -198,13 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in METHODS:
         cells = []
         for nfe in nfes:
-            vals = [r["w2"][name, nfe] for r in runs]
-            cells.append("—" if vals[0] is None else _mean_std([sum(v) / k for v in vals]))
+            vals = [by[name, s]["per_class"][str(nfe)] for s in seeds]
+            cells.append("—" if vals[0] is None else fmt([sum(v) / k for v in vals]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    floor_means = [sum(r["floor"]) / k for r in runs]
-    lines.append("| two-sample floor | " + " | ".join(_mean_std(floor_means) for _ in nfes) + " |")
+    floor_means = [sum(by[METHODS[0], s]["floor_per_class"]) / k for s in seeds]
+    lines.append("| two-sample floor | " + " | ".join(fmt(floor_means) for _ in nfes) + " |")
 
-    first = runs[0]
     lines += [
         "",
         f"## Per class, seed {seeds[0]}",
@@ -214,20 +266,22 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for name in METHODS:
         for nfe in nfes:
-            per_class = first["w2"][name, nfe]
+            per_class = by[name, seeds[0]]["per_class"][str(nfe)]
             if per_class is None:
                 lines.append(f"| {name} | {nfe} | " + " | ".join("—" for _ in range(k)) + " | — |")
                 continue
             cells = " | ".join(f"{v:.3f}" for v in per_class)
             lines.append(f"| {name} | {nfe} | {cells} | **{sum(per_class) / k:.3f}** |")
-    floor = first["floor"]
+    floor = by[METHODS[0], seeds[0]]["floor_per_class"]
     lines.append(
         "| two-sample floor | – | " + " | ".join(f"{v:.3f}" for v in floor) + f" | {sum(floor) / k:.3f} |"
     )
     lines += [
         "",
         "Training time (s, mean over seeds; simulation / OT pairing included): "
-        + ", ".join(f"{name} {statistics.mean(r['times'][name] for r in runs):.1f}" for name in METHODS)
+        + ", ".join(
+            f"{name} {statistics.mean(by[name, s]['train_time_s'] for s in seeds):.1f}" for name in METHODS
+        )
         + ".",
     ]
     publish(lines, args.out)
