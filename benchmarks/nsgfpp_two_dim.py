@@ -13,6 +13,11 @@ straight flow), mean ± std over seeds, with two extra rows per task: the ``"pap
 alone from noise (NSGF++'s "own straight flow") and the NSGF phase of the first ``"ot"`` model alone (NFE T).
 A cell is "—" where the total is below a variant's phase-1 cost plus one straight-flow step.
 
+Each (task, model, seed) is one run of the benchmark harness (``harness.run_study``; the NSGF++ models scored
+by their own evaluation on the total-NFE grid, the baselines by the harness's W2 at NFEs, both on the same
+``harness.EvalSet`` points): one resumable JSON record per run in ``--runs`` (default: ``--out`` without its
+suffix).
+
     python benchmarks/nsgfpp_two_dim.py --seeds 3 --out benchmarks/results/nsgfpp_two_dim.md
 """
 
@@ -25,11 +30,11 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 from _report import command_line
-from harness import BenchConfig, method_fn, train_nsgfpp
-from harness.runner import evaluate
+from harness import BenchConfig, EvalSet, RunSpec, load_runs, register, run_study, train_nsgfpp
 
 from torchcfm_nsgf import odeint_sample
 from torchcfm_nsgf.datasets import TASKS, get_task
@@ -46,44 +51,61 @@ def parse_phase1(text: str) -> list[tuple[int, float]]:
     return out
 
 
-def run_seed(task, seed: int, args, phase1: list[tuple[int, float]], totals: list[int]) -> dict:
-    """W2 of every row at every total NFE (None where the total is too small), and training seconds."""
-    models, train_s = {}, {}
+class NSGFPlusPlusRun:
+    """A trained NSGF++ model and its training seconds."""
+
+    def __init__(self, model, train_time_s: float) -> None:
+        self.model, self.train_time_s = model, train_time_s
+
+
+def nsgfpp_runs(args, phase1: list[tuple[int, float]]) -> list[tuple[str, str, tuple[str, int, float]]]:
+    """``(label, harness name, (variant, T, eta))`` of every NSGF++ model: the ``"ot"`` variant at every
+    phase-1 setting, then the other variants at the first."""
     variants = [("ot", T, eta) for T, eta in phase1]
     variants += [(v, *phase1[0]) for v in args.variants.split(",") if v and v != "ot"]
+    out = []
     for variant, T, eta in variants:
         label = f"NSGF++ `{variant}` (T={T}, η={eta:g})"
+        name = f"nsgf++{variant}-T{T}-eta{eta:g}"
         if args.endpoints == "network" and variant != "paper":
             label += ", network X_T"
+            name += "-network"
+        out.append((label, name, (variant, T, eta)))
+    return out
+
+
+def nsgfpp_trainer(args, variant: str, T: int, eta: float):
+    """The harness method of one NSGF++ model (``harness.train_nsgfpp`` with this script's settings)."""
+
+    def train(task, config: BenchConfig, seed: int) -> NSGFPlusPlusRun:
         torch.manual_seed(seed)  # network initialisation
         start = time.perf_counter()
-        models[label] = train_nsgfpp(
+        model = train_nsgfpp(
             task,
             phase2=variant,
-            train_steps=args.train_steps,
+            train_steps=config.train_steps,
             generator=torch.Generator().manual_seed(seed),
-            batch_size=args.batch_size,
-            width=args.width,
+            batch_size=config.batch_size,
+            width=config.width,
             flow_steps=T,
             step_size=eta,
             refresh_every=args.refresh_every,
             endpoints=args.endpoints,
         )
-        train_s[label] = time.perf_counter() - start
-    fields = {}
-    config = BenchConfig(
-        train_steps=args.train_steps, batch_size=args.batch_size, width=args.width, sigma=args.sigma
-    )
-    for label, method in BASELINES.items() if args.baselines else ():
-        fields[label] = method_fn(method)(task, config, seed)
-        train_s[label] = fields[label].train_time_s
+        return NSGFPlusPlusRun(model, time.perf_counter() - start)
 
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    x0, ref = task.source(args.n_eval, gen), task.target(args.n_eval, gen)
-    rows: dict[str, list[float | None]] = {}
-    for label, model in models.items():
+    return train
+
+
+def nsgfpp_scorer(label: str, first_ot: bool, args, totals: list[int]):
+    """The run's own scoring on the total-NFE grid (``harness.EvalSet`` points): its row (None where the total
+    is too small), for ``paper`` also its straight flow alone, for the first ``ot`` model its NSGF phase."""
+
+    def evaluate(run: NSGFPlusPlusRun, task, seed: int) -> dict:
+        evals = EvalSet.draw(task.name, seed, args.n_eval)
+        x0, ref, model = evals.x0, evals.target, run.model
         first_cost = model.flow_steps + int(model.objective.uses_predictor)
-        cells = []
+        cells: list[float | None] = []
         for total in totals:
             if total < first_cost + 1:
                 cells.append(None)
@@ -91,19 +113,81 @@ def run_seed(task, seed: int, args, phase1: list[tuple[int, float]], totals: lis
             out = model.sample(x0, solver="euler", straight_steps=total - first_cost)
             assert out.total_nfe == total, (out.nfe, total)
             cells.append(w2(out.samples, ref))
-        rows[label] = cells
-    for label, model in models.items():
+        rows = {label: cells}
         if "`paper`" in label:
             straight = model.nets["straight"].eval()
-            rows["straight flow of `paper` alone, from noise"] = [
-                w2(odeint_sample(straight, x0, n_steps=n).samples, ref) for n in totals
-            ]
-    for label, sampler in fields.items():
-        rows[label] = list(evaluate(sampler, x0, ref, totals)[0].values())
-    first = next(m for label, m in models.items() if label.startswith("NSGF++ `ot` "))
-    nsgf_phase = w2(odeint_sample(first.nets["nsgf"].eval(), x0, n_steps=first.flow_steps).samples, ref)
-    floor = w2(task.target(args.n_eval, gen), ref)
-    return {"rows": rows, "train_s": train_s, "nsgf_phase": nsgf_phase, "floor": floor}
+            rows[STRAIGHT] = [w2(odeint_sample(straight, x0, n_steps=n).samples, ref) for n in totals]
+        own = {
+            "rows": rows,
+            "w2": {str(n): v for n, v in zip(totals, cells, strict=True) if v is not None},
+            "nfe_used": {str(n): n for n, v in zip(totals, cells, strict=True) if v is not None},
+            "floor": evals.floor,
+        }
+        if first_ot:
+            flow = odeint_sample(model.nets["nsgf"].eval(), x0, n_steps=model.flow_steps)
+            own["nsgf_phase"] = w2(flow.samples, ref)
+        return own
+
+    return evaluate
+
+
+STRAIGHT = "straight flow of `paper` alone, from noise"
+
+
+def run_task(name: str, args, phase1: list[tuple[int, float]], totals: list[int], folder: str | None) -> list:
+    """Every run of task ``name`` through the harness's runner (seeds outermost); per seed, the rows of every
+    sampler at every total NFE, training seconds, the NSGF phase and the floor (the ``--out`` JSON's shape).
+    With a runs folder, a finished run is read back rather than trained again (its settings must be these)."""
+    config = BenchConfig(
+        train_steps=args.train_steps, batch_size=args.batch_size, width=args.width, sigma=args.sigma
+    )
+    models = nsgfpp_runs(args, phase1)
+    first_ot = next(label for label, _, (variant, _, _) in models if variant == "ot")
+    labels = {}
+    per_seed = []
+    for seed in range(args.seeds):
+        for label, method, (variant, T, eta) in models:
+            register(method, label)(nsgfpp_trainer(args, variant, T, eta))
+            evaluate = nsgfpp_scorer(label, label == first_ot, args, totals)
+            per_seed.append(RunSpec(name, method, seed, tuple(totals), evaluate=evaluate))
+            labels[method] = label
+        for label, method in BASELINES.items() if args.baselines else ():
+            per_seed.append(RunSpec(name, method, seed, tuple(totals)))
+            labels[method] = label
+    extra = {"n_eval": args.n_eval, "refresh_every": args.refresh_every}
+    records = run_study(per_seed, config, folder, n_eval=args.n_eval, extra=extra)
+    if folder is not None:
+        wanted = {(j.method, j.seed) for j in per_seed}
+        records = [r for r in load_runs([folder]) if r["task"] == name and (r["method"], r["seed"]) in wanted]
+        settings = json.loads(json.dumps(dict(config=asdict(config), nfes=totals, **extra)))
+        for r in records:
+            if {k: r.get(k) for k in settings} != settings:
+                raise ValueError(
+                    f"runs folder {folder!r} holds {r['method']} seed {r['seed']} on {name} with other settings; "
+                    "name another folder with --runs"
+                )
+    by = {(r["method"], r["seed"]): r for r in records}
+    out = []
+    for seed in range(args.seeds):
+        rows: dict[str, list[float | None]] = {}
+        for _, method, _ in models:
+            rows.update({k: v for k, v in by[method, seed]["rows"].items() if k != STRAIGHT})
+        for _, method, _ in models:
+            if STRAIGHT in by[method, seed]["rows"]:
+                rows[STRAIGHT] = by[method, seed]["rows"][STRAIGHT]
+        for label, method in BASELINES.items() if args.baselines else ():
+            rows[label] = [by[method, seed]["w2"][str(n)] for n in totals]
+        methods = [m for _, m, _ in models] + [m for m in BASELINES.values() if args.baselines]
+        first = next(m for label, m, _ in models if label == first_ot)
+        out.append(
+            {
+                "rows": rows,
+                "train_s": {labels[m]: by[m, seed]["train_time_s"] for m in methods},
+                "nsgf_phase": by[first, seed]["nsgf_phase"],
+                "floor": by[first, seed]["floor"],
+            }
+        )
+    return out
 
 
 def fmt(values: list[float | None]) -> str:
@@ -139,6 +223,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--totals", default="3,4,6,10", help="total NFEs to compare at")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="markdown file to write (and a .json next to it)")
+    p.add_argument(
+        "--runs",
+        default=None,
+        help="folder of the per-run JSON records, resumable (default: --out without its suffix; none without --out)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     totals = [int(n) for n in args.totals.split(",")]
@@ -159,10 +248,11 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ]
     results = {}
+    folder = args.runs or (os.path.splitext(args.out)[0] if args.out else None)
     for name in args.tasks.split(","):
         task = get_task(name)
         start = time.perf_counter()
-        runs = [run_seed(task, seed, args, phase1, totals) for seed in range(args.seeds)]
+        runs = run_task(name, args, phase1, totals, folder)
         results[name] = runs
         labels = list(runs[0]["rows"])
         train_s = {k: statistics.mean(r["train_s"][k] for r in runs) for k in runs[0]["train_s"]}
