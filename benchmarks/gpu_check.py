@@ -31,8 +31,8 @@ the README and stops the process a few seconds before the total is spent.
 
 ``--smoke`` runs the same code at tiny sizes on the CPU (``tests/test_gpu_check.py``).
 
-**On a lent GPU machine** (one NVIDIA H100 or H200 with PyTorch, no network; torchcfm, torchdyn, torchcde,
-torchsde and POT are not installed there, and the data folder beside the repository is not copied), prepare
+**On a GPU machine without network access** (e.g. one NVIDIA H100 or H200 with PyTorch only: no torchcfm,
+torchdyn, torchcde, torchsde or POT, no MNIST), prepare
 once, in the repository root, a git-ignored folder ``.gpu`` of wheels and gzipped MNIST (about 13 MB)::
 
     echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/whl .gpu/mnist
@@ -45,9 +45,9 @@ once, in the repository root, a git-ignored folder ``.gpu`` of wheels and gzippe
         get_classifier('benchmarks/results/mnist_classifier.pt', '../shared/data')"
 
 The last line builds (or finds) the MNIST benchmark's seeded classifier, so that the GPU scores use the
-classifier of the CPU tables; without it the run trains one while the MNIST methods train. Send ``.gpu`` and
-``benchmarks/results/mnist_classifier.pt`` (both git-ignored) along with the working tree and run this one
-command, with ``$OUT`` the folder whose files come back, allowing it 10 minutes (the script stops itself
+classifier of the CPU tables; without it the run trains one while the MNIST methods train. Copy ``.gpu`` and
+``benchmarks/results/mnist_classifier.pt`` (both git-ignored) with the working tree and run this one
+command there, with ``$OUT`` a folder for the results, allowing it 10 minutes (the script stops itself
 within 8)::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && mkdir -p /tmp/data/MNIST/raw && for f in .gpu/mnist/*.gz; do gunzip -c $f > /tmp/data/MNIST/raw/$(basename $f .gz); done; nvidia-smi -L; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu_check --data-root /tmp/data 2>&1 | tee $OUT/gpu_check.log
@@ -55,7 +55,7 @@ within 8)::
 The results are the four files of ``$OUT/gpu_check/`` and the log: copy the folder to ``benchmarks/results/``
 and the README's tables, with the date and the card, to BENCHMARKS.md. On the CPU::
 
-    OMP_NUM_THREADS=1 python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check --data-root ../shared/data
+    OMP_NUM_THREADS=1 python benchmarks/gpu_check.py --smoke --out gpu_check_smoke --data-root ../shared/data
 """
 
 from __future__ import annotations
