@@ -100,6 +100,13 @@ def _same_state(a: dict, b: dict) -> bool:
             "state\\['xt'\\] must be a tensor",
         ),
         (lambda s: {**s, "generator": torch.zeros(3, dtype=torch.uint8)}, "state\\['generator'\\]"),
+        (lambda s: {**s, "blur": "abc"}, "state\\['blur'\\] must be a finite float"),
+        (lambda s: {**s, "blur": float("nan")}, "state\\['blur'\\] must be a finite float"),
+        (lambda s: {**s, "fixed_blur": "abc"}, "state\\['fixed_blur'\\] must be a finite float"),
+        (lambda s: {**s, "targets": {"mean": "x", "scale": 1.0}}, "state\\['targets'\\]"),
+        (lambda s: {**s, "targets": {"mean": torch.zeros(2)}}, "state\\['targets'\\]"),
+        (lambda s: {**s, "staged": 5}, "state\\['staged'\\]"),
+        (lambda s: {**s, "staged": {"x0": torch.zeros(2, 2), "x1": "x", "y1": None}}, "state\\['staged'\\]"),
     ],
 )
 def test_a_state_it_cannot_load_raises_a_named_error_and_changes_nothing(change, match):

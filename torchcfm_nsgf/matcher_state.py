@@ -15,6 +15,7 @@ state of another class, ``flow_steps``, step sizes, path or sample shape.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -27,6 +28,11 @@ __all__ = ["STATE_FORMAT", "MatcherState"]
 
 #: The format written by :meth:`MatcherState.state_dict` (states without ``format`` are of format 1).
 STATE_FORMAT = "SinkhornFlowMatcher/2"
+
+
+def _is_finite_float(value: object) -> bool:
+    """Whether ``value`` is a finite real number (a bool or a string is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MatcherState:
@@ -145,6 +151,33 @@ class MatcherState:
             value = state.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"state[{key!r}] must be a non-negative int, got {value!r}")
+        for key in ("blur", "fixed_blur"):
+            value = state.get(key)
+            if value is not None and not _is_finite_float(value):
+                raise ValueError(f"state[{key!r}] must be a finite float or None, got {value!r}")
+        targets = state.get("targets")
+        if targets is not None and not (
+            isinstance(targets, dict)
+            and isinstance(targets.get("mean"), Tensor)
+            and targets["mean"].is_floating_point()
+            and _is_finite_float(targets.get("scale"))
+        ):
+            raise ValueError(
+                f"state['targets'] must be None or a dict with a float tensor 'mean' and a float 'scale', "
+                f"got {targets!r}"
+            )
+        staged = state.get("staged")
+        if staged is not None and not (
+            isinstance(staged, dict)
+            and set(staged) == {"x0", "x1", "y1"}
+            and isinstance(staged["x0"], Tensor)
+            and isinstance(staged["x1"], Tensor)
+            and (staged["y1"] is None or isinstance(staged["y1"], Tensor))
+        ):
+            raise ValueError(
+                f"state['staged'] must be None or a dict of tensors 'x0', 'x1' and 'y1' (a tensor or None), "
+                f"got {staged!r}"
+            )
         if pool_state is not None:
             if self.replay.pool is None and not self.replay.auto:
                 raise ValueError("state holds a pool but this matcher has none (it was built with pool=None)")
