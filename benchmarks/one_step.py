@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
+from harness.loop import EMA
 from torch import Tensor, nn
 from torchcfm.models import MLP
 
@@ -137,22 +138,17 @@ class MeanFlowSampler:
 
 
 # ---------------------------------------------------------------------------------------------- training
-class _EMA:
-    """Exponential moving average of a module's parameters, with the warm-up ``min(decay, (1 + k) / (10 + k))``."""
+def _averaged(model: nn.Module, decay: float) -> EMA | None:
+    """The harness's EMA of ``model`` (:class:`harness.loop.EMA`, the warm-up every method of the harness
+    gets), or None for the last weights (``decay`` 0)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {decay}")
+    return EMA(model, decay) if decay > 0 else None
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {decay}")
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        self.k = 0
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = min(self.decay, (1 + self.k) / (10 + self.k))
-        for avg, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            avg.lerp_(p, 1.0 - d)
-        self.k += 1
+def _evaluated(model: nn.Module, ema: EMA | None) -> nn.Module:
+    """The weights a run is scored with: the EMA's, or a frozen copy of the last ones."""
+    return ema.module if ema is not None else copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def _clock(config: Any) -> Callable[[], float]:
@@ -208,7 +204,7 @@ def train_drift(
     torch.manual_seed(seed)  # the MLP's initialisation
     gen = torch.Generator().manual_seed(seed)
     model = MLP(dim=2, w=config.width, time_varying=False)
-    ema = _EMA(model, settings.ema_decay)
+    ema = _averaged(model, settings.ema_decay)
     drift = SinkhornDrift(settings.step_size, sinkhorn=settings.sinkhorn(), self_term=settings.self_term)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     n, m = config.batch_size, settings.data_batch or config.batch_size
@@ -226,9 +222,10 @@ def train_drift(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema.update(model)
+        if ema is not None:
+            ema.update(model)
         losses.append(float(loss.detach()))
-    return OneStepGenerator(ema.model, clock() - start, len(losses), losses)
+    return OneStepGenerator(_evaluated(model, ema), clock() - start, len(losses), losses)
 
 
 def train_meanflow(
@@ -241,7 +238,7 @@ def train_meanflow(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = AverageVelocityMLP(2, config.width)
-    ema = _EMA(model, settings.ema_decay)
+    ema = _averaged(model, settings.ema_decay)
     objective = settings.objective()
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     n = config.batch_size
@@ -253,9 +250,10 @@ def train_meanflow(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema.update(model)
+        if ema is not None:
+            ema.update(model)
         losses.append(float(loss.detach()))
-    return MeanFlowSampler(ema.model, clock() - start, len(losses), losses)
+    return MeanFlowSampler(_evaluated(model, ema), clock() - start, len(losses), losses)
 
 
 METHODS = {"drift": (train_drift, DriftSettings), "meanflow": (train_meanflow, MeanFlowSettings)}
