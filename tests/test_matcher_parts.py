@@ -272,3 +272,21 @@ def test_checks_pending_at_a_checkpoint_are_carried_by_the_state(monkeypatch):
     assert a.n_flows == b.n_flows == 2
     for u, v in zip(out_a, out_b, strict=True):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["polyline", "grid"])
+def test_a_first_format_state_of_another_flow_steps_raises_a_named_error_and_changes_nothing(path):
+    states = torch.load(FIXTURES / "matcher_v1.pt", weights_only=False)
+    state = states["polyline"]  # written under flow_steps=3: its segments start at 0, 1/3 and 2/3
+    fm = SinkhornFlowMatcher(flow_steps=4, path=path, generator=torch.Generator().manual_seed(0))
+    for i in range(2):
+        x0, x1, _ = _data(i)
+        fm.sample_location_and_conditional_flow(x0, x1)
+    before = fm.state_dict()
+    with pytest.raises(ValueError, match="flow_steps=3.*flow_steps=4"):
+        fm.load_state_dict(state)
+    after = fm.state_dict()
+    assert torch.equal(after["pool"]["t"], before["pool"]["t"]) and after["calls"] == before["calls"]
+    SinkhornFlowMatcher(flow_steps=3, path=path).load_state_dict(state)  # the writer's flow_steps loads
+    # every segment of a straight pool starts at 0: nothing to read, it loads as before
+    SinkhornFlowMatcher(flow_steps=4, path=path).load_state_dict(states["coupling"])

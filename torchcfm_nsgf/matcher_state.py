@@ -87,7 +87,11 @@ class MatcherState:
         Everything is checked before anything changes: a foreign dict, another format, or a state written by
         another class or under other ``flow_steps``, step sizes, path or sample shape raises a ``ValueError``
         naming the key or setting and both values, and leaves the matcher as it was. The state replaces
-        everything the matcher held (as after :meth:`reset`). A state written before the blur was resolved
+        everything the matcher held (as after :meth:`reset`). A state of the first format names no settings:
+        for the ``"polyline"`` and ``"grid"`` paths its ``flow_steps`` is read from the start times of its
+        pool's segments (multiples of ``1/T``) and checked; a pool of the ``"straight"`` path (every segment
+        starts at 0), an empty pool or one on disk tells nothing, and such a state loads unchecked, as it
+        did. A state written before the blur was resolved
         per flow (it holds ``"sinkhorn_blur"``) continues as it was run: every later flow keeps the blur its
         first call fixed, until :meth:`reset`.
         """
@@ -183,6 +187,8 @@ class MatcherState:
                 raise ValueError("state holds a pool but this matcher has none (it was built with pool=None)")
             pool = self.replay.pool
             TrajectoryPool.check_state(pool_state, None if pool is None else pool.storage)
+            if "flow_steps" not in settings:
+                self._check_inferred_flow_steps(pool_state, ours["flow_steps"])
         generator = state.get("generator")
         if generator is not None and self.generator is not None:
             current = self.generator.get_state()
@@ -195,6 +201,27 @@ class MatcherState:
                     f"state['generator'] is not the state of a generator like this matcher's (a uint8 tensor of "
                     f"shape {tuple(current.shape)})"
                 )
+
+    def _check_inferred_flow_steps(self, pool_state: dict[str, Any], flow_steps: int) -> None:
+        """Raise when a state without settings holds segments of another ``flow_steps`` (polyline, grid).
+
+        Their start times are the multiples ``k/T`` of the writer's ``T``, the latest ``(T - 1)/T``. A pool
+        whose segments all start at 0 (the straight path, or ``T = 1``), an empty pool or a pool kept on
+        disk tells nothing: its state loads unchecked.
+        """
+        starts = pool_state.get("t")
+        if self.path not in ("polyline", "grid") or not isinstance(starts, Tensor) or starts.numel() == 0:
+            return
+        latest = float(starts.double().max())
+        if not 0 < latest < 1:
+            return
+        theirs = round(1 / (1 - latest))
+        if theirs != flow_steps:
+            raise ValueError(
+                f"state was written with flow_steps={theirs} (its pool's segments start at multiples of "
+                f"1/{theirs}), but this matcher has flow_steps={flow_steps}: build the matcher with the "
+                f"settings of the checkpoint"
+            )
 
     def __repr__(self) -> str:
         steps = self.step_sizes
