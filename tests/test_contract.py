@@ -4,6 +4,7 @@ errors for states it cannot load (nothing half-loaded), one home for NSGF++'s de
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -162,3 +163,26 @@ def test_hydra_builds_the_matchers_from_a_target():
     assert xt.shape == (8, 2)
     plain = hydra_utils.instantiate({"_target_": "torchcfm_nsgf.SinkhornCouplingMatcher", "sigma": 0})
     assert isinstance(plain, SinkhornCouplingMatcher) and plain.sigma == 0
+
+
+@pytest.mark.parametrize("bad", ["batch", "y0"])
+def test_a_call_refused_for_its_arguments_leaves_the_pool_and_the_drift_warning_alone(bad):
+    g = torch.Generator().manual_seed(0)
+    fm = SinkhornFlowMatcher(flow_size=64, refresh_every=4, generator=torch.Generator().manual_seed(1))
+    y1 = torch.arange(32) % 2
+    for _ in range(2):
+        fm.guided_sample_location_and_conditional_flow(
+            torch.randn(32, 2, generator=g), torch.randn(32, 2), y1=y1
+        )
+    before = copy.deepcopy(fm.state_dict())
+    n = 128 if bad == "batch" else 32
+    far = 40 + torch.randn(
+        n, 2, generator=g
+    )  # targets that drifted: a served call would warn and empty the pool
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="flow_size=64 is smaller" if bad == "batch" else "y0 cannot"):
+            fm.guided_sample_location_and_conditional_flow(
+                torch.randn(n, 2), far, y0=None if bad == "batch" else y1, y1=torch.arange(n) % 2
+            )
+    assert _same_state(fm.state_dict(), before)

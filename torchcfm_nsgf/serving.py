@@ -64,6 +64,14 @@ def from_pool(
 ) -> tuple[Tensor, ...]:
     """Refresh the pool when a flow is due (read the device checks when one may be), then draw."""
     replay, guided, bs = m.replay, y1 is not None, x0.shape[0]
+    if m.flow_size is not None:  # refuse the arguments before the pending checks or the drift change anything
+        if m.flow_size < bs:
+            raise ValueError(
+                f"flow_size={m.flow_size} is smaller than this call's batch of {bs}: a flow must "
+                "hold at least one batch (use flow_size >= the batch size, or None for flows of one batch)"
+            )
+        if y0 is not None:
+            raise ValueError("y0 cannot be given with flow_size: a large flow takes its classes from y1")
     replay.check_labelled(guided)
     replay.check_shape(x0)
     late = reads_late(x0.device) and not m.sinkhorn.distributed
@@ -88,13 +96,6 @@ def from_pool(
                 replay.drop()
                 drifted = due = True
     if m.flow_size is not None:
-        if m.flow_size < bs:
-            raise ValueError(
-                f"flow_size={m.flow_size} is smaller than this call's batch of {bs}: a flow must "
-                "hold at least one batch (use flow_size >= the batch size, or None for flows of one batch)"
-            )
-        if y0 is not None:
-            raise ValueError("y0 cannot be given with flow_size: a large flow takes its classes from y1")
         replay.stage(x0, x1, y1)
     if due:
         staged = replay.take_staged()
