@@ -289,7 +289,8 @@ class SinkhornFlowMatcher(MatcherParts, MatcherState, ConditionalFlowMatcher):
         t : Tensor, shape (bs,)
         xt, ut : Tensor, shape (bs, *dim)
         y0 : Tensor, shape of the given ``y0`` ((bs,) or (bs, 1)), or None
-            The class of each served row when ``y0`` was given, else None.
+            The class of each served row when ``y0`` was given (``y0``'s dtype, on ``x0``'s device), else
+            None.
         y1 : Tensor, shape of the given ``y1`` ((bs,) or (bs, 1)), or None
             The class of each served row (``y1``'s dtype, on ``x0``'s device); None without ``y1``.
             Without a pool and with ``path="straight"``, ``t=None`` or a given ``t``, row ``i`` is the
@@ -300,7 +301,7 @@ class SinkhornFlowMatcher(MatcherParts, MatcherState, ConditionalFlowMatcher):
             raise ValueError("y0 needs y1: give the labels of x1 for class-conditional targets")
         t_out, xt, ut, y, eps = self._targets(x0, x1, t, y0, y1, return_noise)
         y1_out = None if y is None else y.reshape((-1, 1) if y1.dim() == 2 else (-1,))
-        y0_out = None if y0 is None else y.reshape((-1, 1) if y0.dim() == 2 else (-1,))
+        y0_out = None if y0 is None else y.to(y0.dtype).reshape((-1, 1) if y0.dim() == 2 else (-1,))
         return (t_out, xt, ut, y0_out, y1_out, eps) if return_noise else (t_out, xt, ut, y0_out, y1_out)
 
     def _targets(
