@@ -138,12 +138,15 @@ def test_class_conditional_targets_stay_in_their_class_hull():
     assert (Delaunay(x1[y1 == 0].numpy()).find_simplex(pooled[y == 0].numpy()) < 0).mean() > 0.5
 
 
+@pytest.mark.parametrize("column", [False, True], ids=["labels(n,)", "labels(n,1)"])
 @pytest.mark.parametrize("self_term", ["same", "independent"])
-def test_class_conditional_velocity_is_the_per_class_reference(self_term):
+def test_class_conditional_velocity_is_the_per_class_reference(self_term, column):
+    # labels of shape (n, 1), as every guided matcher call takes them, are the same labels
     x, x1, y, y1 = _two_classes()
     xs, ys = x.flip(0) + 0.1, y.flip(0)
-    kw = {"x_self": xs, "y_self": ys} if self_term == "independent" else {}
-    v = SinkhornDrift(sinkhorn=EXACT, self_term=self_term).velocity(x, x1, y=y, y1=y1, **kw)
+    shaped = (lambda lab: lab[:, None]) if column else (lambda lab: lab)
+    kw = {"x_self": xs, "y_self": shaped(ys)} if self_term == "independent" else {}
+    v = SinkhornDrift(sinkhorn=EXACT, self_term=self_term).velocity(x, x1, y=shaped(y), y1=shaped(y1), **kw)
     for c in (0, 1):
         ref = _pot_velocity(x[y == c], x1[y1 == c], BLUR, self_term, xs[ys == c])
         assert rel_err(v[y == c], ref) <= 1e-6

@@ -171,15 +171,15 @@ class SinkhornDrift:
             Generated samples :math:`q` (detached inside).
         x1 : Tensor, shape (m, *dim)
             Data samples :math:`p`, same feature shape and device.
-        y : Tensor, shape (n,), optional
+        y : Tensor, shape (n,) or (n, 1), optional
             Integer class of each generated sample; needs ``y1``. Every class of ``y`` must occur in ``y1``
             (and in ``y_self``).
-        y1 : Tensor, shape (m,), optional
+        y1 : Tensor, shape (m,) or (m, 1), optional
             Integer class of each data sample; needs ``y``.
         x_self : Tensor, shape (n', *dim), optional
             The independent generated batch :math:`q'`; required with ``self_term="independent"`` and
             refused otherwise.
-        y_self : Tensor, shape (n',), optional
+        y_self : Tensor, shape (n',) or (n', 1), optional
             Its classes; required with ``x_self`` when labels are given.
 
         Returns
@@ -290,13 +290,13 @@ class SinkhornDrift:
         if (y is None) != (y1 is None):
             raise ValueError("give both y (classes of x) and y1 (classes of x1), or neither")
         if y is not None:
-            y = check_labels(y, x.shape[0], "y", "x")
-            y1 = check_labels(y1, x1.shape[0], "y1", "x1")
+            y = check_labels(y, x.shape[0], "y", "x", column=True)
+            y1 = check_labels(y1, x1.shape[0], "y1", "x1", column=True)
             _check_covered(y, y1, "y1", "x1")
             if x_self is not None:
                 if y_self is None:
                     raise ValueError("y_self (classes of x_self) is required when labels are given")
-                y_self = check_labels(y_self, x_self.shape[0], "y_self", "x_self")
+                y_self = check_labels(y_self, x_self.shape[0], "y_self", "x_self", column=True)
                 _check_covered(y, y_self, "y_self", "x_self")
         elif y_self is not None:
             raise ValueError("y_self needs y and y1: labels are given for all batches or for none")
