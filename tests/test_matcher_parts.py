@@ -290,3 +290,29 @@ def test_a_first_format_state_of_another_flow_steps_raises_a_named_error_and_cha
     SinkhornFlowMatcher(flow_steps=3, path=path).load_state_dict(state)  # the writer's flow_steps loads
     # every segment of a straight pool starts at 0: nothing to read, it loads as before
     SinkhornFlowMatcher(flow_steps=4, path=path).load_state_dict(states["coupling"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("path", ["straight", "polyline"])
+def test_calls_served_from_the_pool_on_a_gpu_never_synchronise(path):
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        return SinkhornFlowMatcher(0.1, flow_steps=2, path=path, refresh_every=100, generator=gen)
+
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(64, 2, generator=g), 2 + torch.randn(64, 2, generator=g)
+    y0, y1 = x0.cuda(), x1.cuda()
+    fm, twin = make(), make()
+    fm.sample_location_and_conditional_flow(y0, y1)  # a flow synchronises
+    twin.sample_location_and_conditional_flow(x0, x1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        served = [fm.sample_location_and_conditional_flow(y0, y1) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = [twin.sample_location_and_conditional_flow(x0, x1) for _ in range(3)]
+    for (t, xt, ut), (t_cpu, _, _) in zip(served, expected, strict=True):
+        assert t.device.type == xt.device.type == ut.device.type == "cuda"
+        # the same draws of the same CPU generators as on the CPU: the times agree
+        torch.testing.assert_close(t.cpu(), t_cpu)

@@ -45,6 +45,7 @@ from torch import Tensor
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 
 from . import serving
+from ._transfer import to_device
 from ._validation import check_labels, check_non_negative, check_positive
 from .flow import HIGH_DIM_FEATURES, SinkhornFlow, SinkhornTrajectory, check_pair
 from .matcher_parts import MatcherParts
@@ -333,7 +334,7 @@ class SinkhornFlowMatcher(MatcherParts, MatcherState, ConditionalFlowMatcher):
         eps = None
         if self.sigma > 0 or return_noise:
             # torchcfm draws eps like x0 (its dtype), whatever the dtype of x1
-            eps = torch.randn(xt.shape, generator=self.generator).to(device=xt.device, dtype=x0.dtype)
+            eps = to_device(torch.randn(xt.shape, generator=self.generator), xt.device, x0.dtype)
             if self.sigma > 0:
                 xt = xt + self.sigma * eps
         if y is not None:

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torchcfm.models import MLP
 
+from ._transfer import to_device
 from ._validation import check_cloud, check_positive, check_same_device, check_same_features
 from .sampling import SampleResult
 
@@ -132,7 +133,7 @@ class MeanFlow:
         s, t = draws.min(0).values, draws.max(0).values
         equal = torch.rand(n, generator=generator, dtype=torch.float64) >= self.unequal_share
         t = torch.where(equal, s, t)
-        return s.to(like.device, like.dtype), t.to(like.device, like.dtype)
+        return to_device(s, like.device, like.dtype), to_device(t, like.device, like.dtype)
 
     def target(
         self,

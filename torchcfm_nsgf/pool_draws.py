@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._transfer import to_device
 from ._validation import check_positive
 
 __all__ = ["PoolDraws"]
@@ -66,17 +67,17 @@ class PoolDraws:
             raise ValueError("balanced=True needs a labelled pool (items added with y)")
 
         if balanced:
-            idx = self._draw_balanced(batch_size).to(self._device)
+            idx = to_device(self._draw_balanced(batch_size), self._device)
         else:
-            idx = self._draw_indices(batch_size).to(self._device)
+            idx = to_device(self._draw_indices(batch_size), self._device)
         t, xt, ut = self._t[idx], self._xt[idx], self._ut[idx]
         out = (
-            t.to(device=out_device, dtype=dtype),
-            xt.to(device=out_device, dtype=dtype),
-            ut.to(device=out_device, dtype=dtype),
+            to_device(t, out_device, dtype),
+            to_device(xt, out_device, dtype),
+            to_device(ut, out_device, dtype),
         )
         if self._labelled:
-            return (*out, self._y[idx].to(out_device))
+            return (*out, to_device(self._y[idx], out_device))
         return out
 
     def sample_at(

@@ -11,8 +11,13 @@ targets' statistics (and, with ``flow_size``, its rows for later). Its checks ar
 device into one small tensor, :class:`DeviceChecks`: the finiteness of ``x0`` and ``x1``, the sign of the
 labels and the drift of the targets. On the CPU the host reads it at once, as a plain check would. On an
 accelerator (CUDA) it is copied to pinned host memory without blocking, behind an event, and read at the
-start of the matcher's next call (waiting for that event only, not for the work queued since): such a call
-costs no host synchronisation, and the training loop keeps running ahead of the device. What changes there:
+start of the matcher's next call (waiting for that event only, not for the work queued since). The call's
+random draws (the pool's item indices, the points on the segments, the noise) are made on the CPU from the
+generators, as on every device, and copied to the device from pinned memory without blocking. So on CUDA
+such a call (no flow, no given ``t``, not ``balanced``) neither blocks the host nor synchronises the stream,
+and the training loop keeps running ahead of the device; the next call waits for the event of its checks
+only. A ``balanced`` draw reads the pool's labels back to the host, and a given ``t`` scans the pool's times
+there: those calls synchronise. What changes there:
 a call whose targets drifted is still served from the pool, and the pool is emptied and refreshed at the next
 call; bad data of such a call raises at the next call, naming the previous call. Calls that simulate a flow
 read everything at once (they synchronise anyway). Sharded flows (``distributed``) always read at once.

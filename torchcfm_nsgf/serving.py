@@ -18,6 +18,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ._transfer import to_device
 from .flow import SinkhornTrajectory, check_pair, target_moments
 from .matcher_parts import MatcherParts
 from .replay import DeviceChecks, reads_late
@@ -118,7 +119,7 @@ def from_pool(
 
 def on_segments(m: MatcherParts, t0: Tensor, xs: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A uniform point on each segment: ``t = t0 + s L``, ``xt = xs + s L u`` with ``s ~ U[0, 1)``."""
-    s = torch.rand(t0.shape[0], generator=m.generator).to(device=u.device, dtype=u.dtype)
+    s = to_device(torch.rand(t0.shape[0], generator=m.generator), u.device, u.dtype)
     return m.geometry.serve(t0, xs, u, s)
 
 
