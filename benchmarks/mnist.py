@@ -17,7 +17,8 @@ scores for ``--n-eval`` training images against the test images.
 ``--curve-minutes 15,30,60,120`` trains one run per method (and ``--seed``) and scores its EMA weights each
 time its training time (``--budget-clock``) reaches the next of those minutes (default NFEs 1, 2, 10, 20):
 curves, not points. With ``--resume auto`` an interrupted study continues where it stopped (each run's JSON
-and checkpoint are written at every scored time) and a finished run is skipped; ``--report`` then adds the
+and checkpoint are written at every scored time) and a finished run is skipped, or extended when the command
+asks for later minutes and the run kept its checkpoint (``--keep-checkpoints``); ``--report`` then adds the
 tables of FID · precision / recall against training time and a plot per NFE (``curves_nfe<N>.png``).
 
 A method is a name with optional :class:`~torchcfm_nsgf.images.NSGFSettings` fields and ``blur`` (the
@@ -453,8 +454,14 @@ def run_curve(args, name, settings, label, spec, train_imgs, scorer: Scoring, mi
         row = None
         if args.resume == "auto" and path.exists():
             row = json.loads(path.read_text())["row"]
-            if row["done"]:
+            scored = max((p["minutes"] for p in row["curve"] if p["scores"] is not None), default=0.0)
+            if row["done"] and max(minutes) <= scored:
                 print(f"{label}: finished already ({path})")
+                return
+            if row["done"] and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+                print(
+                    f"{label}: finished at {scored:g} min and its checkpoint was not kept: not extended ({path})"
+                )
                 return
             if row["curve"] and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
                 print(f"{label}: no checkpoint in {run_dir} to continue from: starting afresh")
@@ -517,7 +524,7 @@ def report(folder: str) -> None:
             f"the JSON results in {folder} were scored by {len(scorers)} different classifiers (their "
             "accuracies and floors differ); their FIDs are not comparable, so put them in separate folders"
         )
-    nfes = [int(n) for n in runs[0]["args"]["nfe"].split(",")]
+    nfes = sorted({int(n) for r in runs for n in r["args"]["nfe"].split(",")})  # runs may score other NFEs
     a = runs[0]["args"]
     conditional = a.get("conditional", False)
     floor = runs[0]["floor"]

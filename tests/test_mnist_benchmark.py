@@ -174,6 +174,15 @@ def test_curves_are_scored_at_each_training_time_and_resume_where_they_stopped(
     stamp = path.stat().st_mtime_ns
     mnist_benchmark.main(args)  # finished: skipped
     assert path.stat().st_mtime_ns == stamp
+
+    # a later command asking for more minutes extends the finished run from its kept checkpoint
+    longer = [{"1,2": "1,3", "0.005,0.05": "0.005,0.05,0.08"}.get(a, a) for a in args]
+    mnist_benchmark.main(longer)
+    row = json.loads(path.read_text())["row"]
+    assert row["done"] and [p["minutes"] for p in row["curve"]] == [0.005, 0.05, 0.08]
+    assert row["curve"][1]["step"] == trained_to < row["curve"][2]["step"]
+    assert row["curve"][2]["train_cpu_s"] >= 0.08 * 60 and set(row["curve"][2]["scores"]) == {"1", "3"}
     mnist_benchmark.report(str(tmp_path / "out"))
     assert (tmp_path / "out" / "curves_nfe1.png").is_file()
-    assert "| OT-CFM |" in (tmp_path / "out" / "README.md").read_text()
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "| OT-CFM |" in text and "NFE 3" in text  # the NFEs of every scored point

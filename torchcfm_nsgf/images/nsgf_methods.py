@@ -121,7 +121,8 @@ class NSGFPlusPlusMethod(NSGFMethod):
     """NSGF++ through :class:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective`: NSGF field (UNet, pool), straight
     flow (UNet) and, for ``phase2="paper"``, the time predictor (CNN), trained together.
 
-    ``nets`` holds the objective's ``net_names``. The pool and its warm-up are NSGF's (:class:`NSGFMethod`);
+    ``nets`` holds the objective's ``net_names`` (one UNet ``"field"`` for both phases with
+    ``nsgfpp.network="shared"``). The pool and its warm-up are NSGF's (:class:`NSGFMethod`);
     the checkpoint state is the objective's (the pool, and the ``"ot"`` variant's end-point buffer).
     """
 
@@ -253,8 +254,10 @@ def make_nsgfpp(
         null_label=num_classes if cfg_dropout > 0 else None,
     )
     classes = unet_classes(num_classes, cfg_dropout)
-    nets = {"nsgf": build_unet(shape, preset, num_classes=classes)}
+    fields = ("field",) if objective.network == "shared" else ("nsgf", "straight")
+    nets = {fields[0]: build_unet(shape, preset, num_classes=classes)}
     if objective.uses_predictor:
         nets["predictor"] = TimePredictorCNN(shape[0], num_classes=num_classes)
-    nets["straight"] = build_unet(shape, preset, num_classes=classes)
+    for name in fields[1:]:
+        nets[name] = build_unet(shape, preset, num_classes=classes)
     return NSGFPlusPlusMethod(objective, nets, num_classes, cfg_dropout)

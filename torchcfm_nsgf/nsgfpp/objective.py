@@ -55,6 +55,7 @@ from .options import (
     option_default,
 )
 from .sampler import nsgfpp_sample
+from .shared import check_network, fused_field_losses, phase_views
 from .variants import PHASE2
 
 __all__ = ["NSGFPlusPlusObjective"]
@@ -109,6 +110,9 @@ class NSGFPlusPlusObjective(Phase2Data):
         whole batch. Phase 1 asks the field for ``T`` velocities only, and a smaller share leaves more of a
         step's compute to the straight flow. Default: ``NSGFPlusPlusOptions().phase1_batch_fraction`` (1.0,
         the whole batch).
+    network : {"separate", "shared"}
+        ``nets["nsgf"]`` and ``nets["straight"]``, or one ``nets["field"]`` for both phases, called once per step
+        (:mod:`~torchcfm_nsgf.nsgfpp.shared`). Default: ``NSGFPlusPlusOptions().network``.
 
     Attributes
     ----------
@@ -118,7 +122,7 @@ class NSGFPlusPlusObjective(Phase2Data):
         The ``"ot"`` variants' end points (:mod:`~torchcfm_nsgf.nsgfpp.endpoints`).
     net_names : tuple of str
         The networks :meth:`losses` and :meth:`sample` expect in ``nets``: ``("nsgf", "predictor",
-        "straight")`` or ``("nsgf", "straight")``.
+        "straight")`` or ``("nsgf", "straight")``; ``"field"`` replaces both with ``network="shared"``.
     n_calls : int
         :meth:`phase1_endpoints` calls so far (decides the next refresh).
     n_flows : int
@@ -144,6 +148,7 @@ class NSGFPlusPlusObjective(Phase2Data):
         null_label: int | None = None,
         endpoints: str = DEFAULT_ENDPOINTS,
         phase1_batch_fraction: float | None = None,
+        network: str | None = None,
     ) -> None:
         if not isinstance(matcher, SinkhornFlowMatcher):
             raise TypeError(f"matcher must be a SinkhornFlowMatcher, got {type(matcher).__name__}")
@@ -162,6 +167,7 @@ class NSGFPlusPlusObjective(Phase2Data):
         if phase1_batch_fraction is None:
             phase1_batch_fraction = option_default("phase1_batch_fraction")
         self.phase1_batch_fraction = check_batch_fraction(phase1_batch_fraction)
+        self.network = check_network(option_default("network") if network is None else network)
         self.endpoints = check_endpoints(endpoints)
         self.label_dropout = label_dropout
         self.null_label = null_label
@@ -172,9 +178,8 @@ class NSGFPlusPlusObjective(Phase2Data):
         self.refresh_every: int = matcher.refresh_every if refresh_every is None else refresh_every
         self.buffer = EndpointBuffer(endpoint_capacity)
         self.cfm = ConditionalFlowMatcher(sigma=0.0)
-        self.net_names: tuple[str, ...] = (
-            ("nsgf", "predictor", "straight") if self.uses_predictor else ("nsgf", "straight")
-        )
+        fields = ("field",) if self.network == "shared" else ("nsgf", "straight")
+        self.net_names: tuple[str, ...] = fields[:1] + ("predictor",) * self.uses_predictor + fields[1:]
 
     @classmethod
     def from_options(
@@ -211,6 +216,7 @@ class NSGFPlusPlusObjective(Phase2Data):
             generator=generator,
             endpoints=options.endpoints,
             phase1_batch_fraction=options.phase1_batch_fraction,
+            network=options.network,
             **kwargs,
         )
 
@@ -249,12 +255,15 @@ class NSGFPlusPlusObjective(Phase2Data):
         """The most end points the buffer keeps (None until the first flow fixes the default)."""
         return self.buffer.capacity
 
-    def _check_nets(self, nets: Mapping[str, Any]) -> None:
+    def _check_nets(self, nets: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``nets`` checked, as ``{"nsgf", "straight"[, "predictor"]}`` (a shared network's two views)."""
         missing = [k for k in self.net_names if k not in nets]
         if missing:
             raise ValueError(
-                f"nets misses {missing} for the {self.phase2!r} variant (needs {list(self.net_names)})"
+                f"nets misses {missing} for the {self.phase2!r} variant with network={self.network!r} "
+                f"(needs {list(self.net_names)})"
             )
+        return phase_views(nets, self.uses_predictor) if self.network == "shared" else nets
 
     def _uniform(self, n: int, like: Tensor) -> Tensor:
         return torch.rand(n, generator=self.generator).to(device=like.device, dtype=like.dtype)
@@ -297,9 +306,10 @@ class NSGFPlusPlusObjective(Phase2Data):
         Returns
         -------
         dict[str, Tensor]
-            0-d losses keyed by :attr:`net_names`.
+            0-d losses keyed by ``"nsgf"``, ``"predictor"`` (if used) and ``"straight"`` (any ``network``).
         """
-        self._check_nets(nets)
+        shared = nets["field"] if self.network == "shared" and "field" in nets else None
+        nets = self._check_nets(nets)
         if y1 is None:
             t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)
             y_nsgf = None
@@ -309,7 +319,10 @@ class NSGFPlusPlusObjective(Phase2Data):
             k = max(1, round(self.phase1_batch_fraction * t.shape[0]))
             t, xt, ut = t[:k], xt[:k], ut[:k]
             y_nsgf = None if y_nsgf is None else y_nsgf[:k]
-        out = {"nsgf": _mse(self._field(nets["nsgf"], t, xt, self._net_labels(y_nsgf)), ut, "nsgf")}
+        y_nsgf = self._net_labels(y_nsgf)
+        out = (
+            {} if shared is not None else {"nsgf": _mse(self._field(nets["nsgf"], t, xt, y_nsgf), ut, "nsgf")}
+        )
         a, b, y = self.phase2_pairs(x0, x1, y1, nets)
         b = b.to(device=a.device, dtype=a.dtype)
         s, xs, us = self.cfm.sample_location_and_conditional_flow(a, b, t=self._uniform(a.shape[0], a))
@@ -320,7 +333,11 @@ class NSGFPlusPlusObjective(Phase2Data):
                 shape = tuple(tau.shape) if isinstance(tau, Tensor) else type(tau).__name__
                 raise ValueError(f"predictor(x) must return shape ({n},) or ({n}, 1), got {shape}")
             out["predictor"] = torch.mean((tau.reshape(n) - s) ** 2)
-        out["straight"] = _mse(self._field(nets["straight"], s, xs, self._net_labels(y)), us, "straight")
+        if shared is None:
+            out["straight"] = _mse(self._field(nets["straight"], s, xs, self._net_labels(y)), us, "straight")
+        else:  # one call for both phases; the two parts are kept apart for logging
+            parts = fused_field_losses(shared, (t, xt, ut, y_nsgf), (s, xs, us, self._net_labels(y)))
+            out = {"nsgf": parts[0], **out, "straight": parts[1]}
         return out
 
     # ------------------------------------------------------------------ sampling
@@ -348,7 +365,7 @@ class NSGFPlusPlusObjective(Phase2Data):
         ``nfe`` is ``{"nsgf": T, "predictor": 1 or 0, "straight": n}``, counted from real network calls (a
         guided evaluation is two).
         """
-        self._check_nets(nets)
+        nets = self._check_nets(nets)
         nsgf, straight = nets["nsgf"], nets["straight"]
         if y is not None:
             y = check_labels(y, x0.shape[0], "y", "x0")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .._validation import check_positive
+from .shared import NETWORKS, check_network
 from .variants import PHASE2
 
 __all__ = [
@@ -86,6 +87,9 @@ class NSGFPlusPlusOptions:
         Where the OT variants' end points :math:`X_T` come from.
     phase1_batch_fraction : float
         In ``(0, 1]``: the share of each call's targets the NSGF field's loss uses.
+    network : {"separate", "shared"}
+        A network per phase (the NSGF field and the straight flow), or one network for both phases
+        (:mod:`~torchcfm_nsgf.nsgfpp.shared`: phase 1 at shifted times, both trained in one pass per step).
     refresh_every : int
         A new flow into the NSGF pool (and the end-point buffer) every this many training steps.
     pool_capacity : int
@@ -111,6 +115,14 @@ class NSGFPlusPlusOptions:
             "help": "share of each batch the NSGF network is trained on, in (0, 1] (the straight flow takes it all)"
         },
     )
+    network: str = field(
+        default="separate",
+        metadata={
+            "help": "a network per phase, or one network for both (phase 1 at shifted times; one network pass "
+            "per training step)",
+            "choices": lambda: NETWORKS,
+        },
+    )
     refresh_every: int = field(
         default=5, metadata={"help": "simulate a new flow into the pool every N training steps"}
     )
@@ -124,6 +136,7 @@ class NSGFPlusPlusOptions:
         check_phase2(self.phase2)
         check_endpoints(self.endpoints)
         check_batch_fraction(self.phase1_batch_fraction)
+        check_network(self.network)
         check_positive(self.refresh_every, "refresh_every", integer=True)
         check_positive(self.pool_capacity, "pool_capacity", integer=True)
         object.__setattr__(self, "step_size", float(self.step_size))
