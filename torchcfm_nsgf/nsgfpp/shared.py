@@ -26,6 +26,7 @@ __all__ = [
     "check_network",
     "fused_field_losses",
     "phase_views",
+    "require_separate",
 ]
 
 #: The ``network`` choices: a network per phase, or one network for both.
@@ -56,6 +57,15 @@ def check_network(network: object, name: str = "network") -> str:
     if network not in NETWORKS:
         raise ValueError(f"{name} must be one of {list(NETWORKS)}, got {network!r}")
     return network
+
+
+def require_separate(network: str, owner: str) -> None:
+    """Refuse ``network="shared"`` where each phase has its own optimiser (``owner`` names the class)."""
+    if network != "separate":
+        raise ValueError(
+            f"network={network!r} is not available in {owner}, which trains a network per phase with its own "
+            "optimiser; use NSGFPlusPlusObjective (as the image loop does) for a shared network"
+        )
 
 
 def phase_views(nets: Mapping[str, Any], predictor: bool) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from ..sampling import SampleResult
 from ..sinkhorn import SinkhornOptions
 from .objective import NSGFPlusPlusObjective
 from .options import NSGFPlusPlusOptions, check_flow_steps
+from .shared import require_separate
 
 __all__ = ["NSGFPlusPlus"]
 
@@ -101,12 +102,7 @@ class NSGFPlusPlus:
             raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {unknown}")
         options = (options or NSGFPlusPlusOptions()).replace(**changes)
         phase2 = options.phase2
-        if options.network != "separate":
-            raise ValueError(
-                f"network={options.network!r} is not available in {type(self).__name__}, which trains a "
-                "network per phase with its own optimiser; use NSGFPlusPlusObjective (the image loop) for a "
-                "shared network"
-            )
+        require_separate(options.network, type(self).__name__)
         if options.uses_predictor and predictor is None:
             raise ValueError(f"predictor is required for phase2={phase2!r} (a time predictor network)")
         if not options.uses_predictor and predictor is not None:
