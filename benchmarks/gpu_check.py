@@ -7,7 +7,8 @@ the README and stops the process a few seconds before the total is spent.
 
 (a) **Training throughput** on CIFAR-10-shaped batches (3x32x32, random uint8 images; only the Sinkhorn
     iteration count depends on their content), for every method :func:`~torchcfm_nsgf.images.available_methods`
-    lists when it runs. Each method runs the library's own loop (:func:`~torchcfm_nsgf.images.train`) twice:
+    lists when it runs, and NSGF++ with its other network setting (``nsgfpp.network``: one network for both
+    phases, or one per phase) beside the default. Each method runs the library's own loop (:func:`~torchcfm_nsgf.images.train`) twice:
     a warm-up run that writes a checkpoint at step ``warm`` (CUDA set-up, first kernels, NSGF's pool fill),
     then the timed run, resumed from that checkpoint, of ``window`` steps; the loop synchronises every step
     (it reads the loss) and ``torch.cuda.synchronize`` brackets each run. Network passes per
@@ -353,7 +354,9 @@ def synthetic_cifar(n: int, seed: int = 0) -> ImageData:
     return ImageData(images=images, labels=torch.randint(0, 10, (n,), generator=gen), name="cifar10")
 
 
-def throughput(name: str, data: ImageData, sizes: Sizes, device: str, budget_s: float) -> dict[str, Any]:
+def throughput(
+    name: str, data: ImageData, sizes: Sizes, device: str, budget_s: float, nsgf: NSGFSettings | None = None
+) -> dict[str, Any]:
     """Images per second of ``name`` in the library's loop, over ``window`` steps after ``warm`` steps.
 
     The timed run resumes from the checkpoint of a warm-up run, so its wall time holds the window's steps
@@ -377,6 +380,7 @@ def throughput(name: str, data: ImageData, sizes: Sizes, device: str, budget_s: 
             progress=False,
             log_every=10**9,
             seed=0,
+            **({} if nsgf is None else {"nsgf": nsgf}),
         )
 
         def run(**changes: Any) -> Any:
@@ -432,14 +436,16 @@ def throughput(name: str, data: ImageData, sizes: Sizes, device: str, budget_s: 
     return row
 
 
-def network_passes(name: str, data: ImageData, sizes: Sizes, device: str) -> dict[str, Any]:
+def network_passes(
+    name: str, data: ImageData, sizes: Sizes, device: str, nsgf: NSGFSettings | None = None
+) -> dict[str, Any]:
     """Forward passes per training step, counted by hooks on each network over ``pass_steps`` loss calls.
 
     A pass is ``batch`` rows through one network; the networks of ``method.nets`` are hooked, so the passes
     that refresh NSGF++'s end points count, and the optimiser and EMA (no forward passes) do not.
     """
     torch.manual_seed(0)
-    method = make_method(name, data.shape, preset=sizes.preset, nsgf=NSGFSettings())
+    method = make_method(name, data.shape, preset=sizes.preset, nsgf=nsgf or NSGFSettings())
     nets = method.nets.to(device).train()
     rows = dict.fromkeys(nets.keys(), 0)
     calls = dict.fromkeys(nets.keys(), 0)
@@ -486,21 +492,27 @@ def part_throughput(run: Run) -> None:
     registered = available_methods()
     methods = [m for m in FIRST if m in registered] + [m for m in registered if m not in FIRST]
     run.parts["a"]["methods"] = list(registered)
+    rows: list[tuple[str, str, NSGFSettings | None]] = [(name, name, None) for name in methods]
+    if "nsgf++" in methods:  # NSGF++ with its other network setting, beside the default
+        default = NSGFSettings()
+        other = "separate" if default.nsgfpp.network == "shared" else "shared"
+        variant = dataclasses.replace(default, nsgfpp=default.nsgfpp.replace(network=other))
+        rows.insert(methods.index("nsgf++") + 1, (f"nsgf++ network={other}", "nsgf++", variant))
     slowest = 0.0
-    for name in methods:
-        row: dict[str, Any] = {"method": name}
+    for label, name, nsgf in rows:
+        row: dict[str, Any] = {"method": label}
         left = run.left("a")
         if left < 1.5 * slowest or left <= 0:
             row["note"] = (
                 f"not run: {left:.0f} s left of the part's budget, the slowest method so far took {slowest:.0f} s"
             )
             run.add_row("a", row)
-            print(f"[{run.elapsed():6.1f} s] (a) {name}: {row['note']}", flush=True)
+            print(f"[{run.elapsed():6.1f} s] (a) {label}: {row['note']}", flush=True)
             continue
         t = time.perf_counter()
         try:
-            row.update(throughput(name, data, sizes, device, budget_s=left))
-            row.update(network_passes(name, data, sizes, device))
+            row.update(throughput(name, data, sizes, device, budget_s=left, nsgf=nsgf))
+            row.update(network_passes(name, data, sizes, device, nsgf=nsgf))
         except Exception as err:  # noqa: BLE001 - a method that fails is reported; the others still run
             row["error"] = error_text(err)
             row["traceback"] = traceback.format_exc(limit=-4)
@@ -508,7 +520,7 @@ def part_throughput(run: Run) -> None:
         row["wall_s"] = time.perf_counter() - t
         slowest = max(slowest, row["wall_s"])
         run.add_row("a", row)
-        print(f"[{run.elapsed():6.1f} s] (a) {name}: {summary_a(row)}", flush=True)
+        print(f"[{run.elapsed():6.1f} s] (a) {label}: {summary_a(row)}", flush=True)
     run.close_part("a")
 
 

@@ -17,7 +17,7 @@ import pytest
 from _env import ROOT, pythonpath
 from _fake_datasets import write_fake_mnist
 
-from torchcfm_nsgf.images import available_methods
+from torchcfm_nsgf.images import NSGFSettings, available_methods
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
@@ -69,7 +69,10 @@ def test_throughput_covers_every_registered_method(smoke) -> None:
     out, _ = smoke
     part = _part(out, "a_throughput.json")
     rows = {r["method"]: r for r in part["rows"]}
-    assert sorted(rows) == sorted(available_methods()) and list(rows)[:2] == ["otcfm", "nsgf++"]
+    shared = NSGFSettings().nsgfpp.network == "shared"
+    variant = "nsgf++ network=" + ("separate" if shared else "shared")  # NSGF++'s other network setting
+    assert sorted(rows) == sorted([*available_methods(), variant])
+    assert list(rows)[:3] == ["otcfm", "nsgf++", variant]
     for name, r in rows.items():
         assert "error" not in r, (name, r.get("traceback"))
         assert r["timed_steps"] == gpu_check.SMOKE.window, name
@@ -83,6 +86,11 @@ def test_throughput_covers_every_registered_method(smoke) -> None:
     # torchcfm's OT-CFM and I-CFM pass each batch once through their one network
     for name in ("otcfm", "icfm"):
         assert rows[name]["passes_per_step"] == 1.0 and rows[name]["calls_per_step"] == 1.0
+    # one network for both phases: one call fewer per step than a network per phase, the same rows
+    one, two = (rows["nsgf++"], rows[variant]) if shared else (rows[variant], rows["nsgf++"])
+    assert two["calls_per_step"] - one["calls_per_step"] == pytest.approx(1.0)
+    assert one["passes_per_step"] == pytest.approx(two["passes_per_step"])
+    assert list(one["passes_by_network"]) == ["field"]
 
 
 @pytest.mark.slow
@@ -134,7 +142,9 @@ def test_readme_has_the_tables_and_lists_every_method(smoke) -> None:
     assert [s.split("\n", 1)[0][:3] for s in sections[1:]] == ["(a)", "(b)", "(c)"]
     for section in (sections[1], sections[3]):
         table = [line for line in section.splitlines() if line.startswith("| ")]
-        assert sorted(line.split(" | ")[0][2:] for line in table[1:]) == sorted(available_methods())
+        names = sorted(line.split(" | ")[0][2:] for line in table[1:])
+        extra = [n for n in names if n.startswith("nsgf++ network=")] if section is sections[1] else []
+        assert names == sorted([*available_methods(), *extra]) and len(extra) == (section is sections[1])
     assert "nan" not in text.lower()
 
 
