@@ -30,6 +30,7 @@ from harness.images import mnist_unit
 
 from torchcfm_nsgf.images.registry import make_method
 from torchcfm_nsgf.images.settings import NSGFSettings
+from torchcfm_nsgf.nsgfpp.shared import phase_views
 from torchcfm_nsgf.sinkhorn import SinkhornOptions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,6 +87,10 @@ def main() -> None:
     for path in args.checkpoints:
         method, step, s = load(path)
         objective = method.objective
+        # the NSGF field: its own network, or phase 1 of the one network of network="shared"
+        nsgf = (
+            phase_views(method.nets, False)["nsgf"] if objective.network == "shared" else method.nets["nsgf"]
+        )
         p = s.get("nsgfpp") or {
             "phase2": s["phase2"],
             "flow_steps": s["phase1_steps"],
@@ -104,7 +109,7 @@ def main() -> None:
             ]
         )
         network = torch.cat(
-            [objective.network_endpoints(method.nets["nsgf"], x0[i : i + 256]) for i in range(0, args.n, 256)]
+            [objective.network_endpoints(nsgf, x0[i : i + 256]) for i in range(0, args.n, 256)]
         )
         lines.append(f"| simulated X_T ({label}) | {spread(simulated, others)} |")
         lines.append(f"| network X_T, EMA ({label}) | {spread(network, others)} |")

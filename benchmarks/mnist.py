@@ -480,7 +480,7 @@ def run_curve(args, name, settings, label, spec, train_imgs, scorer: Scoring, mi
         curve = row["curve"]
         if curve and curve[-1]["scores"] is None:  # trained, not scored: score the checkpoint
             result = train(config(checkpoint_step(run_dir), None, True), data=train_imgs)
-            curve[-1]["scores"] = scorer(result, spec, label, f"{curve[-1]['minutes']:g}min")
+            curve[-1]["scores"] = scorer(result, spec, label, f"seed{args.seed}_{curve[-1]['minutes']:g}min")
             save()
         for m in minutes:
             spent = {"cpu": curve[-1]["train_cpu_s"], "wall": curve[-1]["train_wall_s"]} if curve else None
@@ -498,7 +498,7 @@ def run_curve(args, name, settings, label, spec, train_imgs, scorer: Scoring, mi
                 }
             )
             save()
-            curve[-1]["scores"] = scorer(result, spec, label, f"{m:g}min")
+            curve[-1]["scores"] = scorer(result, spec, label, f"seed{args.seed}_{m:g}min")
             save()
         row["done"] = True
         save()

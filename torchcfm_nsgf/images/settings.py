@@ -27,6 +27,7 @@ IMAGE_NSGFPP = NSGFPlusPlusOptions(
     phase2="ot",
     endpoints="network",
     phase1_batch_fraction=0.25,
+    network="shared",
     refresh_every=IMAGE_REFRESH_EVERY,
     pool_capacity=IMAGE_POOL_CAPACITY,
 )
