@@ -19,7 +19,8 @@ IMAGE_REFRESH_EVERY = 10
 #: NSGF++'s options on images. T = 1, η = 0.5 (a full network step contracts the noise onto a cloud far
 #: narrower than the data, which the straight flow cannot spread out again; half a step keeps half of the
 #: noise), a quarter of each batch for the NSGF field, end points from the network (what phase 2 meets at
-#: sampling), the image pool's refresh and capacity. BENCHMARKS.md §5 and §5a have the measurements behind
+#: sampling), one network for both phases (one network pass per training step), the image pool's refresh and
+#: capacity. BENCHMARKS.md §5 and §5a have the measurements behind
 #: each choice; the vector defaults are :class:`~torchcfm_nsgf.NSGFPlusPlusOptions`'.
 IMAGE_NSGFPP = NSGFPlusPlusOptions(
     flow_steps=1,
