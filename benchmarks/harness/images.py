@@ -274,8 +274,7 @@ def parse_method(spec: str, base: NSGFSettings) -> tuple[str, NSGFSettings, str]
             label += f", NSGF field on {s.phase1_batch_fraction:g} of each batch"
         if s.phase2 != "paper":
             label += f", {s.endpoints} X_T"
-        if s.network == "shared":
-            label += ", one network for both phases"
+        label += ", one network for both phases" if s.network == "shared" else ", a network per phase"
     elif name == "nsgf":
         label += f" (T={settings.flow_steps}, η={settings.step_size:g}, {settings.path})"
     if name in ("nsgf", "nsgf++", "coupling"):
