@@ -174,26 +174,33 @@ def test_a_shared_objective_names_what_it_misses_and_the_options_check_the_value
 # --------------------------------------------------------------------------- the image loop
 
 
+def _image_config(tmp_path, ckpt: str, network: str = "shared", **kw):
+    from torchcfm_nsgf.images import TrainConfig
+
+    base = dict(
+        dataset="mnist", data_root=str(tmp_path / "data"), method="nsgf++", train_steps=4, batch_size=4,
+        preset="tiny", warmup=2, ckpt_every=2, progress=False, ema_decay=0.9, device="cpu",
+        ckpt_dir=str(tmp_path / ckpt),
+    )  # fmt: skip
+    c = TrainConfig(**{**base, **kw})
+    s = c.nsgf
+    s.pool_capacity, s.refresh_every = 64, 2
+    s.nsgfpp = s.nsgfpp.replace(network=network)
+    s.sinkhorn = SinkhornOptions(blur=5.0, relative_blur=False, scaling=0.5)
+    return c
+
+
 @pytest.mark.filterwarnings("ignore:ema_decay=0.9 averages:UserWarning")
 def test_the_image_loop_trains_one_unet_resumes_exactly_and_samples(tmp_path):
     from _fake_datasets import write_fake_mnist
 
-    from torchcfm_nsgf.images import TrainConfig, generate, train
+    from torchcfm_nsgf.images import generate, train
     from torchcfm_nsgf.images.checkpoint import load_checkpoint
 
     write_fake_mnist(tmp_path / "data", n_train=32, n_test=8)
 
-    def config(ckpt: str, **kw) -> TrainConfig:
-        c = TrainConfig(
-            dataset="mnist", data_root=str(tmp_path / "data"), method="nsgf++", train_steps=4, batch_size=4,
-            preset="tiny", warmup=2, ckpt_every=2, progress=False, ema_decay=0.9, device="cpu",
-            ckpt_dir=str(tmp_path / ckpt), **kw,
-        )  # fmt: skip
-        s = c.nsgf
-        s.pool_capacity, s.refresh_every = 64, 2
-        s.nsgfpp = s.nsgfpp.replace(network="shared")
-        s.sinkhorn = SinkhornOptions(blur=5.0, relative_blur=False, scaling=0.5)
-        return c
+    def config(ckpt: str, **kw):
+        return _image_config(tmp_path, ckpt, **kw)
 
     torch.set_num_threads(1)
     whole = train(config("a"))
@@ -206,3 +213,26 @@ def test_the_image_loop_trains_one_unet_resumes_exactly_and_samples(tmp_path):
         assert torch.equal(v, resumed.ema.state_dict()[k]), k
     out = generate(resumed.method, resumed.ema, 3, resumed.shape, nfe=4)
     assert out.nfe == {"nsgf": 1, "predictor": 0, "straight": 3} and torch.isfinite(out.samples).all()
+
+
+@pytest.mark.filterwarnings("ignore:ema_decay=0.9 averages:UserWarning")
+def test_a_run_resumes_only_with_its_own_network_setting(tmp_path):
+    """A checkpoint of one network setting is refused under the other, by name; a checkpoint written before
+    the option existed (no setting stored) is one of a network per phase."""
+    from _fake_datasets import write_fake_mnist
+
+    from torchcfm_nsgf.images import ConfigError, train
+    from torchcfm_nsgf.images.checkpoint import atomic_save, load_checkpoint
+
+    write_fake_mnist(tmp_path / "data", n_train=32, n_test=8)
+    torch.set_num_threads(1)
+    train(_image_config(tmp_path, "run", "separate", train_steps=2))
+    with pytest.raises(ConfigError, match="nsgfpp.network: checkpoint 'separate' vs now 'shared'"):
+        train(_image_config(tmp_path, "run", "shared", train_steps=3, resume=True))
+    path = tmp_path / "run" / "checkpoint.pt"
+    old = load_checkpoint(path)
+    del old["settings"]["nsgfpp.network"]  # as written before the option existed
+    atomic_save(old, path)
+    with pytest.raises(ConfigError, match="nsgfpp.network: checkpoint 'separate' vs now 'shared'"):
+        train(_image_config(tmp_path, "run", "shared", train_steps=3, resume=True))
+    assert train(_image_config(tmp_path, "run", "separate", train_steps=3, resume=True)).step == 3

@@ -69,6 +69,8 @@ def fixed_settings(config: TrainConfig) -> dict[str, Any]:
         "ema_decay": config.ema_decay,
         # nsgf++'s networks depend on it; checkpoints written before the variant existed are "paper"
         "phase2": config.nsgf.nsgfpp.phase2 if config.method == "nsgf++" else None,
+        # one network for both phases, or one per phase; checkpoints written before the option: one per phase
+        "nsgfpp.network": config.nsgf.nsgfpp.network if config.method == "nsgf++" else None,
         "conditional": config.conditional,
         "cfg_dropout": config.cfg_dropout,
     }
@@ -149,6 +151,7 @@ def read_checkpoint(
     wanted = fixed_settings(config)
     saved = {
         "phase2": "paper" if config.method == "nsgf++" else None,
+        "nsgfpp.network": "separate" if config.method == "nsgf++" else None,
         "conditional": False,  # checkpoints written before class-conditional runs
         "cfg_dropout": 0.0,
         **main["settings"],
