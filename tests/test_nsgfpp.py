@@ -694,28 +694,37 @@ def test_bad_input_messages():
 
 
 # ---------------------------------------------------------------------------------------------- images
-def _image_settings(phase2: str):
+def _image_settings(phase2: str, network: str = "separate"):
     from torchcfm_nsgf.images import NSGFSettings
     from torchcfm_nsgf.images.settings import IMAGE_NSGFPP
 
     return NSGFSettings(
-        nsgfpp=IMAGE_NSGFPP.replace(phase2=phase2, flow_steps=2),
+        nsgfpp=IMAGE_NSGFPP.replace(phase2=phase2, flow_steps=2, network=network),
         pool_capacity=64,
         refresh_every=2,
         sinkhorn=SinkhornOptions(blur=5.0, relative_blur=False, scaling=0.5),
     )
 
 
+def _per_network(nfe: dict[str, int], network: str) -> dict[str, int]:
+    """The NFE breakdown as calls per network: one network ``field`` makes both phases' calls when shared."""
+    if network == "separate":
+        return {"predictor": 0, **nfe} if "predictor" not in nfe else nfe
+    return {"field": nfe["nsgf"] + nfe["straight"], "predictor": nfe["predictor"]}
+
+
+@pytest.mark.parametrize("network", ["separate", "shared"])
 @pytest.mark.parametrize("phase2", PHASE2_VARIANTS)
-def test_image_method_budget_and_nfe_equal_network_calls(phase2):
+def test_image_method_budget_and_nfe_equal_network_calls(phase2, network):
     from torchcfm_nsgf.images import available_methods, make_method
 
     if "nsgf++" not in available_methods():
         pytest.skip("nsgf++ is not offered")
     torch.manual_seed(0)
-    method = make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=_image_settings(phase2))
+    method = make_method("nsgf++", (1, 8, 8), preset="tiny", nsgf=_image_settings(phase2, network))
     paper = phase2 in PREDICTOR_VARIANTS  # a predictor call
-    assert tuple(method.nets) == (("nsgf", "predictor", "straight") if paper else ("nsgf", "straight"))
+    fields = ("field",) if network == "shared" else ("nsgf", "straight")
+    assert tuple(method.nets) == fields[:1] + ("predictor",) * paper + fields[1:]
     nets = nn.ModuleDict({k: Counted(v) for k, v in method.nets.items()})
     x1 = torch.randn(4, 1, 8, 8, generator=_gen(1))
     loss = method.loss(method.nets, torch.randn(4, 1, 8, 8, generator=_gen(2)), x1)
@@ -726,7 +735,7 @@ def test_image_method_budget_and_nfe_equal_network_calls(phase2):
     expected = (
         {"nsgf": 2, "predictor": 1, "straight": 6} if paper else {"nsgf": 2, "predictor": 0, "straight": 7}
     )
-    assert out.nfe == expected == {"predictor": 0, **calls}
+    assert out.nfe == expected and _per_network(out.nfe, network) == {"predictor": 0, **calls}
     assert out.total_nfe == 9
     least = 4 if paper else 3
     with pytest.raises(ValueError, match=f"nfe must be at least {least} for nsgf\\+\\+"):
@@ -748,7 +757,7 @@ def mnist_root(tmp_path_factory):
     return root
 
 
-def _image_config(root, phase2: str, **kw):
+def _image_config(root, phase2: str, network: str = "separate", **kw):
     from torchcfm_nsgf.images import TrainConfig
 
     return TrainConfig(
@@ -763,26 +772,27 @@ def _image_config(root, phase2: str, **kw):
         verify_checksums=False,
         ema_decay=0.5,
         sample_steps=3,
-        nsgf=_image_settings(phase2),
+        nsgf=_image_settings(phase2, network),
         device="cpu",
         **kw,
     )
 
 
 @pytest.mark.filterwarnings("ignore:ema_decay=0.5 averages:UserWarning")
+@pytest.mark.parametrize("network", ["separate", "shared"])
 @pytest.mark.parametrize("phase2", PHASE2_VARIANTS)
-def test_each_variant_trains_on_mnist_format_and_its_nfe_equals_network_calls(mnist_root, phase2):
+def test_each_variant_trains_on_mnist_format_and_its_nfe_equals_network_calls(mnist_root, phase2, network):
     from torchcfm_nsgf.images import train
 
     torch.manual_seed(0)
-    result = train(_image_config(mnist_root, phase2))
+    result = train(_image_config(mnist_root, phase2, network))
     assert result.step == 2 and len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
     method = result.method
     assert method.objective.phase2 == phase2 and tuple(method.nets) == method.objective.net_names
     nets = nn.ModuleDict({k: Counted(v) for k, v in result.ema.items()})
     out = method.sample(nets, torch.randn(2, 1, 28, 28, generator=_gen(4)), nfe=6)
     calls = {k: v.calls for k, v in nets.items()}
-    assert out.nfe == {"predictor": 0, **calls} and out.total_nfe == 6
+    assert _per_network(out.nfe, network) == {"predictor": 0, **calls} and out.total_nfe == 6
     assert out.nfe["predictor"] == (phase2 in PREDICTOR_VARIANTS)
 
 
