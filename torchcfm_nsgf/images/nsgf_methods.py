@@ -12,7 +12,9 @@ network on disjoint parameters), the same objective that :class:`~torchcfm_nsgf.
 vectors, built from ``settings.nsgfpp`` (:class:`~torchcfm_nsgf.NSGFPlusPlusOptions`): the UNet NSGF field on a
 short flow (``flow_steps`` <= 5 of ``step_size``) served by the pool, the UNet straight flow on the segments
 of the phase-2 variant, and for the variants with one the CNN time predictor
-(:class:`~torchcfm_nsgf.networks.TimePredictorCNN`). Times and pair orders come from the global generator
+(:class:`~torchcfm_nsgf.networks.TimePredictorCNN`). With ``nsgfpp.network="shared"`` (the image default) one UNet
+``"field"`` is both fields, phase 1 at shifted times, called once per training step
+(:mod:`torchcfm_nsgf.nsgfpp.shared`). Times and pair orders come from the global generator
 (saved in checkpoints). Sampling: :meth:`~torchcfm_nsgf.nsgfpp.NSGFPlusPlusObjective.sample`; a budget ``nfe``
 counts all calls, so phase 2 gets ``nfe - T - 1`` (with a predictor) or ``nfe - T`` Euler steps (default
 :data:`NSGFPP_STRAIGHT_STEPS`).
