@@ -308,8 +308,8 @@ class NSGFPlusPlusObjective(Phase2Data):
         dict[str, Tensor]
             0-d losses keyed by ``"nsgf"``, ``"predictor"`` (if used) and ``"straight"`` (any ``network``).
         """
-        shared = nets["field"] if self.network == "shared" and "field" in nets else None
         nets = self._check_nets(nets)
+        shared = nets["straight"] if self.network == "shared" else None  # the one network (phase 2 unshifted)
         if y1 is None:
             t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)
             y_nsgf = None
