@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="generated and test images per score (10000: all test images; --fast: 2000)",
     )
     p.add_argument("--fast", action="store_true", help="score 2000 images (development)")
+    p.add_argument(
+        "--sample-batch",
+        type=int,
+        default=128,
+        help="images generated per sampler call when scoring (the noise is the same for any value; on one CPU "
+        "thread 128 runs the tiny UNet 1.7x faster per image than 500)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--lr", type=float, default=2e-4)
@@ -206,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         return report(args.report)
     if args.fast:
         args.n_eval = 2000
+    if args.sample_batch < 1:
+        p.error(f"--sample-batch must be a positive number of images, got {args.sample_batch}")
     if args.nfe is None:
         args.nfe = "1,2,10,20" if args.curve_minutes else "5,10,20,60"
     minutes = None
@@ -339,7 +348,7 @@ class Scoring:
                     args.n_eval,
                     result.shape,
                     nfe=steps,
-                    batch_size=500,
+                    batch_size=args.sample_batch,
                     seed=args.seed + 1,
                     labels=labels,
                     guidance_scale=w,
