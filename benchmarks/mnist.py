@@ -18,7 +18,8 @@ scores for ``--n-eval`` training images against the test images.
 time its training time (``--budget-clock``) reaches the next of those minutes (default NFEs 1, 2, 10, 20):
 curves, not points. With ``--resume auto`` an interrupted study continues where it stopped (each run's JSON
 and checkpoint are written at every scored time) and a finished run is skipped, or extended when the command
-asks for later minutes and the run kept its checkpoint (``--keep-checkpoints``); ``--report`` then adds the
+asks for later minutes and the run kept its checkpoint (``--keep-checkpoints``; NFEs asked that the last scored
+time lacks are scored there first, from that checkpoint: earlier times keep their NFEs); ``--report`` then adds the
 tables of FID · precision / recall against training time and a plot per NFE (``curves_nfe<N>.png``).
 
 A method is a name with optional :class:`~torchcfm_nsgf.images.NSGFSettings` fields and ``blur`` (the
@@ -331,15 +332,26 @@ class Scoring:
 
     def __init__(self, args, score: FeatureScorer, nfes: list[int], scales: list, per_class=None) -> None:
         self.args, self.score, self.nfes, self.scales, self.per_class = args, score, nfes, scales, per_class
+        self.skipped: dict[str, str] = {}  # the last call's keys the method cannot sample, with the reason
+
+    @staticmethod
+    def key(nfe: int, w: float | None) -> str:
+        return str(nfe) if w is None else f"{nfe}@w{w:g}"
+
+    def missing(self, point: dict) -> list[int]:
+        """The asked NFEs that a scored curve point holds no score for (nor a recorded reason to skip)."""
+        have = set(point["scores"] or {}) | set(point.get("skipped", {}))
+        return [n for n in self.nfes if any(self.key(n, w) not in have for w in self.scales)]
 
     def __call__(self, result, spec: str, label: str, tag: str, nfes: list[int] | None = None) -> dict:
         """Scores keyed by NFE (``"10"``), or by NFE and guidance scale (``"10@w2"``) for guided runs."""
         args, scores = self.args, {}
+        self.skipped = {}
         for w, nfe in [(w, n) for w in self.scales for n in nfes or self.nfes]:
             t1 = time.perf_counter()
             labels = torch.arange(args.n_eval) % 10 if args.conditional else None
             steps = nfe // 2 if w not in (None, 1.0) else nfe  # --nfe counts network calls
-            key = str(nfe) if w is None else f"{nfe}@w{w:g}"
+            key = self.key(nfe, w)
             stem = f"{slug(spec)}_{tag}_nfe{nfe}" + ("" if w is None else f"_w{w:g}")
             try:
                 gen = generate(
@@ -356,6 +368,7 @@ class Scoring:
                 )
             except ValueError as err:  # a budget below the method's minimum (NSGF++ phase 1)
                 print(f"{label} {tag}: NFE {nfe} skipped: {err}")
+                self.skipped[key] = str(err)
                 continue
             scores[key] = {
                 **self.score(gen.samples.cpu()),
@@ -464,12 +477,15 @@ def run_curve(args, name, settings, label, spec, train_imgs, scorer: Scoring, mi
         if args.resume == "auto" and path.exists():
             row = json.loads(path.read_text())["row"]
             scored = max((p["minutes"] for p in row["curve"] if p["scores"] is not None), default=0.0)
-            if row["done"] and max(minutes) <= scored:
+            last = row["curve"][-1] if row["curve"] else None
+            lacking = scorer.missing(last) if last is not None and last["scores"] is not None else []
+            if row["done"] and max(minutes) <= scored and not lacking:
                 print(f"{label}: finished already ({path})")
                 return
             if row["done"] and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
                 print(
-                    f"{label}: finished at {scored:g} min and its checkpoint was not kept: not extended ({path})"
+                    f"{label}: finished at {scored:g} min and its checkpoint was not kept: not extended and no "
+                    f"NFE added ({path})"
                 )
                 return
             if row["curve"] and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
@@ -490,7 +506,20 @@ def run_curve(args, name, settings, label, spec, train_imgs, scorer: Scoring, mi
         if curve and curve[-1]["scores"] is None:  # trained, not scored: score the checkpoint
             result = train(config(checkpoint_step(run_dir), None, True), data=train_imgs)
             curve[-1]["scores"] = scorer(result, spec, label, f"seed{args.seed}_{curve[-1]['minutes']:g}min")
+            curve[-1]["skipped"] = scorer.skipped
             save()
+        elif curve and scorer.missing(curve[-1]):
+            # NFEs asked now that the last point lacks: scored from its checkpoint if that is the point's (the
+            # weights of earlier points are gone)
+            point, lacking = curve[-1], scorer.missing(curve[-1])
+            if checkpoint_step(run_dir) != point["step"]:
+                print(f"{label}: the checkpoint is past the {point['minutes']:g}-min point: NFE {lacking} not added")
+            else:
+                result = train(config(point["step"], None, True), data=train_imgs)
+                tag = f"seed{args.seed}_{point['minutes']:g}min"
+                point["scores"].update(scorer(result, spec, label, tag, lacking))
+                point["skipped"] = {**point.get("skipped", {}), **scorer.skipped}
+                save()
         for m in minutes:
             spent = {"cpu": curve[-1]["train_cpu_s"], "wall": curve[-1]["train_wall_s"]} if curve else None
             if spent is not None and spent[args.budget_clock] >= 60 * m:
@@ -508,6 +537,7 @@ def run_curve(args, name, settings, label, spec, train_imgs, scorer: Scoring, mi
             )
             save()
             curve[-1]["scores"] = scorer(result, spec, label, f"seed{args.seed}_{m:g}min")
+            curve[-1]["skipped"] = scorer.skipped
             save()
         row["done"] = True
         save()

@@ -182,7 +182,34 @@ def test_curves_are_scored_at_each_training_time_and_resume_where_they_stopped(
     assert row["done"] and [p["minutes"] for p in row["curve"]] == [0.005, 0.05, 0.08]
     assert row["curve"][1]["step"] == trained_to < row["curve"][2]["step"]
     assert row["curve"][2]["train_cpu_s"] >= 0.08 * 60 and set(row["curve"][2]["scores"]) == {"1", "3"}
+
+    # a later command asking for an NFE the last point lacks scores it there from the kept checkpoint; the
+    # earlier points keep what they had (their weights are gone) and nothing is trained
+    before = row["curve"]
+    mnist_benchmark.main([{"1,3": "1,2,3"}.get(a, a) for a in longer])
+    row = json.loads(path.read_text())["row"]
+    assert [p["step"] for p in row["curve"]] == [p["step"] for p in before]
+    assert row["curve"][:2] == before[:2] and set(row["curve"][2]["scores"]) == {"1", "2", "3"}
+    assert row["curve"][2]["scores"]["3"] == before[2]["scores"]["3"]  # scored once
+    stamp = path.stat().st_mtime_ns
+    mnist_benchmark.main([{"1,3": "1,2,3"}.get(a, a) for a in longer])  # nothing lacks now: skipped
+    assert path.stat().st_mtime_ns == stamp
     mnist_benchmark.report(str(tmp_path / "out"))
     assert (tmp_path / "out" / "curves_nfe1.png").is_file()
     text = (tmp_path / "out" / "README.md").read_text()
     assert "| OT-CFM |" in text and "NFE 3" in text  # the NFEs of every scored point
+
+
+def test_a_curve_point_lacks_the_asked_nfes_it_holds_no_score_or_skip_reason_for() -> None:
+    scoring = mnist_benchmark.Scoring(None, None, [1, 2, 10], [None])
+    point = {"scores": {"2": {}}, "skipped": {"1": "nfe must be at least 2"}}
+    assert scoring.missing(point) == [10]
+    assert scoring.missing({"scores": {"1": {}, "2": {}, "10": {}}}) == []
+    assert scoring.missing({"scores": {"10": {}}}) == [1, 2]  # a point written before skips were recorded
+    guided = mnist_benchmark.Scoring(None, None, [2, 4], [1.0, 2.0])
+    assert guided.missing({"scores": {"2@w1": {}, "2@w2": {}, "4@w1": {}}}) == [4]
+
+
+def test_sample_batch_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        mnist_benchmark.main(_curve_args(tmp_path, "--curve-minutes", "1", "--sample-batch", "0"))
