@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from harness import BenchConfig, method_fn
-from harness.runner import claim, evaluate_snapshots, run_file, write_json
+from harness.runner import claim, evaluate_snapshots, release, run_file, write_json
 
 from torchcfm_nsgf.datasets import TASKS
 from torchcfm_nsgf.metrics import w2
@@ -367,7 +367,7 @@ def main() -> None:
         rows.append(row)
         if path is not None:
             write_json(path, row)
-            held.unlink(missing_ok=True)
+            release(held)
         scores = " / ".join(f"{row['w2'][k]:.3f}" for k in NFES)
         print(
             f"{name} seed {seed} {method}: W2 at NFE 1/2/10 {scores} (floor {floors[name]:.3f}); "

@@ -63,7 +63,7 @@ from harness.images import (
     plot_curves,
     slug,
 )
-from harness.runner import claim, write_json
+from harness.runner import claim, release, write_json
 
 from torchcfm_nsgf.images import (
     NSGFSettings,
@@ -513,7 +513,9 @@ def run_curve(args, name, settings, label, spec, train_imgs, scorer: Scoring, mi
             # weights of earlier points are gone)
             point, lacking = curve[-1], scorer.missing(curve[-1])
             if checkpoint_step(run_dir) != point["step"]:
-                print(f"{label}: the checkpoint is past the {point['minutes']:g}-min point: NFE {lacking} not added")
+                print(
+                    f"{label}: the checkpoint is past the {point['minutes']:g}-min point: NFE {lacking} not added"
+                )
             else:
                 result = train(config(point["step"], None, True), data=train_imgs)
                 tag = f"seed{args.seed}_{point['minutes']:g}min"
@@ -544,7 +546,7 @@ def run_curve(args, name, settings, label, spec, train_imgs, scorer: Scoring, mi
         if not args.keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
     finally:
-        held.unlink(missing_ok=True)
+        release(held)
 
 
 def report(folder: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,10 +20,12 @@ from harness import (  # noqa: E402
     BenchConfig,
     EvalSet,
     RunSpec,
+    claim,
     load_runs,
     make_model,
     parse_methods,
     register,
+    release,
     run_file,
     run_study,
     study_jobs,
@@ -208,9 +211,9 @@ def test_resume_skips_finished_and_claimed_runs_and_takes_over_stale_claims(tmp_
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")}
     assert _study(tmp_path) == []  # every run is finished
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")} == stamps
-    # A run claimed by a live process is left to it; a claim of a process that is gone is taken over.
+    # A run claimed by a live process is left to it; the claim file of a process that is gone is free.
     alive = run_file(tmp_path, "gaussian-moons", "icfm", 0).with_suffix(".claim")
-    alive.write_text(str(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]).pid))
+    holder = _hold_claim(alive)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     stale = run_file(tmp_path, "8gaussians-moons", "icfm", 0).with_suffix(".claim")
@@ -220,7 +223,63 @@ def test_resume_skips_finished_and_claimed_runs_and_takes_over_stale_claims(tmp_
         assert [(r["task"], r["method"]) for r in done] == [("8gaussians-moons", "icfm")]
         assert alive.exists() and not stale.exists()
     finally:
-        subprocess.run(["kill", alive.read_text()], check=False)
+        holder.kill()
+        holder.wait()
+
+
+def _hold_claim(path: Path) -> subprocess.Popen:
+    """A process that claims ``path`` and sleeps; returns once it holds the claim."""
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+        "from harness.runner import claim; assert claim(Path(sys.argv[2])); print('held', flush=True); "
+        "time.sleep(60)"
+    )
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    proc = subprocess.Popen([sys.executable, "-c", code, bench, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_claim_has_one_holder_and_is_free_once_its_process_is_gone(tmp_path: Path) -> None:
+    path = tmp_path / "run.claim"
+    assert claim(path) and path.read_text() == str(os.getpid())
+    assert not claim(path)  # held: by this process too
+    release(path)
+    assert not path.exists()
+    release(path)  # not held: nothing happens
+    holder = _hold_claim(path)
+    try:
+        assert path.read_text() == str(holder.pid) and not claim(path)
+        holder.kill()  # no clean-up: the file stays, the lock goes with the process
+        holder.wait()
+        assert path.exists() and claim(path) and path.read_text() == str(os.getpid())
+    finally:
+        release(path)
+        holder.kill()
+        holder.wait()
+
+
+def test_a_claim_released_between_open_and_lock_is_taken_on_the_new_file(tmp_path: Path, monkeypatch) -> None:
+    import fcntl
+
+    path = tmp_path / "run.claim"
+    other = os.open(path, os.O_CREAT | os.O_RDWR)  # another holder's claim
+    fcntl.flock(other, fcntl.LOCK_EX)
+    real_flock, calls = fcntl.flock, []
+
+    def released_meanwhile(fd, op):
+        if not calls:  # the holder releases (removes the file, then unlocks) after our open, before our lock
+            path.unlink()
+            os.close(other)
+        calls.append(fd)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", released_meanwhile)
+    try:
+        assert claim(path)  # the lock on the removed file is not the claim: it locks the new file
+        assert len(calls) == 2 and path.exists() and path.read_text() == str(os.getpid())
+    finally:
+        release(path)
 
 
 class _Shift:

@@ -36,7 +36,7 @@ from .methods import (
     train_nsgfpp,
 )
 from .report import load_runs, study_tables, summarise
-from .runner import EvalSet, RunSpec, claim, parse_methods, run_file, run_one, run_study, study_jobs
+from .runner import EvalSet, RunSpec, claim, parse_methods, release, run_file, run_one, run_study, study_jobs
 
 __all__ = [
     "EMA",
@@ -52,6 +52,7 @@ __all__ = [
     "StepClock",
     "TrainedField",
     "claim",
+    "release",
     "label_of",
     "lazy",
     "load_runs",

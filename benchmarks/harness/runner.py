@@ -5,9 +5,9 @@ A study is a list of :class:`RunSpec` (task, method, seed, NFEs) and one :class:
 every snapshot it holds, by exact W2 (POT ``emd2``, :func:`torchcfm_nsgf.metrics.w2`) between the samples of a
 fixed set of source points and as many fresh target points (:class:`EvalSet`) at each NFE (Euler), and writes
 the run's record to ``out_dir/<task>_<method>_seed<s>.json`` as it finishes (atomically). A run whose JSON
-exists is skipped, and a run is *claimed* first (a ``.claim`` file holding the process id), so several
-processes can share one job list and an interrupted study resumes where it stopped (a claim of a process that
-is gone is taken over). ``shard=(i, n)`` keeps every n-th job from the i-th.
+exists is skipped, and a run is *claimed* first (a lock on a ``.claim`` file, see :func:`claim`), so several
+processes can share one job list and an interrupted study resumes where it stopped (the claim of a process
+that is gone is free). ``shard=(i, n)`` keeps every n-th job from the i-th.
 
 The record (:data:`SCHEMA` lists its keys): the run's identity and settings, ``w2`` and ``nfe_used`` at the
 end (keys are NFEs as strings), ``steps``, ``train_time_s`` (on the budget's clock), ``cpu_s`` and ``wall_s``,
@@ -43,6 +43,7 @@ __all__ = [
     "EvalSet",
     "RunSpec",
     "claim",
+    "release",
     "evaluate",
     "evaluate_snapshots",
     "parse_methods",
@@ -212,23 +213,48 @@ def run_file(out_dir: Path, task: str, method: str, seed: int) -> Path:
     return Path(out_dir) / f"{task}_{method.replace(':', '-')}_seed{seed}.json"
 
 
+_HELD: dict[Path, int] = {}  # the claims this process holds: their open, locked file descriptors
+
+
 def claim(path: Path) -> bool:
-    """Create ``path`` (holding this pid) unless a live process holds it; True if this process now does."""
-    if path.exists():
+    """Hold ``path`` for this process unless a live process holds it; True if this process now does.
+
+    A claim is an exclusive lock (``flock``) on the file, which the system drops when its process ends: a claim
+    of a process that is gone is free, and two processes can never both take one (a take-over by reading a
+    process id and removing the file could race). The file holds the holder's process id for people reading
+    the folder. POSIX only; give it back with :func:`release`.
+    """
+    import fcntl  # POSIX: imported here so that the harness imports everywhere
+
+    path = Path(path)
+    if path in _HELD:
+        return False  # this process holds it already: one holder, one run
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            os.kill(int(path.read_text() or 0), 0)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
             return False
-        except (ProcessLookupError, ValueError):
-            path.unlink(missing_ok=True)  # a stale claim of a process that is gone
-        except PermissionError:
-            return False
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # its holder released it between our open and our lock: claim the path anew
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD[path] = fd
     return True
+
+
+def release(path: Path) -> None:
+    """Give back a claim this process holds (the file goes, then the lock); nothing if it holds none."""
+    fd = _HELD.pop(Path(path), None)
+    if fd is not None:
+        Path(path).unlink(missing_ok=True)
+        os.close(fd)
 
 
 def write_json(path: Path, data: object) -> None:
@@ -291,5 +317,5 @@ def run_study(
                 on_record(record)
         finally:
             if held is not None:
-                held.unlink(missing_ok=True)
+                release(held)
     return records
