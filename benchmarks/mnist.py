@@ -61,6 +61,7 @@ from harness.images import (
     get_classifier,
     parse_method,
     plot_curves,
+    short_label,
     slug,
 )
 from harness.runner import claim, release, write_json
@@ -652,18 +653,21 @@ def report(folder: str) -> None:
 
 
 def curve_tables(runs: list[dict], nfes: list[int], folder: str, floor: float) -> list[str]:
-    """Per NFE: classifier FID (mean over seeds) at each scored training time, precision / recall beside it,
-    and ``folder/curves_nfe<N>.png`` (FID against training minutes, one line per method)."""
+    """Per NFE: classifier FID (mean over seeds) at each scored training time, precision / recall beside it;
+    ``folder/curves_nfe<N>.png`` (FID against training minutes, one line per method, each seed a dot) and
+    ``folder/curves.png`` (every NFE, one panel each)."""
     clock = runs[0]["row"].get("clock", "cpu")
     minutes = sorted({p["minutes"] for r in runs for p in r["row"]["curve"] if p["scores"] is not None})
     labels = list(dict.fromkeys(r["row"]["label"] for r in runs))
+    legend = {r["row"]["label"]: short_label(r["row"]["spec"]) for r in runs}
     lines = [
         "",
         f"Quality against training time ({clock} minutes; one run per method and seed, scored as its training "
         "reached each time; mean over the seeds present, their number in brackets; FID · precision / recall):",
     ]
+    panels: dict[str, dict[str, dict[float, list[float]]]] = {}
     for n in nfes:
-        points: dict[str, list[tuple[float, float]]] = {}
+        points: dict[str, dict[float, list[float]]] = {}
         rows = []
         for label in labels:
             cells = []
@@ -681,7 +685,7 @@ def curve_tables(runs: list[dict], nfes: list[int], folder: str, floor: float) -
                 fid = statistics.fmean(g["classifier_fid"] for g in got)
                 pr = [statistics.fmean(g[k] for g in got) for k in ("precision", "recall")]
                 cells.append(f"{fid:.2f} · {pr[0]:.2f} / {pr[1]:.2f} ({len(got)})")
-                points.setdefault(label, []).append((m, fid))
+                points.setdefault(legend[label], {})[m] = [g["classifier_fid"] for g in got]
             if any(c != "—" for c in cells):
                 rows.append(f"| {label} | " + " | ".join(cells) + " |")
         if not rows:
@@ -694,8 +698,12 @@ def curve_tables(runs: list[dict], nfes: list[int], folder: str, floor: float) -
             *rows,
         ]
         png = f"curves_nfe{n}.png"
-        plot_curves(points, os.path.join(folder, png), f"MNIST, NFE {n}", floor)
+        plot_curves({f"NFE {n}": points}, os.path.join(folder, png), floor)
+        panels[f"NFE {n}"] = points
         lines += ["", f"![classifier FID against training time, NFE {n}]({png})"]
+    if len(panels) > 1:
+        plot_curves(panels, os.path.join(folder, "curves.png"), floor)
+        lines += ["", "![classifier FID against training time, every NFE](curves.png)"]
     return lines
 
 

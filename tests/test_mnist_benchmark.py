@@ -195,7 +195,7 @@ def test_curves_are_scored_at_each_training_time_and_resume_where_they_stopped(
     mnist_benchmark.main([{"1,3": "1,2,3"}.get(a, a) for a in longer])  # nothing lacks now: skipped
     assert path.stat().st_mtime_ns == stamp
     mnist_benchmark.report(str(tmp_path / "out"))
-    assert (tmp_path / "out" / "curves_nfe1.png").is_file()
+    assert (tmp_path / "out" / "curves_nfe1.png").is_file() and (tmp_path / "out" / "curves.png").is_file()
     text = (tmp_path / "out" / "README.md").read_text()
     assert "| OT-CFM |" in text and "NFE 3" in text  # the NFEs of every scored point
 

@@ -41,6 +41,7 @@ __all__ = [
     "mnist_unit",
     "parse_method",
     "plot_curves",
+    "short_label",
     "slug",
 ]
 
@@ -289,23 +290,57 @@ def slug(spec: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- plots
-def plot_curves(curves: dict[str, list[tuple[float, float]]], path: str, title: str, floor: float) -> None:
-    """One line per label: ``(CPU minutes, classifier FID)`` points; the floor dashed; log y axis; PNG."""
+def short_label(spec: str) -> str:
+    """A method spec's name for legends: ``NSGF++``, or ``NSGF++ (nsgfpp.network=separate)`` with options."""
+    name, *pairs = spec.split(":")
+    return NAMES.get(name, name) + (f" ({', '.join(pairs)})" if pairs else "")
+
+
+def plot_curves(
+    panels: dict[str, dict[str, dict[float, list[float]]]], path: str, floor: float, title: str = "MNIST"
+) -> None:
+    """Classifier FID against training minutes: one panel per title (e.g. ``"NFE 10"``), one colour per method
+    (the same in every panel), the mean over the seeds as a line and each seed as a faint dot, the floor
+    dashed, a log y axis, one legend under the panels; PNG.
+
+    ``panels[panel][method][minutes]`` holds the FIDs of the seeds scored at those minutes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in curves.items():
-        xs, ys = zip(*sorted(points), strict=True)
-        ax.plot(xs, ys, "o-", ms=4, label=label)
-    ax.axhline(floor, color="k", ls="--", lw=1, label="floor (train vs test)")
-    ax.set_yscale("log")
-    ax.set_xlabel("training CPU time (min)")
-    ax.set_ylabel("classifier FID")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    methods = list(dict.fromkeys(m for curves in panels.values() for m in curves))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 1.0 + 3.6 * len(panels)), 3.9), squeeze=False)
+    ticks = sorted({t for curves in panels.values() for points in curves.values() for t in points})
+    for ax, (name, curves) in zip(axes[0], panels.items(), strict=True):
+        for method, points in curves.items():
+            xs = sorted(points)
+            means = [sum(points[x]) / len(points[x]) for x in xs]
+            ax.plot(xs, means, "o-", ms=4, lw=1.6, color=colours[method])
+            for x in xs:
+                ax.scatter([x] * len(points[x]), points[x], s=10, color=colours[method], alpha=0.35, lw=0)
+        ax.axhline(floor, color="k", ls="--", lw=1)
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        low, high = ax.get_ylim()
+        some = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else "")  # 2, 3, 5 in a decade
+        ax.yaxis.set_minor_formatter(some if high / low < 30 else NullFormatter())
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+        if len(ticks) == 1:
+            ax.set_xlim(ticks[0] * 0.5, ticks[0] * 1.5)
+        ax.set_xlabel("training CPU time (min)")
+        ax.set_title(f"{title}, {name}", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][0].set_ylabel("classifier FID (log)")
+    handles = [plt.Line2D([], [], color=colours[m], marker="o", ms=4, label=m) for m in methods]
+    handles.append(plt.Line2D([], [], color="k", ls="--", lw=1, label=f"floor, train vs test ({floor:.2f})"))
+    ncol = min(2 if len(panels) == 1 else 4, len(handles))
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    rows = -(-len(handles) // ncol)
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
