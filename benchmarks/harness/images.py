@@ -290,6 +290,19 @@ def slug(spec: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- plots
+#: one colour per method in the curve plots, the same in every figure (other methods take spare colours)
+COLOURS = {
+    "NSGF++": "#d62728",
+    "NSGF": "#ff7f0e",
+    "OT-CFM": "#1f77b4",
+    "I-CFM": "#17becf",
+    "FM": "#7f7f7f",
+    "RF": "#bcbd22",
+    "MeanFlow": "#9467bd",
+    "SinkhornDrift (one step)": "#2ca02c",
+}
+
+
 def short_label(spec: str) -> str:
     """A method spec's name for legends: ``NSGF++``, or ``NSGF++ (nsgfpp.network=separate)`` with options."""
     name, *pairs = spec.split(":")
@@ -311,14 +324,16 @@ def plot_curves(
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     methods = list(dict.fromkeys(m for curves in panels.values() for m in curves))
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    spare = iter(plt.get_cmap("Dark2").colors)
+    colours = {m: COLOURS.get(m) or COLOURS.get(m.split(" (")[0]) or next(spare, "k") for m in methods}
+    styles = {m: "--" if m not in COLOURS and " (" in m else "-" for m in methods}  # a variant: dashed
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 1.0 + 3.6 * len(panels)), 3.9), squeeze=False)
     ticks = sorted({t for curves in panels.values() for points in curves.values() for t in points})
     for ax, (name, curves) in zip(axes[0], panels.items(), strict=True):
         for method, points in curves.items():
             xs = sorted(points)
             means = [sum(points[x]) / len(points[x]) for x in xs]
-            ax.plot(xs, means, "o-", ms=4, lw=1.6, color=colours[method])
+            ax.plot(xs, means, marker="o", ls=styles[method], ms=4, lw=1.6, color=colours[method])
             for x in xs:
                 ax.scatter([x] * len(points[x]), points[x], s=10, color=colours[method], alpha=0.35, lw=0)
         ax.axhline(floor, color="k", ls="--", lw=1)
@@ -336,7 +351,7 @@ def plot_curves(
         ax.set_title(f"{title}, {name}", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
     axes[0][0].set_ylabel("classifier FID (log)")
-    handles = [plt.Line2D([], [], color=colours[m], marker="o", ms=4, label=m) for m in methods]
+    handles = [plt.Line2D([], [], color=colours[m], ls=styles[m], marker="o", ms=4, label=m) for m in methods]
     handles.append(plt.Line2D([], [], color="k", ls="--", lw=1, label=f"floor, train vs test ({floor:.2f})"))
     ncol = min(2 if len(panels) == 1 else 4, len(handles))
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
