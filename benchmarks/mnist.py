@@ -509,10 +509,10 @@ def run_curve(args, name, settings, label, spec, train_imgs, scorer: Scoring, mi
             curve[-1]["scores"] = scorer(result, spec, label, f"seed{args.seed}_{curve[-1]['minutes']:g}min")
             curve[-1]["skipped"] = scorer.skipped
             save()
-        elif curve and scorer.missing(curve[-1]):
+        elif curve and (lacking := scorer.missing(curve[-1])):
             # NFEs asked now that the last point lacks: scored from its checkpoint if that is the point's (the
             # weights of earlier points are gone)
-            point, lacking = curve[-1], scorer.missing(curve[-1])
+            point = curve[-1]
             if checkpoint_step(run_dir) != point["step"]:
                 print(
                     f"{label}: the checkpoint is past the {point['minutes']:g}-min point: NFE {lacking} not added"
