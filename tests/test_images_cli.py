@@ -138,6 +138,50 @@ def test_phase1_batch_fraction_flag_reaches_the_nsgfpp_objective(capsys):
         assert "--phase1-batch-fraction" in capsys.readouterr().err
 
 
+def test_drift_self_term_flag_reaches_the_drift_and_a_run_resumes_only_with_its_own(
+    data_root, tmp_path, capsys
+):
+    """``--drift-self-term`` sets the generator's self term (default: the independent batch); a checkpoint
+    stores it, is refused under another by name, and one written before the option is the independent term's."""
+    from torchcfm_nsgf.images import make_method
+    from torchcfm_nsgf.images.checkpoint import atomic_save
+    from torchcfm_nsgf.images.cli import config_from_args
+
+    parser = build_parser("mnist")
+    assert config_from_args(parser.parse_args(["--method", "drift"])).nsgf.drift_self_term == "independent"
+    config = config_from_args(parser.parse_args(["--method", "drift", "--drift-self-term", "same"]))
+    method = make_method("drift", (1, 8, 8), preset="tiny", nsgf=config.nsgf)
+    assert method.drift.self_term == "same"
+    # the same-batch term draws no second generated batch: one generator call per loss
+    calls = []
+    method.nets["generator"].register_forward_hook(lambda *a: calls.append(1))
+    g = torch.Generator().manual_seed(0)
+    loss = method.loss(method.nets, torch.randn(6, 1, 8, 8, generator=g), torch.rand(6, 1, 8, 8, generator=g))
+    assert torch.isfinite(loss) and len(calls) == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--drift-self-term", "both"])
+    assert "--drift-self-term" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="drift_self_term must be one of"):
+        type(config.nsgf)(drift_self_term="both")
+
+    def run(term: str, steps: int, resume: bool = False):
+        argv = _fast(data_root, tmp_path / "run", "--drift-self-term", term) + ["--method", "drift"]
+        c = config_from_args(parser.parse_args(argv))
+        c.train_steps, c.resume = steps, resume
+        return train(c)
+
+    run("same", 2)
+    with pytest.raises(ConfigError, match="drift.self_term: checkpoint 'same' vs now 'independent'"):
+        run("independent", 3, resume=True)
+    path = tmp_path / "run" / "checkpoint.pt"
+    old = load_checkpoint(path)
+    del old["settings"]["drift.self_term"]  # as written before the option existed
+    atomic_save(old, path)
+    with pytest.raises(ConfigError, match="drift.self_term: checkpoint 'independent' vs now 'same'"):
+        run("same", 3, resume=True)
+    assert run("independent", 3, resume=True).step == 3
+
+
 @pytest.mark.parametrize("name", ["nsgf", "coupling", "nsgf++"])
 def test_flow_size_flag_reaches_the_matcher_and_trains(name):
     from torchcfm_nsgf import SinkhornCouplingMatcher

@@ -213,3 +213,24 @@ def test_a_curve_point_lacks_the_asked_nfes_it_holds_no_score_or_skip_reason_for
 def test_sample_batch_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         mnist_benchmark.main(_curve_args(tmp_path, "--curve-minutes", "1", "--sample-batch", "0"))
+
+
+def test_method_specs_set_the_settings_they_name_and_refuse_others() -> None:
+    from harness.images import parse_method, short_label, slug
+
+    from torchcfm_nsgf.images import NSGFSettings
+
+    base = NSGFSettings()
+    name, settings, label = parse_method("nsgf++:nsgfpp.network=separate:nsgfpp.flow_steps=2", base)
+    assert name == "nsgf++" and (settings.nsgfpp.network, settings.nsgfpp.flow_steps) == ("separate", 2)
+    assert label.endswith("a network per phase, blur 0.05") and base.nsgfpp.network == "shared"
+    assert parse_method("nsgf:blur=0.1", base)[1].sinkhorn.blur == 0.1
+    name, settings, label = parse_method("drift:drift_self_term=same", base)
+    assert settings.drift_self_term == "same" and label == "SinkhornDrift (one step), self term 'same'"
+    assert parse_method("drift", base)[2] == "SinkhornDrift (one step)"
+    assert slug("drift:drift_self_term=same") == "drift_drift_self_termsame"
+    assert short_label("drift:drift_self_term=same") == "SinkhornDrift (one step) (drift_self_term=same)"
+    with pytest.raises(SystemExit, match="'flow_stepz' is not an NSGFSettings field"):
+        parse_method("nsgf:flow_stepz=3", base)
+    with pytest.raises(ValueError, match="drift_self_term must be one of"):
+        parse_method("drift:drift_self_term=both", base)

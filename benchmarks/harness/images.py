@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torchcfm_nsgf._io import atomic_save
 from torchcfm_nsgf.images import NSGFSettings, available_methods, load_images
 from torchcfm_nsgf.images.data import to_unit_range
+from torchcfm_nsgf.images.settings import IMAGE_DRIFT_SELF_TERM
 
 __all__ = [
     "K_NEAREST",
@@ -278,6 +279,8 @@ def parse_method(spec: str, base: NSGFSettings) -> tuple[str, NSGFSettings, str]
         label += ", one network for both phases" if s.network == "shared" else ", a network per phase"
     elif name == "nsgf":
         label += f" (T={settings.flow_steps}, η={settings.step_size:g}, {settings.path})"
+    elif name == "drift" and settings.drift_self_term != IMAGE_DRIFT_SELF_TERM:
+        label += f", self term {settings.drift_self_term!r}"
     if name in ("nsgf", "nsgf++", "coupling"):
         label += f", blur {settings.sinkhorn.blur:g}"
         if settings.flow_size is not None:

@@ -71,6 +71,8 @@ def fixed_settings(config: TrainConfig) -> dict[str, Any]:
         "phase2": config.nsgf.nsgfpp.phase2 if config.method == "nsgf++" else None,
         # one network for both phases, or one per phase; checkpoints written before the option: one per phase
         "nsgfpp.network": config.nsgf.nsgfpp.network if config.method == "nsgf++" else None,
+        # drift's self term; checkpoints written before the option: the image default of then, "independent"
+        "drift.self_term": config.nsgf.drift_self_term if config.method == "drift" else None,
         "conditional": config.conditional,
         "cfg_dropout": config.cfg_dropout,
     }
@@ -152,6 +154,7 @@ def read_checkpoint(
     saved = {
         "phase2": "paper" if config.method == "nsgf++" else None,
         "nsgfpp.network": "separate" if config.method == "nsgf++" else None,
+        "drift.self_term": "independent" if config.method == "drift" else None,
         "conditional": False,  # checkpoints written before class-conditional runs
         "cfg_dropout": 0.0,
         **main["settings"],

@@ -37,6 +37,7 @@ from .._cli import (
     positive_int,
 )
 from .._io import check_writable_dir
+from ..drift import SELF_TERMS
 from ..matcher import PATHS
 from ..nsgfpp import NSGFPlusPlusOptions
 from ..sinkhorn import SinkhornOptions
@@ -206,6 +207,13 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
             new_flag=new,
             default=argparse.SUPPRESS,
         )
+    g = p.add_argument_group("drift (the one-step generator, on the Sinkhorn flow above)")
+    g.add_argument(
+        "--drift-self-term",
+        default=nsgf.drift_self_term,
+        choices=list(SELF_TERMS),
+        help="what the generated batch is repelled from: an independent generated batch, itself, or nothing",
+    )
     g = p.add_argument_group("NSGF / NSGF++ trajectory pool")
     g.add_argument("--pool-capacity", type=int, default=nsgf.pool_capacity, help="items per process")
     g.add_argument("--pool-max-bytes", type=int, default=None, help="byte bound per process (default: none)")
@@ -303,6 +311,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pool_path=args.pool_path,
         refresh_every=args.refresh_every,
         flow_size=args.flow_size,
+        drift_self_term=args.drift_self_term,
     )
     return TrainConfig(
         dataset=args.dataset, method=args.method, nsgf=nsgf, **dataclass_kwargs(args, TrainConfig)

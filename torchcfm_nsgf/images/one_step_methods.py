@@ -4,7 +4,8 @@ r"""The one-step image methods behind the :class:`~torchcfm_nsgf.images.methods.
 :class:`~torchcfm_nsgf.SinkhornDrift` (each generated batch moves one Sinkhorn-flow step towards the data batch,
 and :math:`G` regresses the moved batch). Its Sinkhorn options and step :math:`\eta` are NSGF's
 (``NSGFSettings.sinkhorn`` and ``step_size``: the flags ``--blur``, ``--scaling``, ``--step-size``, ...); the
-self term is :data:`IMAGE_DRIFT_SELF_TERM`. Class-conditional: :math:`G(x_0, y)` for the data batch's labels,
+self term is ``NSGFSettings.drift_self_term`` (``--drift-self-term``, default
+:data:`~torchcfm_nsgf.images.settings.IMAGE_DRIFT_SELF_TERM`). Class-conditional: :math:`G(x_0, y)` for the data batch's labels,
 each generated image moved towards the data of its class only.
 
 ``meanflow``: MeanFlow's average velocity :math:`u(z, s, t)` (:class:`~torchcfm_nsgf.MeanFlow` with the paper's
@@ -30,7 +31,7 @@ from ..drift import SinkhornDrift
 from ..meanflow import MeanFlow, meanflow_sample
 from ..sampling import SampleResult
 from .methods import ImageMethod
-from .settings import NSGFSettings
+from .settings import IMAGE_DRIFT_SELF_TERM, NSGFSettings
 from .unet import build_unet
 
 __all__ = [
@@ -42,10 +43,6 @@ __all__ = [
     "make_drift",
     "make_meanflow",
 ]
-
-#: The self term of ``drift`` on images: W-Flow's ablation on ImageNet found the independent batch far better
-#: than the same batch (FID 7.08 against 17.57).
-IMAGE_DRIFT_SELF_TERM = "independent"
 
 #: MeanFlow's settings on images: the paper's CIFAR-10 (pixel-space UNet) configuration, 75 % of the pairs with
 #: s != t, times logit-normal (-2, 2) in the paper's clock (t = 1 noise), i.e. ``logit_mean=+2`` here, and the
@@ -226,9 +223,9 @@ def make_drift(
     cfg_dropout: float = 0.0,
 ) -> DriftMethod:
     """``drift`` for images of ``shape``: the UNet ``preset`` as the generator; ``settings.sinkhorn`` and
-    ``settings.step_size`` for :class:`~torchcfm_nsgf.SinkhornDrift`, the self term :data:`IMAGE_DRIFT_SELF_TERM`."""
+    ``settings.step_size`` and ``settings.drift_self_term`` for :class:`~torchcfm_nsgf.SinkhornDrift`."""
     _no_guidance("drift", cfg_dropout)
-    drift = SinkhornDrift(settings.step_size, sinkhorn=settings.sinkhorn, self_term=IMAGE_DRIFT_SELF_TERM)
+    drift = SinkhornDrift(settings.step_size, sinkhorn=settings.sinkhorn, self_term=settings.drift_self_term)
     return DriftMethod(drift, build_unet(shape, preset, num_classes=num_classes), num_classes)
 
 

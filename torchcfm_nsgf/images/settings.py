@@ -7,10 +7,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._deprecation import rename_keywords
+from ..drift import SELF_TERMS
 from ..nsgfpp import NSGFPlusPlusOptions
 from ..sinkhorn import HIGH_DIM_BLUR, SinkhornOptions
 
-__all__ = ["IMAGE_NSGFPP", "IMAGE_POOL_CAPACITY", "IMAGE_REFRESH_EVERY", "NSGFSettings"]
+__all__ = [
+    "IMAGE_DRIFT_SELF_TERM",
+    "IMAGE_NSGFPP",
+    "IMAGE_POOL_CAPACITY",
+    "IMAGE_REFRESH_EVERY",
+    "NSGFSettings",
+]
 
 #: Items of the image trajectory pool per process, and its refresh period in training batches (both methods).
 IMAGE_POOL_CAPACITY = 200_000
@@ -32,6 +39,10 @@ IMAGE_NSGFPP = NSGFPlusPlusOptions(
     refresh_every=IMAGE_REFRESH_EVERY,
     pool_capacity=IMAGE_POOL_CAPACITY,
 )
+
+#: The self term of ``drift`` on images (``NSGFSettings.drift_self_term``): W-Flow's ablation on ImageNet found
+#: the independent batch far better than the same batch (FID 7.08 against 17.57).
+IMAGE_DRIFT_SELF_TERM = "independent"
 
 # keywords of NSGFSettings before NSGF++'s options became one object: old name -> NSGFPlusPlusOptions field
 _OLD_NSGFPP = {
@@ -72,6 +83,9 @@ class NSGFSettings:
         ``nsgf``, ``nsgf++`` (its phase-1 flows) and ``coupling`` (its plans): particles of each simulated
         flow, collected from the latest training batches (``SinkhornFlowMatcher(flow_size=...)``); None:
         flows of one batch.
+    drift_self_term : {"independent", "same", "none"}
+        ``drift``'s self term (:class:`~torchcfm_nsgf.SinkhornDrift`'s ``self_term``; default
+        :data:`IMAGE_DRIFT_SELF_TERM`). ``drift`` also takes ``sinkhorn`` and ``step_size`` from here.
 
     The keywords ``phase1_steps``, ``phase1_step_size``, ``phase2``, ``phase1_batch_fraction`` and
     ``endpoints`` of earlier releases still work (with a ``DeprecationWarning``) and set the fields of
@@ -90,8 +104,11 @@ class NSGFSettings:
     pool_path: str | None = None
     refresh_every: int = IMAGE_REFRESH_EVERY
     flow_size: int | None = None
+    drift_self_term: str = IMAGE_DRIFT_SELF_TERM
 
     def __post_init__(self) -> None:
+        if self.drift_self_term not in SELF_TERMS:
+            raise ValueError(f"drift_self_term must be one of {SELF_TERMS}, got {self.drift_self_term!r}")
         if isinstance(self.nsgfpp, dict):  # from a checkpoint's config
             self.nsgfpp = NSGFPlusPlusOptions(**self.nsgfpp)
         if not isinstance(self.nsgfpp, NSGFPlusPlusOptions):
