@@ -166,12 +166,12 @@ def test_loss_gradient_moves_the_generator_towards_the_targets():
     (gx,) = torch.autograd.grad(drift.loss(x, x1), x, retain_graph=True)
     ref = _pot_velocity(x.detach(), x1, BLUR, "same")
     assert rel_err(gx, -2.0 * ref / x.numel()) <= 1e-6
-    before = float(((net(z) - targets) ** 2).sum())
+    before = float(((net(z) - targets) ** 2).sum().detach())
     loss.backward()
     with torch.no_grad():
         for p in net.parameters():
             p -= 1e-2 * p.grad
-    assert float(((net(z) - targets) ** 2).sum()) < before
+    assert float(((net(z) - targets) ** 2).sum().detach()) < before
 
 
 # ---------------------------------------------------------------------------------------------- input, state
